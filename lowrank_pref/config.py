@@ -1,0 +1,397 @@
+"""The one typed config: dataclasses with a help line per field, presets, and key=value overrides.
+
+Everything a run needs is here and is validated before any model loads. The CLI and the app only apply
+overrides (``lora.r=16 beta=0.05``); unknown keys are refused with a did-you-mean, values are parsed by the
+field's declared type (so ``learning_rate=5e-6`` is a float, not YAML's string) and checked against the
+field's range or choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A user error in the config: the message names the key and says what would fix it."""
+
+
+def _f(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False, factory=None):
+    meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
+              "simpo", "orpo")
+
+
+@dataclass
+class LoraSettings:
+    r: int = _f(16, "LoRA rank: higher gives more capacity and more memory.", min=1)
+    alpha: float = _f(32, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).", min=0,
+                      min_exclusive=True)
+    dropout: float = _f(0.05, "Dropout on the LoRA input; 0 makes steps deterministic.", min=0.0, max=0.99)
+    target_modules: Any = _f("all-linear", "Modules that get adapters: 'all-linear' or a list of names.")
+    use_rslora: bool = _f(False, "Rank-stabilised LoRA: scale alpha / sqrt(r).")
+    use_dora: bool = _f(False, "Weight-decomposed LoRA (DoRA): slower, sometimes better.")
+
+
+@dataclass
+class DataSettings:
+    columns: dict = _f(None, "Map our names to your columns, e.g. data.columns.prompt=question "
+                             "(keys: prompt, chosen, rejected, margin, system).", factory=dict)
+    on_bad_rows: str = _f("skip", "What to do with rows that can't be used: skip them (counted and reported) "
+                                  "or error (stop at the first).", choices=("skip", "error"))
+    eval_fraction: float = _f(0.05, "Share of the data held out for eval when no eval dataset is given.",
+                              min=0.0, max=0.5)
+    eval_max_pairs: int = _f(256, "At most this many held-out pairs are split off for eval.", min=1)
+    max_pairs: int | None = _f(None, "Use at most this many training pairs (after shuffling with the seed).", min=1)
+    chat_template: str | None = _f(None, "A Jinja chat template to use instead of the tokenizer's own.")
+
+
+@dataclass
+class Config:
+    # what to train
+    task: str = _f("dpo", "dpo: preference-tune the policy; reward: train a scalar reward model.",
+                   choices=("dpo", "reward"))
+    model: str = _f("builtin:tiny", "Hub id or local folder of a causal LM; builtin:tiny builds an offline toy model.")
+    revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
+    adapter: str | None = _f(None, "Start from this LoRA adapter (e.g. your SFT adapter); it is also the frozen "
+                                   "reference.")
+    trust_remote_code: bool = _f(False, "Run model code shipped in the model repo. Off unless you trust it.")
+    # data
+    dataset: str = _f("builtin:tiny-prefs", "Local .jsonl/.json/.csv/.parquet file or folder, or a hub dataset id.")
+    dataset_split: str = _f("train", "Split of the dataset to train on.")
+    eval_dataset: str | None = _f(None, "Separate eval file or hub id; default: hold out part of the training data.")
+    eval_split: str | None = _f(None, "Split of the (eval) dataset to evaluate on, e.g. test_prefs.")
+    max_length: int = _f(1024, "Longest prompt + answer in tokens; answers are cut from the right.", min=8)
+    max_prompt_length: int = _f(512, "Longest prompt in tokens; prompts are cut from the left.", min=1)
+    data: DataSettings = field(default_factory=DataSettings)
+    # model numerics
+    quantization: str = _f("4bit", "4bit (QLoRA, NF4 + double quantization), 8bit, or none (plain LoRA).",
+                           choices=("4bit", "8bit", "none"))
+    dtype: str = _f("auto", "Compute dtype: auto picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.",
+                    choices=("auto", "bf16", "fp16", "fp32"))
+    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: much less memory, ~30% slower.")
+    attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (if installed).",
+                                  choices=("sdpa", "eager", "flash_attention_2"))
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # the objective
+    beta: float = _f(0.1, "DPO temperature: higher keeps the policy closer to the reference.", min=0.0,
+                     min_exclusive=True)
+    loss_type: str = _f("sigmoid", "Preference loss (dpo task). simpo and orpo need no reference pass.",
+                        choices=LOSS_TYPES)
+    label_smoothing: float = _f(0.0, "Assumed share of flipped labels (conservative DPO / robust DPO).", min=0.0,
+                                max=0.49)
+    simpo_gamma: float = _f(0.5, "SimPO target reward margin.", min=0.0)
+    rpo_alpha: float | None = _f(None, "Add this times the chosen answers' NLL (an SFT term; RPO). Counters "
+                                       "falling chosen log-probs.", min=0.0)
+    center_rewards_coefficient: float | None = _f(None, "Reward task: pull scores towards zero mean (TRL's "
+                                                        "centring; 0.01 is typical).", min=0.0)
+    # optimisation
+    batch_size: int = _f(1, "Pairs per micro-step.", min=1)
+    eval_batch_size: int | None = _f(None, "Pairs per eval micro-step (default: batch_size).", min=1)
+    gradient_accumulation_steps: int = _f(8, "Micro-steps per optimizer step: batch_size x this = pairs per step.",
+                                          min=1)
+    learning_rate: float = _f(5e-6, "Peak learning rate of the adapters.", min=0.0, min_exclusive=True)
+    lr_scheduler_type: str = _f("cosine", "Schedule after warmup (transformers' names).",
+                                choices=("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
+                                         "polynomial", "inverse_sqrt"))
+    warmup_ratio: float = _f(0.1, "Share of the steps spent warming up the learning rate.", min=0.0, max=1.0)
+    weight_decay: float = _f(0.0, "AdamW weight decay on the adapters.", min=0.0)
+    max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 disables).", min=0.0)
+    optimizer: str = _f("auto", "auto: paged 8-bit AdamW on GPU, torch AdamW on CPU.",
+                        choices=("auto", "adamw_torch", "paged_adamw_8bit", "adamw_8bit"))
+    num_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps is set).", min=0.0,
+                           min_exclusive=True)
+    max_steps: int | None = _f(None, "Stop after this many optimizer steps.", min=1)
+    seed: int = _f(42, "Seed for data order, adapter init and dropout.")
+    max_nonfinite_steps: int = _f(5, "Stop after this many optimizer steps in a row with a NaN/inf loss.", min=1)
+    logprob_chunk_size: int = _f(1024, "Answer tokens per chunk of the LM head, so full-vocabulary logits never "
+                                       "exist for the whole batch.", min=1)
+    # bookkeeping
+    output_dir: str | None = _f(None, "Run folder (default: runs/<task>-<time>).")
+    logging_steps: int = _f(1, "Log train metrics every N optimizer steps.", min=1)
+    eval_steps: int | None = _f(None, "Evaluate every N steps (and always at the end); default: 4 times a run.",
+                                min=1)
+    save_steps: int | None = _f(None, "Write a resumable checkpoint every N steps (default: 4 times a run).", min=1)
+    save_total_limit: int = _f(2, "Keep at most this many checkpoints.", min=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Introspection helpers (the app builds its settings form from these too)
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def field_help(key: str) -> str:
+    """The one-line help of a dotted key, e.g. ``field_help("lora.r")``."""
+    cls, name = _resolve(key)
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("help", "")
+
+
+def all_keys(cls=Config, prefix: str = "") -> list[str]:
+    """Every dotted key a user may set."""
+    keys = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            keys += all_keys(hints[f.name], prefix + f.name + ".")
+        else:
+            keys.append(prefix + f.name)
+    return keys
+
+
+def _resolve(key: str):
+    """(dataclass, field name) for a dotted key, or ConfigError with a did-you-mean."""
+    parts = key.split(".")
+    cls = Config
+    for i, part in enumerate(parts):
+        if part not in {f.name for f in dataclasses.fields(cls)}:
+            raise ConfigError(_unknown(key))
+        if i == len(parts) - 1:
+            return cls, part
+        cls = _hints(cls)[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(_unknown(key))
+    raise ConfigError(_unknown(key))
+
+
+def _unknown(key: str) -> str:
+    close = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    if not close:  # a bare name that lives under a group, e.g. 'r' for 'lora.r'
+        close = [k for k in all_keys() if k.rsplit(".", 1)[-1] == key.rsplit(".", 1)[-1]][:1]
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return f"unknown config key '{key}'.{hint} (python -m lowrank_pref.run --list-keys shows them all)"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing values by type
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _parse_value(key: str, raw: Any, hint: Any) -> Any:
+    """Turn a raw value (a CLI string or a YAML value) into the field's type, or raise ConfigError."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "")):
+            return None
+        inner = [a for a in args if a is not type(None)][0]
+        return _parse_value(key, raw, inner)
+    if hint is Any:  # lora.target_modules: a string or a list of strings
+        if isinstance(raw, str) and raw.startswith("["):
+            raw = yaml.safe_load(raw)
+        if isinstance(raw, str) and "," in raw:
+            raw = [s.strip() for s in raw.split(",") if s.strip()]
+        if isinstance(raw, list) and all(isinstance(x, str) for x in raw) or isinstance(raw, str):
+            return raw
+        raise ConfigError(f"'{key}' must be a name or a list of names, got {raw!r}")
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+            return raw.strip().lower() in _TRUE
+        raise ConfigError(f"'{key}' must be true or false, got {raw!r}")
+    if hint is int:
+        if isinstance(raw, bool):
+            raise ConfigError(f"'{key}' must be a whole number, got {raw!r}")
+        if isinstance(raw, int):
+            return raw
+        try:
+            value = float(str(raw).replace("_", ""))
+        except ValueError:
+            raise ConfigError(f"'{key}' must be a whole number, got {raw!r}") from None
+        if not value.is_integer():
+            raise ConfigError(f"'{key}' must be a whole number, got {raw!r}")
+        return int(value)
+    if hint is float:
+        if isinstance(raw, bool):
+            raise ConfigError(f"'{key}' must be a number, got {raw!r}")
+        try:
+            return float(raw)
+        except (TypeError, ValueError):
+            raise ConfigError(f"'{key}' must be a number, got {raw!r}") from None
+    if hint is str:
+        if isinstance(raw, (dict, list)):
+            raise ConfigError(f"'{key}' must be a single value, got {raw!r}")
+        return str(raw)
+    if hint is dict:
+        if not isinstance(raw, dict):
+            raise ConfigError(f"'{key}' must be a mapping, got {raw!r}")
+        return {str(k): str(v) for k, v in raw.items()}
+    raise ConfigError(f"'{key}': unsupported type {hint}")  # a bug in this file, not the user's
+
+
+def _check_range(key: str, value: Any, meta: dict) -> None:
+    if value is None:
+        return
+    if meta.get("choices") and value not in meta["choices"]:
+        close = difflib.get_close_matches(str(value), meta["choices"], n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"'{key}' must be one of {', '.join(meta['choices'])}; got '{value}'.{hint}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and (value < lo or (meta.get("min_exclusive") and value == lo)):
+        op = ">" if meta.get("min_exclusive") else ">="
+        raise ConfigError(f"'{key}' must be {op} {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"'{key}' must be <= {hi}, got {value}")
+
+
+def set_key(cfg: Config, key: str, raw: Any) -> None:
+    """Set one dotted key from a raw value, parsed and checked."""
+    key = key.strip().replace("-", "_")
+    parts = key.split(".")
+    if len(parts) == 3 and parts[:2] == ["data", "columns"]:
+        allowed = ("prompt", "chosen", "rejected", "margin", "system")
+        if parts[2] not in allowed:
+            raise ConfigError(f"unknown column role '{parts[2]}' in '{key}'; roles are {', '.join(allowed)}")
+        cfg.data.columns[parts[2]] = str(raw)
+        return
+    cls, name = _resolve(key)
+    target = cfg
+    for part in parts[:-1]:
+        target = getattr(target, part)
+    fld = {f.name: f for f in dataclasses.fields(cls)}[name]
+    hint = _hints(cls)[name]
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(raw, dict):
+            raise ConfigError(f"'{key}' is a group; set its keys, e.g. {key}.{dataclasses.fields(hint)[0].name}=...")
+        for sub, val in raw.items():
+            set_key(cfg, f"{key}.{sub}", val)
+        return
+    value = _parse_value(key, raw, hint)
+    if name == "columns":
+        for role in value:
+            set_key(cfg, f"data.columns.{role}", value[role])
+        return
+    _check_range(key, value, fld.metadata)
+    setattr(target, name, value)
+
+
+# Keys a run folder's config.yaml carries for people to read (which reference was active); not settings.
+RUN_INFO_KEYS = ("reference",)
+
+
+def apply_mapping(cfg: Config, mapping: dict, source: str = "") -> None:
+    """Apply a nested mapping (a preset or config file) key by key."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{source or 'config'} must be a mapping of keys to values")
+    mapping = {k: v for k, v in mapping.items() if k not in RUN_INFO_KEYS}
+
+    def walk(prefix, node):
+        for k, v in node.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict) and key not in ("data.columns",):
+                walk(key + ".", v)
+            else:
+                try:
+                    set_key(cfg, key, v)
+                except ConfigError as e:
+                    raise ConfigError(f"{source}: {e}" if source else str(e)) from None
+
+    walk("", mapping)
+
+
+def parse_override(item: str) -> tuple[str, str]:
+    if "=" not in item:
+        raise ConfigError(f"'{item}' is not a key=value override (e.g. lora.r=16 beta=0.05)")
+    key, value = item.split("=", 1)
+    if not key.strip():
+        raise ConfigError(f"'{item}' has no key before '='")
+    return key.strip(), value
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Presets and files
+
+def list_presets() -> dict[str, str]:
+    """name -> first comment line of each preset file."""
+    out = {}
+    for path in sorted(PRESET_DIR.glob("*.yaml")):
+        first = path.read_text().splitlines()[0] if path.read_text() else ""
+        out[path.stem] = first.lstrip("# ").strip()
+    return out
+
+
+def read_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"'{path}' is not valid YAML{where}: {getattr(e, 'problem', e)}") from None
+    return data or {}
+
+
+def preset_path(name_or_path: str) -> Path:
+    p = Path(name_or_path)
+    if p.suffix in (".yaml", ".yml") and p.is_file():
+        return p
+    candidate = PRESET_DIR / f"{name_or_path}.yaml"
+    if candidate.is_file():
+        return candidate
+    names = list(list_presets())
+    close = difflib.get_close_matches(name_or_path, names, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    raise ConfigError(f"no preset '{name_or_path}'.{hint} Presets: {', '.join(names)} (or give a .yaml path)")
+
+
+def build_config(preset: str | None = None, config_file: str | None = None, overrides: dict | None = None,
+                 ) -> Config:
+    """Defaults <- preset <- config file <- overrides (each later one wins), then cross-field checks."""
+    cfg = Config()
+    if preset:
+        path = preset_path(preset)
+        apply_mapping(cfg, read_yaml(path), source=f"preset {path.name}")
+    if config_file:
+        apply_mapping(cfg, read_yaml(config_file), source=str(config_file))
+    for key, value in (overrides or {}).items():
+        set_key(cfg, key, value)
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Checks that involve several fields."""
+    if cfg.max_prompt_length >= cfg.max_length:
+        raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length "
+                          f"({cfg.max_length}) so answers keep some tokens; lower max_prompt_length or raise "
+                          "max_length")
+    if cfg.task == "reward" and cfg.loss_type != "sigmoid":
+        raise ConfigError("loss_type applies to the dpo task only; the reward task uses the Bradley-Terry loss "
+                          "(leave loss_type at sigmoid)")
+    if cfg.adapter and cfg.task == "reward":
+        raise ConfigError("adapter: starting from an adapter is for the dpo task; a reward model starts fresh")
+
+
+def to_dict(cfg: Config) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    apply_mapping(cfg, data, source="config.yaml")
+    validate(cfg)
+    return cfg
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False, default_flow_style=False)

@@ -1,0 +1,498 @@
+"""Any preference data users bring -> {prompt, chosen, rejected} -> validated -> tokenized pairs -> batches.
+
+Formats are detected from the columns (after the user's ``data.columns`` mapping):
+
+- standard: ``prompt``, ``chosen``, ``rejected`` strings;
+- conversational: the same keys holding ``[{role, content}, ...]`` lists, rendered with the tokenizer's chat template;
+- implicit: only ``chosen`` and ``rejected``, full transcripts sharing a prefix (strings as in Anthropic HH-RLHF, or
+  message lists as in UltraFeedback binarized); the shared prefix becomes the prompt;
+- sharegpt: LLaMA-Factory's preference files, ``conversations`` of ``{from, value}`` turns and ``chosen``/``rejected``
+  as single ``{from, value}`` messages, with an optional ``system`` column.
+
+An optional ``margin`` column is kept (the reward loss subtracts it). Rows that can't be used are skipped and
+counted with the reason, or refused at the first one (``data.on_bad_rows=error``); the report says which rows.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .tiny import resolve_dataset
+
+LOCAL_KINDS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+ROLE_NAMES = ("prompt", "chosen", "rejected", "margin", "system")
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
+# A plain template for tokenizers that have none: readable, and it puts the end-of-sequence token after answers.
+DEFAULT_CHAT_TEMPLATE = (
+    "{{ bos_token if bos_token else '' }}{% for m in messages %}"
+    "{% if m['role'] == 'system' %}System: {{ m['content'] }}\n\n"
+    "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
+    "{% else %}Assistant: {{ m['content'] }}{{ eos_token if eos_token else '' }}"
+    "{% if not loop.last %}\n\n{% endif %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}Assistant: {% endif %}"
+)
+
+
+class DataError(ValueError):
+    """A user error in the data: the message names the file, row or column and what would fix it."""
+
+
+class RowError(ValueError):
+    def __init__(self, column: str, reason: str):
+        super().__init__(f"column '{column}': {reason}")
+        self.column, self.reason = column, reason
+
+
+@dataclass
+class Pair:
+    """One tokenized preference pair; the prompt is stored once (the shared-prompt path needs exactly this)."""
+    prompt_ids: list[int]
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    margin: float = 0.0
+    row: int = 0  # 1-based row in the source, for messages
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.chosen_ids) + len(self.rejected_ids)
+
+
+@dataclass
+class DataReport:
+    source: str
+    format: str
+    total_rows: int = 0
+    usable: int = 0
+    dropped: Counter = field(default_factory=Counter)  # reason -> count
+    dropped_rows: dict = field(default_factory=dict)  # reason -> first few 1-based row numbers
+    truncated_prompts: int = 0
+    truncated_answers: int = 0  # pairs where truncation cut into an answer (where chosen and rejected differ)
+    lengths: list = field(default_factory=list)  # longest of prompt+chosen, prompt+rejected, before truncation
+    max_length: int = 0
+
+    def drop(self, reason: str, row: int) -> None:
+        self.dropped[reason] += 1
+        self.dropped_rows.setdefault(reason, [])
+        if len(self.dropped_rows[reason]) < 5:
+            self.dropped_rows[reason].append(row)
+
+    def summary(self) -> str:
+        lines = [f"{self.source}: format {self.format}, {self.total_rows} rows, {self.usable} usable"]
+        for reason, n in self.dropped.most_common():
+            rows = ", ".join(map(str, self.dropped_rows[reason]))
+            lines.append(f"  skipped {n} row(s): {reason} (rows {rows}{', ...' if n > 5 else ''})")
+        if self.truncated_prompts:
+            lines.append(f"  {self.truncated_prompts} prompt(s) cut from the left to max_prompt_length")
+        if self.truncated_answers:
+            share = self.truncated_answers / max(self.usable, 1)
+            lines.append(f"  {self.truncated_answers} pair(s) ({share:.0%}) had answers cut to max_length "
+                         f"({self.max_length}); the cut removes part of where chosen and rejected differ")
+        return "\n".join(lines)
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "format": self.format, "total_rows": self.total_rows, "usable": self.usable,
+                "dropped": dict(self.dropped), "dropped_rows": self.dropped_rows,
+                "truncated_prompts": self.truncated_prompts, "truncated_answers": self.truncated_answers,
+                "max_length": self.max_length}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Loading rows
+
+def _json_diagnose(path: Path) -> None:
+    """Re-read a JSON/JSONL file with the standard parser to name the line that breaks it."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if path.suffix == ".json" and text.lstrip().startswith(("[", "{")):
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
+        return
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            value = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}); "
+                            "each line of a .jsonl file must be one JSON object") from None
+        if not isinstance(value, dict):
+            raise DataError(f"{path}: line {lineno} is a JSON {type(value).__name__}, not an object with "
+                            "prompt/chosen/rejected keys")
+
+
+def _read_json_rows(path: Path) -> list[dict]:
+    """Plain-Python fallback for JSON files whose rows mix types (Arrow can't hold those; we report them per row)."""
+    _json_diagnose(path)
+    text = path.read_text(encoding="utf-8")
+    if path.suffix == ".json" and text.lstrip().startswith("["):
+        rows = json.loads(text)
+    elif path.suffix == ".json" and text.lstrip().startswith("{") and "\n{" not in text.strip():
+        obj = json.loads(text)
+        rows = next((v for v in obj.values() if isinstance(v, list)), [obj])
+    else:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r, dict)]
+    if bad:
+        raise DataError(f"{path}: row {bad[0]} is not an object with prompt/chosen/rejected keys")
+    return rows
+
+
+def load_rows(source: str, split: str = "train", trust_remote_code: bool = False) -> list[dict]:
+    """Rows of a local file/folder or hub dataset as plain dicts (``datasets`` does the reading and caching)."""
+    import datasets
+
+    source = resolve_dataset(source)
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            kind = LOCAL_KINDS.get(path.suffix.lower())
+            if kind is None:
+                raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
+            if kind == "json":
+                _json_diagnose(path)
+            try:
+                ds = datasets.load_dataset(kind, data_files=str(path), split="train")
+            except datasets.exceptions.DatasetGenerationError:
+                if kind != "json":
+                    raise
+                return _read_json_rows(path)  # mixed types across rows: validate them one by one
+        elif path.is_dir():
+            if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+                ds = datasets.load_from_disk(str(path))
+                if isinstance(ds, datasets.DatasetDict):
+                    ds = _pick_split(ds, split, str(path))
+            else:
+                files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_KINDS)
+                if not files:
+                    raise DataError(f"{path}: folder has no .jsonl, .json, .csv or .parquet files")
+                kinds = {LOCAL_KINDS[p.suffix.lower()] for p in files}
+                if len(kinds) > 1:
+                    raise DataError(f"{path}: folder mixes file types ({', '.join(sorted(kinds))}); keep one kind")
+                ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+        elif path.suffix.lower() in LOCAL_KINDS or source.startswith((".", "/", "~")):
+            raise DataError(f"dataset file '{source}' does not exist")
+        else:
+            ds = datasets.load_dataset(source, split=split, trust_remote_code=trust_remote_code) \
+                if trust_remote_code else datasets.load_dataset(source, split=split)
+    except DataError:
+        raise
+    except ValueError as e:  # datasets' wording for unknown splits and the like
+        raise DataError(f"dataset '{source}' (split '{split}'): {e}") from None
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        raise DataError(f"dataset '{source}' could not be loaded: {e}. Check the path, or the hub id and your "
+                        "network (HF_HUB_OFFLINE=1 uses only the local cache)") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        cause = e.__cause__ or e
+        raise DataError(f"dataset '{source}' could not be read: {cause}") from None
+    return ds.to_list()
+
+
+def _pick_split(dd, split: str, source: str):
+    if split in dd:
+        return dd[split]
+    raise DataError(f"dataset '{source}' has no split '{split}'; it has {', '.join(dd)} (set dataset_split=...)")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Formats
+
+def apply_column_mapping(rows: list[dict], columns: dict, source: str) -> list[dict]:
+    if not columns or not rows:
+        return rows
+    present = set(rows[0])
+    for role, col in columns.items():
+        if col not in present:
+            raise DataError(f"{source}: data.columns.{role}={col} names a column that does not exist; columns are "
+                            f"{', '.join(sorted(present))}")
+    rename = {col: role for role, col in columns.items()}
+    return [{rename.get(k, k): v for k, v in row.items()} for row in rows]
+
+
+def detect_format(rows: list[dict], source: str) -> str:
+    if not rows:
+        raise DataError(f"{source}: the dataset has no rows")
+    cols = set(rows[0])
+    if {"conversations", "chosen", "rejected"} <= cols:
+        return "sharegpt"
+    if {"chosen", "rejected"} <= cols:
+        sample = next((r for r in rows if r.get("chosen") is not None), rows[0])
+        conversational = isinstance(sample.get("chosen"), (list, dict))
+        if "prompt" in cols:
+            return "conversational" if conversational else "standard"
+        return "implicit_conversational" if conversational else "implicit"
+    missing = [c for c in ("chosen", "rejected") if c not in cols]
+    raise DataError(f"{source}: no '{missing[0]}' column. Columns are {', '.join(sorted(cols))}. Preference data "
+                    "needs prompt/chosen/rejected (or conversations/chosen/rejected); map yours with e.g. "
+                    f"data.columns.{missing[0]}=<your column>")
+
+
+def _text(row: dict, col: str) -> str:
+    value = row.get(col)
+    if value is None:
+        raise RowError(col, "is missing or null")
+    if not isinstance(value, str):
+        raise RowError(col, f"must be text, got {type(value).__name__}")
+    if not value.strip():
+        raise RowError(col, "is empty")
+    return value
+
+
+def _messages(value: Any, col: str, default_role: str | None = None) -> list[dict]:
+    if isinstance(value, dict):
+        value = [value]
+    if isinstance(value, str) and default_role:
+        value = [{"role": default_role, "content": value}]
+    if not isinstance(value, list) or not value:
+        raise RowError(col, "must be a non-empty list of {role, content} messages")
+    out = []
+    for i, m in enumerate(value):
+        if not isinstance(m, dict):
+            raise RowError(col, f"message {i} is not an object")
+        if "from" in m and "value" in m:  # ShareGPT turns
+            role = SHAREGPT_ROLES.get(str(m["from"]).lower())
+            if role is None:
+                raise RowError(col, f"message {i} has unknown speaker '{m['from']}'")
+            m = {"role": role, "content": m["value"]}
+        if "role" not in m or "content" not in m:
+            raise RowError(col, f"message {i} needs 'role' and 'content' keys")
+        if not isinstance(m["content"], str):
+            raise RowError(col, f"message {i} content must be text")
+        out.append({"role": str(m["role"]), "content": m["content"]})
+    if not any(m["content"].strip() for m in out):
+        raise RowError(col, "is empty")
+    return out
+
+
+def _split_text_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """HH-RLHF style: the prompt is the shared prefix, cut after the last 'Assistant:' marker if there is one."""
+    n = 0
+    for a, b in zip(chosen, rejected):
+        if a != b:
+            break
+        n += 1
+    prefix = chosen[:n]
+    marker = prefix.rfind("Assistant:")
+    if marker >= 0:
+        n = marker + len("Assistant:")
+    else:
+        while n > 0 and not chosen[n - 1].isspace():  # never split a word
+            n -= 1
+    if n == 0:
+        raise RowError("chosen", "shares no prompt with 'rejected'; add a prompt column")
+    return chosen[:n], chosen[n:], rejected[n:]
+
+
+def normalize_row(row: dict, fmt: str) -> dict:
+    """One raw row -> {prompt, chosen, rejected, margin}; prompt/answers are text or message lists."""
+    margin = row.get("margin", 0.0)
+    if margin is None:
+        margin = 0.0
+    if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+        raise RowError("margin", f"must be a number, got {margin!r}")
+    if fmt == "standard":
+        prompt, chosen, rejected = _text(row, "prompt"), _text(row, "chosen"), _text(row, "rejected")
+        if isinstance(row.get("system"), str) and row["system"].strip():
+            prompt = row["system"].rstrip() + "\n\n" + prompt
+    elif fmt == "implicit":
+        prompt, chosen, rejected = _split_text_prefix(_text(row, "chosen"), _text(row, "rejected"))
+    elif fmt in ("conversational", "sharegpt", "implicit_conversational"):
+        chosen = _messages(row.get("chosen"), "chosen", default_role="assistant")
+        rejected = _messages(row.get("rejected"), "rejected", default_role="assistant")
+        if fmt == "implicit_conversational":
+            k = 0
+            while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+                k += 1
+            if k == 0:
+                raise RowError("chosen", "shares no prompt turns with 'rejected'; add a prompt column")
+            prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+        else:
+            col = "conversations" if fmt == "sharegpt" else "prompt"
+            prompt = _messages(row.get(col), col, default_role="user")
+        system = row.get("system")
+        if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
+            prompt = [{"role": "system", "content": system}] + prompt
+    else:
+        raise ValueError(fmt)
+    if chosen == rejected:
+        raise RowError("chosen", "is identical to 'rejected' (nothing to learn from)")
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "margin": float(margin)}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rendering and tokenizing
+
+def ensure_chat_template(tokenizer, override: str | None = None) -> None:
+    if override:
+        tokenizer.chat_template = override
+    elif not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+
+
+def render(pair: dict, tokenizer) -> tuple[str, str, str, bool]:
+    """Text of prompt, chosen and rejected as the model sees them; the flag says a chat template was applied."""
+    prompt = pair["prompt"]
+    if isinstance(prompt, str):
+        return prompt, pair["chosen"], pair["rejected"], False
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    answers = []
+    for side in ("chosen", "rejected"):
+        full = tokenizer.apply_chat_template(prompt + pair[side], tokenize=False)
+        if not full.startswith(prompt_text):
+            raise RowError(side, "the chat template renders prompt + answer so that it does not start with the "
+                                 "rendered prompt; set data.chat_template to a template that appends answers")
+        answers.append(full[len(prompt_text):])
+    return prompt_text, answers[0], answers[1], True
+
+
+def tokenize_rendered(tokenizer, texts: list[tuple[str, str, str, bool]]) -> list[tuple[list, list, list]]:
+    """Batched tokenization: prompts keep the tokenizer's special tokens unless a template already wrote them;
+    plain-text answers get the eos token appended so the model learns to stop."""
+    def ids(strings, special):
+        return tokenizer(strings, add_special_tokens=special)["input_ids"] if strings else []
+
+    templated = [t[3] for t in texts]
+    plain_prompts = ids([t[0] for t in texts if not t[3]], True)
+    tmpl_prompts = ids([t[0] for t in texts if t[3]], False)
+    chosen = ids([t[1] for t in texts], False)
+    rejected = ids([t[2] for t in texts], False)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    out, ip, it = [], iter(plain_prompts), iter(tmpl_prompts)
+    for i, tm in enumerate(templated):
+        p = next(it) if tm else next(ip)
+        c, r = list(chosen[i]), list(rejected[i])
+        if not tm:
+            c, r = c + eos, r + eos
+        out.append((list(p), c, r))
+    return out
+
+
+def truncate(prompt: list, chosen: list, rejected: list, max_length: int, max_prompt_length: int):
+    """Prompts lose tokens from the left (keeping the question's end), answers from the right."""
+    cut_prompt = len(prompt) > max_prompt_length
+    if cut_prompt:
+        prompt = prompt[-max_prompt_length:]
+    room = max_length - len(prompt)
+    cut_answer = len(chosen) > room or len(rejected) > room
+    return prompt, chosen[:room], rejected[:room], cut_prompt, cut_answer
+
+
+@dataclass
+class PreferenceData:
+    train: list[Pair]
+    eval: list[Pair]
+    report: DataReport
+    eval_report: DataReport | None
+    examples: list[dict]  # first rendered pairs, for the app's preview
+
+
+def prepare(rows: list[dict], tokenizer, *, source: str, columns: dict, max_length: int, max_prompt_length: int,
+            on_bad_rows: str = "skip", n_examples: int = 3) -> tuple[list[Pair], DataReport, list[dict]]:
+    """Validate, render and tokenize rows. Returns usable pairs, the report, and a few rendered examples."""
+    rows = apply_column_mapping(rows, columns, source)
+    fmt = detect_format(rows, source)
+    report = DataReport(source=source, format=fmt, total_rows=len(rows), max_length=max_length)
+    rendered, row_ids, margins = [], [], []
+    for i, row in enumerate(rows, 1):
+        try:
+            pair = normalize_row(row, fmt)
+            rendered.append(render(pair, tokenizer))
+        except RowError as e:
+            if on_bad_rows == "error":
+                raise DataError(f"{source}: row {i}, {e}. Fix the row, or set data.on_bad_rows=skip to skip "
+                                "rows like it") from None
+            report.drop(str(e), i)
+            continue
+        row_ids.append(i)
+        margins.append(pair["margin"])
+    pairs, examples = [], []
+    for (p, c, r), i, m, texts in zip(tokenize_rendered(tokenizer, rendered) if rendered else [], row_ids, margins,
+                                      rendered):
+        report.lengths.append(len(p) + max(len(c), len(r)))
+        if not c or not r:
+            reason = "answer is empty after tokenization"
+        elif c == r:
+            reason = "chosen and rejected tokenize identically"
+        else:
+            reason = None
+        if reason is None:
+            p2, c2, r2, cut_p, cut_a = truncate(p, c, r, max_length, max_prompt_length)
+            if c2 == r2:
+                reason = (f"chosen and rejected are identical within max_length ({max_length}); raise max_length "
+                          "or max_prompt_length")
+        if reason:
+            if on_bad_rows == "error":
+                raise DataError(f"{source}: row {i}: {reason}. Set data.on_bad_rows=skip to skip rows like it")
+            report.drop(reason, i)
+            continue
+        report.truncated_prompts += cut_p
+        report.truncated_answers += cut_a
+        pairs.append(Pair(p2, c2, r2, margin=m, row=i))
+        if len(examples) < n_examples:
+            examples.append({"row": i, "prompt": texts[0], "chosen": texts[1], "rejected": texts[2],
+                             "prompt_tokens": len(p2), "chosen_tokens": len(c2), "rejected_tokens": len(r2),
+                             "truncated": bool(cut_p or cut_a), "templated": texts[3]})
+    report.usable = len(pairs)
+    return pairs, report, examples
+
+
+def load_preference_data(cfg, tokenizer) -> PreferenceData:
+    """The whole data path for a run: train pairs, eval pairs (given or held out), reports."""
+    ensure_chat_template(tokenizer, cfg.data.chat_template)
+    common = dict(columns=cfg.data.columns, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+                  on_bad_rows=cfg.data.on_bad_rows)
+    source = cfg.dataset
+    rows = load_rows(source, cfg.dataset_split, cfg.trust_remote_code)
+    train, report, examples = prepare(rows, tokenizer, source=source, **common)
+    if not train:
+        raise DataError(f"{source}: no usable pairs.\n{report.summary()}")
+    eval_pairs, eval_report = [], None
+    if cfg.eval_dataset or cfg.eval_split:
+        eval_source = cfg.eval_dataset or source
+        eval_rows = load_rows(eval_source, cfg.eval_split or "train", cfg.trust_remote_code)
+        eval_pairs, eval_report, _ = prepare(eval_rows, tokenizer, source=eval_source, **common)
+    rng = random.Random(cfg.seed)
+    order = list(range(len(train)))
+    rng.shuffle(order)
+    if not eval_pairs and cfg.data.eval_fraction > 0 and len(train) >= 4:
+        n_eval = min(cfg.data.eval_max_pairs, max(1, round(len(train) * cfg.data.eval_fraction)))
+        eval_pairs = [train[i] for i in sorted(order[:n_eval])]
+        order = order[n_eval:]
+    train = [train[i] for i in sorted(order)]
+    if cfg.data.max_pairs:
+        train = train[: cfg.data.max_pairs]
+    return PreferenceData(train, eval_pairs, report, eval_report, examples)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Batches
+
+def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """Two rows per pair, ``[prompt+chosen ...; prompt+rejected ...]``, right-padded.
+
+    ``completion_mask[i, t]`` is 1 where token t of row i is an answer token (the ones that carry loss).
+    """
+    seqs, masks = [], []
+    for side in ("chosen_ids", "rejected_ids"):
+        for p in pairs:
+            answer = getattr(p, side)
+            seqs.append(p.prompt_ids + answer)
+            masks.append([0] * len(p.prompt_ids) + [1] * len(answer))
+    width = max(map(len, seqs))
+    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, (s, m) in enumerate(zip(seqs, masks)):
+        input_ids[i, : len(s)] = torch.tensor(s)
+        attention_mask[i, : len(s)] = 1
+        completion_mask[i, : len(s)] = torch.tensor(m)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
+            "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}

@@ -1,0 +1,193 @@
+"""Preference losses as pure tensor functions, named after the maths. No model in here.
+
+Every function takes per-pair sequence log-probabilities (the sum over answer tokens of log pi(y_t | x, y_<t)) and
+returns per-pair tensors; the caller reduces. Shapes: ``(B,)`` for B pairs.
+
+References:
+- DPO, Rafailov et al. 2023 (arXiv 2305.18290), eq. 7; conservative DPO (label smoothing), Mitchell 2023, as in
+  the reference implementation eric-mitchell/direct-preference-optimization ``preference_loss``.
+- IPO, Azar et al. 2023 (arXiv 2310.12036), eq. 17, length-normalised as TRL does.
+- Robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409), eq. 9. Hinge: SLiC, Zhao et al. 2023.
+- BCO (pairwise), NCA, SPPO (hard), APO: as in TRL 1.16's DPOTrainer.
+- SimPO, Meng et al. 2024 (arXiv 2405.14734), eq. 6. ORPO, Hong et al. 2024 (arXiv 2403.07691), eq. 6-7.
+- Reward modelling: Bradley-Terry, Ouyang et al. 2022 eq. 1; margin as in Llama 2; centring as TRL's RewardTrainer.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+LossOut = tuple[Tensor, Tensor, Tensor]  # (losses, chosen_rewards, rejected_rewards), each (B,)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Token log-probabilities, in chunks
+
+def _chunk_logps(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None) -> Tensor:
+    logits = hidden @ weight.t()
+    logits = logits.float()  # upcast before log_softmax: fp16/bf16 logsumexp over 100k+ entries loses bits
+    if softcap:
+        logits = torch.tanh(logits / softcap) * softcap
+    return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
+
+
+def selected_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int = 1024,
+                         softcap: float | None = None) -> Tensor:
+    """log p(target_i | hidden_i) for M selected positions: ``hidden`` (M, d), ``weight`` (V, d), ``targets`` (M,).
+
+    Full-vocabulary logits exist for at most ``chunk_size`` rows at a time; with grad enabled each chunk is
+    recomputed in backward (checkpointed), so the graph holds (M, d) hidden states, never (M, V) logits.
+    Returns fp32 (M,).
+    """
+    out = []
+    for start in range(0, hidden.shape[0], chunk_size):
+        h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]
+        if torch.is_grad_enabled() and (h.requires_grad or weight.requires_grad):
+            out.append(torch.utils.checkpoint.checkpoint(_chunk_logps, h, weight, t, softcap, use_reentrant=False))
+        else:
+            out.append(_chunk_logps(h, weight, t, softcap))
+    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DPO and its variants (need the reference)
+
+def _logits(pc, pr, rc, rr):
+    """The DPO 'logit' h = (log pi(yw) - log pi_ref(yw)) - (log pi(yl) - log pi_ref(yl))."""
+    return (pc - rc) - (pr - rr)
+
+
+def _sigmoid(pc, pr, rc, rr, *, beta, label_smoothing=0.0, **_):
+    h = _logits(pc, pr, rc, rr)
+    # eq. 7 of the DPO paper; with label_smoothing eps the conservative DPO mix of both label directions
+    return -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+
+
+def _hinge(pc, pr, rc, rr, *, beta, **_):
+    return torch.relu(1 - beta * _logits(pc, pr, rc, rr))
+
+
+def _ipo(pc, pr, rc, rr, *, beta, chosen_lengths, rejected_lengths, **_):
+    # IPO eq. 17 with log-ratios averaged per answer token (TRL's normalisation, confirmed with the IPO authors)
+    h = (pc - rc) / chosen_lengths.clamp(min=1) - (pr - rr) / rejected_lengths.clamp(min=1)
+    return (h - 1 / (2 * beta)) ** 2
+
+
+def _robust(pc, pr, rc, rr, *, beta, label_smoothing=0.0, **_):
+    # Unbiased estimate of the clean loss under label noise rate eps (rDPO eq. 9)
+    h = _logits(pc, pr, rc, rr)
+    eps = label_smoothing
+    return (-(1 - eps) * F.logsigmoid(beta * h) + eps * F.logsigmoid(-beta * h)) / (1 - 2 * eps)
+
+
+def _bco_pair(pc, pr, rc, rr, *, beta, **_):
+    return -F.logsigmoid(beta * (pc - rc)) - F.logsigmoid(-beta * (pr - rr))
+
+
+def _sppo_hard(pc, pr, rc, rr, *, beta, **_):
+    return (pc - rc - 0.5 / beta) ** 2 + (pr - rr + 0.5 / beta) ** 2
+
+
+def _nca_pair(pc, pr, rc, rr, *, beta, **_):
+    cw, rw = beta * (pc - rc), beta * (pr - rr)
+    return -F.logsigmoid(cw) - 0.5 * F.logsigmoid(-cw) - 0.5 * F.logsigmoid(-rw)
+
+
+def _apo_zero(pc, pr, rc, rr, *, beta, **_):
+    return (1 - torch.sigmoid(beta * (pc - rc))) + torch.sigmoid(beta * (pr - rr))
+
+
+def _apo_down(pc, pr, rc, rr, *, beta, **_):
+    return torch.sigmoid(beta * (pc - rc)) + (1 - torch.sigmoid(beta * _logits(pc, pr, rc, rr)))
+
+
+DPO_LOSSES: dict[str, Callable[..., Tensor]] = {
+    "sigmoid": _sigmoid, "hinge": _hinge, "ipo": _ipo, "robust": _robust, "bco_pair": _bco_pair,
+    "sppo_hard": _sppo_hard, "nca_pair": _nca_pair, "apo_zero": _apo_zero, "apo_down": _apo_down,
+}
+
+
+def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
+             reference_rejected_logps: Tensor, *, beta: float = 0.1, loss_type: str = "sigmoid",
+             label_smoothing: float = 0.0, chosen_lengths: Tensor | None = None,
+             rejected_lengths: Tensor | None = None) -> LossOut:
+    """Per-pair DPO-family loss and implicit rewards ``beta * (log pi - log pi_ref)`` (detached).
+
+    ``chosen_lengths``/``rejected_lengths`` (answer token counts) are needed by ``ipo`` only.
+    """
+    if loss_type not in DPO_LOSSES:
+        raise ValueError(f"unknown loss_type '{loss_type}'; one of {', '.join(DPO_LOSSES)}")
+    if loss_type == "ipo" and (chosen_lengths is None or rejected_lengths is None):
+        raise ValueError("ipo needs chosen_lengths and rejected_lengths")
+    losses = DPO_LOSSES[loss_type](policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                   reference_rejected_logps, beta=beta, label_smoothing=label_smoothing,
+                                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
+    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
+    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reference-free
+
+def simpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
+               rejected_lengths: Tensor, *, beta: float = 2.0, gamma: float = 0.5,
+               label_smoothing: float = 0.0) -> LossOut:
+    """SimPO eq. 6: -log sigmoid(beta/|yw| log pi(yw) - beta/|yl| log pi(yl) - gamma); rewards are the
+    length-normalised ``beta * mean log pi``. With ``label_smoothing`` the conservative mix, as TRL's CPOTrainer."""
+    chosen_rewards = beta * policy_chosen_logps / chosen_lengths.clamp(min=1)
+    rejected_rewards = beta * policy_rejected_logps / rejected_lengths.clamp(min=1)
+    h = chosen_rewards - rejected_rewards - gamma
+    losses = -F.logsigmoid(h) * (1 - label_smoothing) - F.logsigmoid(-h) * label_smoothing
+    return losses, chosen_rewards.detach(), rejected_rewards.detach()
+
+
+def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen_lengths: Tensor,
+              rejected_lengths: Tensor, *, beta: float = 0.1) -> LossOut:
+    """ORPO eq. 6-7: NLL of the chosen answer (per token) - beta * log sigmoid(log odds(yw) - log odds(yl)),
+    odds(y) = P(y) / (1 - P(y)) with P the per-token geometric mean probability. Rewards: ``beta * mean log pi``."""
+    mean_c = policy_chosen_logps / chosen_lengths.clamp(min=1)
+    mean_r = policy_rejected_logps / rejected_lengths.clamp(min=1)
+    # log(1 - exp(x)) for x < 0, stable: log(-expm1(x)); clamp keeps x = 0 (a certain answer) finite
+    log_odds = (mean_c - mean_r) - (torch.log(-torch.expm1(mean_c.clamp(max=-1e-6)))
+                                    - torch.log(-torch.expm1(mean_r.clamp(max=-1e-6))))
+    losses = -mean_c - beta * F.logsigmoid(log_odds)
+    return losses, (beta * mean_c).detach(), (beta * mean_r).detach()
+
+
+REFERENCE_FREE = {"simpo", "orpo"}
+
+
+def preference_loss(loss_type: str, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
+                    reference_chosen_logps: Tensor | None, reference_rejected_logps: Tensor | None, *,
+                    chosen_lengths: Tensor, rejected_lengths: Tensor, beta: float, label_smoothing: float = 0.0,
+                    simpo_gamma: float = 0.5) -> LossOut:
+    """One entry for the training loop: dispatches to the DPO family or the reference-free losses."""
+    if loss_type == "simpo":
+        return simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta=beta,
+                          gamma=simpo_gamma, label_smoothing=label_smoothing)
+    if loss_type == "orpo":
+        return orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta=beta)
+    return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
+                    rejected_lengths=rejected_lengths)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reward modelling
+
+def reward_loss(chosen_scores: Tensor, rejected_scores: Tensor, *, margin: Tensor | None = None,
+                center_rewards_coefficient: float | None = None) -> Tensor:
+    """Bradley-Terry: ``-log sigmoid(r_chosen - r_rejected - margin)`` per pair, plus
+    ``coef * (r_chosen + r_rejected)^2`` to centre the scores (its mean equals TRL's ``coef * mean(...)``)."""
+    diff = chosen_scores - rejected_scores
+    if margin is not None:
+        diff = diff - margin
+    losses = -F.logsigmoid(diff)
+    if center_rewards_coefficient:
+        losses = losses + center_rewards_coefficient * (chosen_scores + rejected_scores) ** 2
+    return losses

@@ -1,0 +1,261 @@
+"""One 4-bit base model carrying LoRA adapters: the policy with adapters on, the reference with them off.
+
+- ``load_tokenizer(cfg)`` / ``load_model(cfg, tokenizer)``: NF4 + double quantization (bitsandbytes), or 8-bit, or
+  none; LoRA via PEFT; for the reward task a sequence-classification model with one output whose ``score`` head is
+  trained and saved with the adapter.
+- ``reference_mode(model)``: the frozen reference *is* the same object: adapters disabled, or, when training started
+  from an existing adapter, that adapter loaded a second time under the name ``reference`` and frozen.
+- ``sequence_logps(model, batch)``: per-row sums of answer-token log-probs, with the LM head applied to answer
+  positions only and in chunks (no (batch, tokens, vocab) logits tensor).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+from .config import Config, ConfigError
+from .losses import selected_token_logps
+from .tiny import resolve_model
+
+log = logging.getLogger("lowrank_pref")
+POLICY, REFERENCE = "default", "reference"
+
+
+class ModelError(ValueError):
+    """A user-facing problem with the model or adapter (missing folder, unsupported architecture, ...)."""
+
+
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def compute_dtype(cfg: Config) -> torch.dtype:
+    """bf16 where the GPU supports it, else fp16 on GPU; fp32 on CPU unless asked (bf16 works there too)."""
+    if cfg.dtype != "auto":
+        return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[cfg.dtype]
+    if torch.cuda.is_available():
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def autocast(cfg: Config):
+    """Mixed precision for the forward passes on GPU; log-probs and losses are upcast to fp32 regardless."""
+    dtype = compute_dtype(cfg)
+    dev = device()
+    if dev.type == "cuda" and dtype != torch.float32:
+        return torch.autocast("cuda", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+def _source(cfg: Config) -> str:
+    name = resolve_model(cfg.model)
+    path = Path(name).expanduser()
+    if name.startswith((".", "/", "~")) and not path.exists():
+        raise ModelError(f"model folder '{name}' does not exist")
+    return str(path) if path.exists() else name
+
+
+def _from_pretrained_errors(what: str, name: str):
+    """Turn the hub/loader's exceptions into one plain ModelError."""
+
+    @contextlib.contextmanager
+    def ctx():
+        try:
+            yield
+        except (OSError, ValueError, KeyError) as e:
+            if isinstance(e, (ModelError, ConfigError)):
+                raise
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ModelError(f"could not load the {what} from '{name}': {first}") from e
+
+    return ctx()
+
+
+def load_tokenizer(cfg: Config):
+    from transformers import AutoTokenizer
+
+    name = _source(cfg)
+    with _from_pretrained_errors("tokenizer", name):
+        tok = AutoTokenizer.from_pretrained(name, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token_id is None:  # many causal LMs ship without one; padding is masked, so eos serves
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    if tok.pad_token_id is None:
+        raise ModelError(f"tokenizer of '{name}' has no pad, eos or unk token to pad with")
+    tok.padding_side = "right"
+    return tok
+
+
+def quantization_config(cfg: Config):
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quantization == "4bit":
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=compute_dtype(cfg), bnb_4bit_quant_storage=torch.uint8)
+    if cfg.quantization == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def load_base(cfg: Config, tokenizer, *, for_training: bool = True):
+    """The (quantized) transformers model, prepared for k-bit training, without adapters."""
+    from peft import prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    name = _source(cfg)
+    kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=compute_dtype(cfg),
+                  attn_implementation=cfg.attn_implementation)
+    q = quantization_config(cfg)
+    if q is not None:
+        kwargs.update(quantization_config=q, device_map={"": device().index or 0} if device().type == "cuda"
+                      else {"": "cpu"})
+    with _from_pretrained_errors("model", name):
+        if cfg.task == "reward":
+            model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
+    if q is None:
+        model.to(device())
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.use_cache = False
+    if not for_training:
+        return model
+    if q is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    else:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    if cfg.gradient_checkpointing:
+        # non-reentrant checkpointing needs no input-grad hack and works under no_grad for the reference pass
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def lora_config(cfg: Config):
+    from peft import LoraConfig
+
+    return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
+                      target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.use_rslora,
+                      use_dora=cfg.lora.use_dora, bias="none",
+                      task_type="SEQ_CLS" if cfg.task == "reward" else "CAUSAL_LM")
+
+
+def load_model(cfg: Config, tokenizer):
+    """The PeftModel to train. Returns (model, reference_kind) with reference_kind 'base' or 'adapter'."""
+    from peft import PeftModel, get_peft_model
+
+    base = load_base(cfg, tokenizer)
+    if cfg.adapter:
+        path = Path(cfg.adapter).expanduser()
+        if cfg.adapter.startswith((".", "/", "~")) and not (path / "adapter_config.json").is_file():
+            raise ModelError(f"adapter '{cfg.adapter}' has no adapter_config.json (a PEFT adapter folder is needed)")
+        src = str(path) if path.exists() else cfg.adapter
+        with _from_pretrained_errors("adapter", src):
+            model = PeftModel.from_pretrained(base, src, adapter_name=POLICY, is_trainable=True)
+            # the reference is the starting adapter, frozen: never silently the bare base
+            model.load_adapter(src, adapter_name=REFERENCE, is_trainable=False)
+        model.set_adapter(POLICY)
+        reference = "adapter"
+    else:
+        try:
+            model = get_peft_model(base, lora_config(cfg))
+        except ValueError as e:  # e.g. target modules not found in this architecture
+            raise ConfigError(f"lora: {str(e).splitlines()[0]}") from None
+        reference = "base"
+    return model, reference
+
+
+def trainable_parameters(model) -> list[torch.nn.Parameter]:
+    return [p for n, p in model.named_parameters() if p.requires_grad]
+
+
+@contextlib.contextmanager
+def reference_mode(model):
+    """The frozen reference: adapters off (or the frozen starting adapter), eval mode (no LoRA dropout), no grad."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            if REFERENCE in model.peft_config:
+                model.set_adapter(REFERENCE, inference_mode=True)
+                try:
+                    yield model
+                finally:
+                    model.set_adapter(POLICY)
+            else:
+                with model.disable_adapter():
+                    yield model
+    finally:
+        model.train(was_training)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Log-probabilities
+
+def _decoder_and_head(model):
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else base.model
+    head = base.get_output_embeddings()
+    if decoder is None or head is None or not hasattr(head, "weight"):
+        raise ModelError(f"{type(base).__name__} has no separate decoder and LM head; it is not a causal LM we "
+                         "can score")
+    softcap = getattr(base.config.get_text_config(), "final_logit_softcapping", None)
+    return decoder, head, softcap
+
+
+def sequence_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of log pi(y_t | x, y_<t) over the answer tokens of each row, and the answer lengths.
+
+    ``batch``: ``input_ids``, ``attention_mask``, ``completion_mask`` (N, T), as ``data.collate`` makes them.
+    Returns (logps (N,) fp32, lengths (N,) float). Position t's hidden state predicts token t + 1, so the hidden
+    states at positions where ``completion_mask[:, 1:]`` is set are the only ones sent through the LM head.
+    """
+    decoder, head, softcap = _decoder_and_head(model)
+    dev = head.weight.device
+    input_ids = batch["input_ids"].to(dev)
+    hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"].to(dev),
+                     use_cache=False).last_hidden_state
+    mask = batch["completion_mask"][:, 1:].to(dev).bool()
+    selected = hidden[:, :-1][mask]
+    targets = input_ids[:, 1:][mask]
+    if head.bias is not None:  # rare (e.g. some GPT-2 variants): fold the bias into an extra input column
+        selected = torch.cat([selected, selected.new_ones(selected.shape[0], 1)], dim=1)
+        weight = torch.cat([head.weight, head.bias[:, None]], dim=1)
+    else:
+        weight = head.weight
+    token_logps = selected_token_logps(selected, weight, targets, chunk_size=chunk_size, softcap=softcap)
+    rows = mask.nonzero()[:, 0]
+    logps = torch.zeros(mask.shape[0], dtype=torch.float32, device=dev).index_add(0, rows, token_logps)
+    return logps, mask.sum(1).float()
+
+
+def reward_scores(model, batch: dict) -> torch.Tensor:
+    """Scalar score of each row from the classification head, at the last real token (transformers' pooling,
+    the same one users get from ``model(**inputs).logits`` at inference). fp32 (N,)."""
+    dev = next(model.parameters()).device
+    out = model(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                use_cache=False)
+    return out.logits.squeeze(-1).float()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Saving and measuring
+
+def save_adapter(model, tokenizer, path: str | os.PathLike) -> None:
+    """PEFT format (adapter_config.json + adapter_model.safetensors) + tokenizer; only the policy adapter."""
+    model.save_pretrained(str(path), selected_adapters=[POLICY], safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or the process's peak resident set size on CPU, in MB."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024

@@ -1,0 +1,160 @@
+"""The CLI: parse -> config -> train. Nothing else.
+
+    python -m lowrank_pref.run --preset tiny --output-dir out
+    python -m lowrank_pref.run --preset 24gb-dpo --dataset my_pairs.jsonl lora.r=32 beta=0.05
+    python -m lowrank_pref.run --output-dir out --resume          # continue a stopped or killed run
+    python -m lowrank_pref.run --list-presets | --list-keys
+
+Exit status: 0 success, 2 a user error (bad config, data, model path), 1 an internal error (see train.log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+from .config import ConfigError, all_keys, build_config, field_help, list_presets, parse_override
+
+USER_ERROR, INTERNAL_ERROR = 2, 1
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's own exit code is 2 already; keep its message one line
+        self.print_usage(sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(USER_ERROR)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m lowrank_pref.run", description="QLoRA DPO and reward modelling on one GPU (or CPU).",
+                epilog="Any config key can be given as key=value, e.g. lora.r=16 beta=0.05 learning_rate=5e-6")
+    p.add_argument("--preset", help="preset name (see --list-presets) or a .yaml path; default: tiny")
+    p.add_argument("--config", help="a YAML config file (applied after the preset)")
+    p.add_argument("--model", help="hub id or local folder of the base model")
+    p.add_argument("--dataset", help="local file/folder or hub dataset id")
+    p.add_argument("--task", choices=("dpo", "reward"))
+    p.add_argument("--output-dir", help="run folder (default: runs/<task>-<time>)")
+    p.add_argument("--max-steps", help="stop after N optimizer steps")
+    p.add_argument("--save-steps", help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    p.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+    p.add_argument("--list-keys", action="store_true", help="list every config key with its help and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    return p
+
+
+def resolve(args) -> "Config":  # noqa: F821
+    overrides = {}
+    for flag, key in (("model", "model"), ("dataset", "dataset"), ("task", "task"), ("output_dir", "output_dir"),
+                      ("max_steps", "max_steps"), ("save_steps", "save_steps")):
+        if getattr(args, flag) is not None:
+            overrides[key] = getattr(args, flag)
+    for item in args.overrides:
+        key, value = parse_override(item)
+        overrides[key] = value
+    preset, config_file = args.preset, args.config
+    if args.resume and not preset and not config_file:
+        if not args.output_dir:
+            raise ConfigError("--resume needs --output-dir (the run folder to continue)")
+        saved = Path(args.output_dir) / "config.yaml"
+        if not saved.is_file():
+            raise ConfigError(f"nothing to resume in '{args.output_dir}': no config.yaml there")
+        config_file = str(saved)
+    elif not preset and not config_file:
+        preset = "tiny"
+    cfg = build_config(preset, config_file, overrides)
+    if not cfg.output_dir:
+        cfg.output_dir = os.path.join("runs", f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    if args.list_presets:
+        for name, line in list_presets().items():
+            print(f"{name:14s} {line}")
+        return 0
+    if args.list_keys:
+        for key in all_keys():
+            print(f"{key:32s} {field_help(key)}")
+        return 0
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    quiet_libraries()
+
+    from .data import DataError
+    from .model import ModelError
+    from .train import TrainingStopped
+
+    try:
+        cfg = resolve(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR
+    try:
+        from .train import train
+
+        result = train(cfg, cfg.output_dir, resume=args.resume)
+    except (ConfigError, DataError, ModelError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return USER_ERROR
+    except TrainingStopped as e:
+        print(f"error: {e}", file=sys.stderr)
+        return INTERNAL_ERROR
+    except KeyboardInterrupt:
+        print("interrupted; continue with --resume", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal error: say it plainly, keep the traceback in the run's log
+        logging.getLogger("lowrank_pref").debug("internal error", exc_info=True)
+        _log_traceback(cfg.output_dir)
+        oom = "out of memory" in str(e).lower()
+        hint = (" Lower batch_size or max_length, or set gradient_checkpointing=true." if oom else
+                f" The traceback is in {os.path.join(cfg.output_dir, 'train.log')}.")
+        print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}.{hint}",
+              file=sys.stderr)
+        return INTERNAL_ERROR
+    shown = {k: v for k, v in result.items() if k.startswith("eval_")}
+    if shown:
+        print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
+    print(f"adapter saved to {os.path.join(cfg.output_dir, 'adapter')}")
+    return 0
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for our own progress: the libraries' load bars and known-harmless warnings go."""
+    import warnings
+
+    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "bitsandbytes",
+                  "transformers.integrations.hub_kernels", "kernels"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    # bitsandbytes' CPU 4-bit kernel has no registered autograd kernel, but its backward is right (tested in
+    # tests/test_model.py against a dense twin); transformers/peft deprecation notices are not for our users
+    warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
+    warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    try:
+        import datasets
+        import transformers
+
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _log_traceback(output_dir: str) -> None:
+    import traceback
+
+    try:
+        with open(os.path.join(output_dir, "train.log"), "a") as f:
+            traceback.print_exc(file=f)
+    except OSError:
+        pass
+
+
+if __name__ == "__main__":
+    sys.exit(main())
