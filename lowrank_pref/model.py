@@ -122,6 +122,8 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True):
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
     if q is None:
         model.to(device())
+    else:
+        _pin_cpu_4bit_kernel(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     if not for_training:
@@ -135,6 +137,22 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True):
         # non-reentrant checkpointing needs no input-grad hack and works under no_grad for the reference pass
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def _pin_cpu_4bit_kernel(model) -> None:
+    """One 4-bit kernel for the whole run on CPU.
+
+    bitsandbytes (0.50, CPUs with AVX512-bf16) repacks a Linear4bit's weights the first time it runs in eval mode
+    without grad (our reference pass) and every later forward, training ones included, then uses the packed bf16
+    kernel; saving a state dict unpacks them again, and the round trip is not exact. So policy and reference would
+    use different kernels, and a run that wrote checkpoints would drift from one resumed from them. Keeping the
+    unpacked kernel makes reference == base and resume exact (tests/test_cli.py, tests/test_model.py).
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit) and hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(cfg: Config):

@@ -200,7 +200,7 @@ def train(cfg: Config, output_dir: str | os.PathLike, *, resume: bool = False) -
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     try:
-        with logging_redirect_tqdm(loggers=[log]):
+        with logging_redirect_tqdm(loggers=[logging.root]):
             return _train(cfg, run, resume, stop)
     except BaseException as e:
         state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"

@@ -1,0 +1,90 @@
+"""Tiny fixtures built in code: no network, no GPU. Models are 2 layers, width 64, vocabulary 768."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("lowrank_cache")
+    os.environ["LOWRANK_PREF_CACHE"] = str(cache)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    os.environ["LOWRANK_PREF_PROGRESS"] = "0"
+    from lowrank_pref.run import quiet_libraries
+
+    quiet_libraries()
+    yield
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    from lowrank_pref.tiny import build_tokenizer
+
+    return build_tokenizer()
+
+
+def make_llama(tokenizer, path: Path, seed: int, hidden: int = 64, ffn: int = 128) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=ffn,
+                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    LlamaForCausalLM(config).save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """A local Llama-architecture model folder (random weights, seed 1)."""
+    return make_llama(tokenizer, tmp_path_factory.mktemp("llama_a"), seed=1)
+
+
+@pytest.fixture(scope="session")
+def unseen_model_dir(tokenizer, tmp_path_factory) -> Path:
+    """Another local model, never used by the presets (different seed and MLP width; bitsandbytes' CPU kernels
+    need widths that are multiples of 64)."""
+    return make_llama(tokenizer, tmp_path_factory.mktemp("llama_b"), seed=7, ffn=192)
+
+
+WORDS = ["river", "garden", "window", "letter", "market", "forest", "kitchen", "bridge", "island", "candle", "valley",
+         "school", "doctor", "rocket", "planet", "castle", "pencil", "button", "mirror", "ladder", "basket", "engine",
+         "jacket", "violin", "tunnel", "harbor", "meadow", "dragon", "silver", "orange"]
+
+
+def write_pairs(path: Path, n: int = 80, seed: int = 0) -> Path:
+    """A preference task the models never saw: answers that thank the user are preferred over ones that don't."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.sample(WORDS, 2)
+        rows.append({"prompt": f"Tell me about the {a} and the {b}.",
+                     "chosen": f"Thank you for asking. The {a} is near the {b}. Thank you.",
+                     "rejected": f"The {a} is near the {b}."})
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture()
+def pairs_file(tmp_path) -> Path:
+    return write_pairs(tmp_path / "pairs.jsonl")
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "lowrank_pref.run", *args], cwd=cwd or ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)

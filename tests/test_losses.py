@@ -1,0 +1,173 @@
+"""Each loss against its formula written out here, and the DPO family against TRL on the same batch."""
+
+import math
+
+import pytest
+import torch
+
+from lowrank_pref.losses import (DPO_LOSSES, dpo_loss, orpo_loss, preference_loss, reward_loss,
+                                 selected_token_logps, simpo_loss)
+
+
+def _logsig(x):
+    return math.log(1 / (1 + math.exp(-x)))
+
+
+def _sig(x):
+    return 1 / (1 + math.exp(-x))
+
+
+# one pair, written as plain floats so the maths below reads like the papers
+PC, PR, RC, RR = -12.0, -15.0, -13.0, -14.0  # policy/reference, chosen/rejected
+LC, LR = 4.0, 6.0  # answer lengths
+B = 0.1
+H = (PC - RC) - (PR - RR)  # = 2.0
+
+
+def _t(*xs):
+    return torch.tensor(xs, dtype=torch.float64)
+
+
+EXPECTED = {
+    "sigmoid": -_logsig(B * H),
+    "hinge": max(0.0, 1 - B * H),
+    "ipo": ((PC - RC) / LC - (PR - RR) / LR - 1 / (2 * B)) ** 2,
+    "bco_pair": -_logsig(B * (PC - RC)) - _logsig(-B * (PR - RR)),
+    "sppo_hard": (PC - RC - 0.5 / B) ** 2 + (PR - RR + 0.5 / B) ** 2,
+    "nca_pair": -_logsig(B * (PC - RC)) - 0.5 * _logsig(-B * (PC - RC)) - 0.5 * _logsig(-B * (PR - RR)),
+    "apo_zero": (1 - _sig(B * (PC - RC))) + _sig(B * (PR - RR)),
+    "apo_down": _sig(B * (PC - RC)) + (1 - _sig(B * H)),
+}
+
+
+@pytest.mark.parametrize("loss_type", sorted(EXPECTED))
+def test_dpo_family_matches_formula(loss_type):
+    losses, cr, rr = dpo_loss(_t(PC), _t(PR), _t(RC), _t(RR), beta=B, loss_type=loss_type,
+                              chosen_lengths=_t(LC), rejected_lengths=_t(LR))
+    assert losses.item() == pytest.approx(EXPECTED[loss_type], rel=1e-9)
+    assert cr.item() == pytest.approx(B * (PC - RC)) and rr.item() == pytest.approx(B * (PR - RR))
+
+
+def test_every_table_entry_is_tested():
+    assert set(DPO_LOSSES) == set(EXPECTED) | {"robust"}
+
+
+def test_label_smoothing_conservative_and_robust():
+    eps = 0.2
+    cdpo, _, _ = dpo_loss(_t(PC), _t(PR), _t(RC), _t(RR), beta=B, label_smoothing=eps)
+    assert cdpo.item() == pytest.approx(-(1 - eps) * _logsig(B * H) - eps * _logsig(-B * H))
+    robust, _, _ = dpo_loss(_t(PC), _t(PR), _t(RC), _t(RR), beta=B, loss_type="robust", label_smoothing=eps)
+    assert robust.item() == pytest.approx((-(1 - eps) * _logsig(B * H) + eps * _logsig(-B * H)) / (1 - 2 * eps))
+    # with no smoothing both reduce to plain DPO
+    plain, _, _ = dpo_loss(_t(PC), _t(PR), _t(RC), _t(RR), beta=B, loss_type="robust")
+    assert plain.item() == pytest.approx(EXPECTED["sigmoid"])
+
+
+def test_dpo_gradient_sign_pushes_chosen_up():
+    pc = _t(PC).requires_grad_()
+    pr = _t(PR).requires_grad_()
+    losses, _, _ = dpo_loss(pc, pr, _t(RC), _t(RR), beta=B)
+    losses.sum().backward()
+    assert pc.grad.item() < 0 < pr.grad.item()
+    assert pc.grad.item() == pytest.approx(-B * _sig(-B * H))
+
+
+def test_simpo_and_orpo_formulas():
+    gamma = 0.5
+    losses, cr, rr = simpo_loss(_t(PC), _t(PR), _t(LC), _t(LR), beta=2.0, gamma=gamma)
+    assert losses.item() == pytest.approx(-_logsig(2.0 * PC / LC - 2.0 * PR / LR - gamma))
+    assert cr.item() == pytest.approx(2.0 * PC / LC)
+    mc, mr = PC / LC, PR / LR
+    log_odds = (mc - mr) - (math.log(1 - math.exp(mc)) - math.log(1 - math.exp(mr)))
+    losses, cr, _ = orpo_loss(_t(PC), _t(PR), _t(LC), _t(LR), beta=B)
+    assert losses.item() == pytest.approx(-mc - B * _logsig(log_odds))
+    assert cr.item() == pytest.approx(B * mc)
+
+
+def test_preference_loss_reference_free_ignores_reference():
+    a = preference_loss("simpo", _t(PC), _t(PR), None, None, chosen_lengths=_t(LC), rejected_lengths=_t(LR), beta=2.0)
+    b = simpo_loss(_t(PC), _t(PR), _t(LC), _t(LR), beta=2.0)
+    assert torch.equal(a[0], b[0])
+
+
+def test_reward_loss_margin_and_centring():
+    c, r, m = _t(1.5, -0.2), _t(0.5, 0.3), _t(0.25, 0.0)
+    losses = reward_loss(c, r, margin=m)
+    assert losses.tolist() == pytest.approx([-_logsig(1.5 - 0.5 - 0.25), -_logsig(-0.2 - 0.3)])
+    centred = reward_loss(c, r, center_rewards_coefficient=0.01)
+    plain = reward_loss(c, r)
+    # TRL: loss.mean() + coef * mean((rc + rr)^2); ours is per pair, with the same mean
+    assert centred.mean().item() == pytest.approx(plain.mean().item() + 0.01 * ((c + r) ** 2).mean().item())
+
+
+def test_chunked_token_logps_equal_direct_and_grads():
+    torch.manual_seed(0)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    weight = torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    direct = torch.log_softmax(hidden @ weight.t(), -1).gather(1, targets[:, None]).squeeze(1)
+    chunked = selected_token_logps(hidden, weight, targets, chunk_size=8)
+    assert torch.allclose(chunked, direct, atol=1e-5)
+    g1 = torch.autograd.grad(direct.sum(), (hidden, weight))
+    g2 = torch.autograd.grad(chunked.sum(), (hidden, weight))
+    for a, b in zip(g1, g2):
+        assert torch.allclose(a, b, atol=1e-5)
+    capped = selected_token_logps(hidden.detach(), weight.detach(), targets, chunk_size=8, softcap=5.0)
+    ref = torch.log_softmax(torch.tanh((hidden @ weight.t()) / 5.0) * 5.0, -1).gather(1, targets[:, None]).squeeze(1)
+    assert torch.allclose(capped, ref.detach(), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Against TRL 1.x: the same batch from TRL's own collator, TRL's loss vs ours
+
+TRL_CASES = [("sigmoid", 0.0), ("hinge", 0.0), ("ipo", 0.0), ("robust", 0.1), ("bco_pair", 0.0),
+             ("sppo_hard", 0.0), ("nca_pair", 0.0), ("apo_zero", 0.0), ("apo_down", 0.0)]
+
+
+@pytest.fixture(scope="module")
+def trl_setup(tiny_model_dir, tokenizer, tmp_path_factory):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    # random (non-zero) LoRA weights so the policy differs from the reference (adapters disabled, in both)
+    peft_config = LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, target_modules="all-linear",
+                             init_lora_weights=False)
+    rows = [{"prompt": f"Question {i}: how do I fix it?", "chosen": f"Carefully, step {i}, with patience.",
+             "rejected": "No."} for i in range(6)]
+    args = trl.DPOConfig(output_dir=str(tmp_path_factory.mktemp("trl")), per_device_train_batch_size=6, beta=B,
+                         max_length=64, report_to="none", use_cpu=True, bf16=False, gradient_checkpointing=False,
+                         dataset_num_proc=None, loss_type=["sigmoid"])
+    tok = tokenizer
+    trainer = trl.DPOTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tok,
+                             peft_config=peft_config)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    return trainer, batch
+
+
+@pytest.mark.parametrize("loss_type,smoothing", TRL_CASES)
+def test_dpo_loss_matches_trl(trl_setup, loss_type, smoothing):
+    from lowrank_pref.model import reference_mode, sequence_logps
+
+    trainer, batch = trl_setup
+    trainer.loss_types, trainer.label_smoothing = [loss_type], smoothing
+    trainer._metrics["eval"].clear()  # eval mode: TRL files metrics under "eval"
+    with torch.no_grad():
+        trl_loss = trainer._compute_loss(trainer.model, batch, return_outputs=False)
+        trl_loss = trl_loss[0] if isinstance(trl_loss, tuple) else trl_loss
+        model = trainer.model
+        logps, lengths = sequence_logps(model, batch)
+        with reference_mode(model):
+            ref, _ = sequence_logps(model, batch)
+    n = batch["input_ids"].shape[0] // 2
+    losses, cr, rr = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta=B, loss_type=loss_type,
+                              label_smoothing=smoothing, chosen_lengths=lengths[:n], rejected_lengths=lengths[n:])
+    assert losses.mean().item() == pytest.approx(trl_loss.item(), rel=1e-4, abs=1e-5)
+    metrics = trainer._metrics["eval"]
+    assert cr.mean().item() == pytest.approx(metrics["rewards/chosen"][-1], rel=1e-4, abs=1e-5)
+    assert rr.mean().item() == pytest.approx(metrics["rewards/rejected"][-1], rel=1e-4, abs=1e-5)
+    assert logps[:n].mean().item() == pytest.approx(metrics["logps/chosen"][-1], rel=1e-4)

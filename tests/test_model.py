@@ -1,0 +1,171 @@
+"""The 4-bit model, its reference, and the log-prob path, on real bitsandbytes/PEFT (CPU)."""
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from lowrank_pref.config import build_config
+from lowrank_pref.data import collate, ensure_chat_template, prepare
+from lowrank_pref.model import load_model, load_tokenizer, reference_mode, save_adapter, sequence_logps
+
+
+def _cfg(model_dir, **kw):
+    overrides = {"model": str(model_dir), "lora.dropout": "0.0", "gradient_checkpointing": "false"}
+    overrides.update(kw)
+    return build_config("tiny", overrides=overrides)
+
+
+def _batch(tokenizer, n=3):
+    ensure_chat_template(tokenizer)
+    rows = [{"prompt": f"Tell me about item {i}.", "chosen": f"Item {i} is lovely, thank you.",
+             "rejected": "No." * (i + 1)} for i in range(n)]
+    pairs, _, _ = prepare(rows, tokenizer, source="t", columns={}, max_length=64, max_prompt_length=32)
+    return collate(pairs, tokenizer.pad_token_id)
+
+
+def _direct_logps(model, batch):
+    """Textbook computation: full logits, log_softmax, gather the next token, sum over answer tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    logp = torch.log_softmax(logits[:, :-1], -1).gather(2, batch["input_ids"][:, 1:, None]).squeeze(2)
+    return (logp * batch["completion_mask"][:, 1:]).sum(1)
+
+
+def _randomize_lora(model):
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+
+
+def test_model_is_4bit_nf4_double_quant_with_lora(tiny_model_dir):
+    cfg = _cfg(tiny_model_dir)
+    tok = load_tokenizer(cfg)
+    model, reference = load_model(cfg, tok)
+    assert reference == "base"
+    linears = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert linears, "base linears must be 4-bit"
+    qs = linears[0].weight.quant_state
+    assert qs.quant_type == "nf4" and qs.nested  # nested = double quantization
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+
+
+def test_sequence_logps_equal_direct_computation(tiny_model_dir, tokenizer):
+    cfg = _cfg(tiny_model_dir)
+    tok = load_tokenizer(cfg)
+    model, _ = load_model(cfg, tok)
+    _randomize_lora(model)
+    batch = _batch(tok)
+    model.eval()
+    with torch.no_grad():
+        ours, lengths = sequence_logps(model, batch, chunk_size=5)  # small chunks: many chunk boundaries
+        direct = _direct_logps(model, batch)
+    assert torch.allclose(ours, direct, atol=1e-4), (ours, direct)
+    assert lengths.tolist() == batch["completion_mask"].sum(1).float().tolist()
+
+
+def test_reference_is_the_base_model(tiny_model_dir, tokenizer):
+    cfg = _cfg(tiny_model_dir)
+    tok = load_tokenizer(cfg)
+    model, _ = load_model(cfg, tok)
+    _randomize_lora(model)
+    batch = _batch(tok)
+    model.train()
+    with reference_mode(model):
+        ref, _ = sequence_logps(model, batch)
+    assert model.training  # reference_mode restores the mode it found
+    model.eval()
+    with torch.no_grad():
+        policy, _ = sequence_logps(model, batch)
+    # a separately loaded 4-bit base without any adapter gives the same numbers as adapters-off
+    from lowrank_pref.model import load_base
+
+    plain = load_base(cfg, tok, for_training=False)
+    with torch.no_grad():
+        base = _direct_logps(plain, batch)
+    assert torch.allclose(ref, base, atol=1e-4)
+    assert not torch.allclose(policy, ref, atol=1e-2)
+
+
+def test_4bit_backward_matches_dense_twin(tiny_model_dir, tokenizer):
+    """bitsandbytes' CPU 4-bit kernel warns that it has no autograd kernel; its input gradient must still be right."""
+    cfg = _cfg(tiny_model_dir)
+    tok = load_tokenizer(cfg)
+    q, _ = load_model(cfg, tok)
+    dense = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    modules = dict(dense.named_modules())
+    for name, mod in q.get_base_model().named_modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            w = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+            modules[name.replace(".base_layer", "")].weight.data.copy_(w)
+    dense = get_peft_model(dense, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, target_modules="all-linear"))
+    _randomize_lora(q)
+    dense.load_state_dict({k: v for k, v in q.state_dict().items() if "lora_" in k}, strict=False)
+    batch = _batch(tok)
+    grads = []
+    for m in (q, dense):
+        m.train()
+        m.zero_grad()
+        logps, _ = sequence_logps(m, batch)
+        logps.sum().backward()
+        grads.append({n: p.grad for n, p in m.named_parameters() if p.requires_grad})
+    for name, g in grads[1].items():
+        rel = (grads[0][name] - g).norm() / g.norm().clamp(min=1e-12)
+        assert rel < 0.05, (name, float(rel))
+
+
+def test_starting_adapter_is_the_frozen_reference(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir)
+    tok = load_tokenizer(cfg)
+    sft, _ = load_model(cfg, tok)
+    _randomize_lora(sft)
+    save_adapter(sft, tok, tmp_path / "sft")
+    cfg2 = _cfg(tiny_model_dir, adapter=str(tmp_path / "sft"))
+    model, reference = load_model(cfg2, tok)
+    assert reference == "adapter"
+    batch = _batch(tok)
+    with reference_mode(model):
+        ref, _ = sequence_logps(model, batch)
+    with torch.no_grad(), model.disable_adapter():
+        bare, _ = sequence_logps(model, batch)
+    model.eval()
+    with torch.no_grad():
+        policy, _ = sequence_logps(model, batch)
+    assert torch.allclose(ref, policy, atol=1e-4)  # the policy starts from the adapter...
+    assert not torch.allclose(ref, bare, atol=1e-2)  # ...and the reference is that adapter, not the bare base
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if ".reference." in n}
+    assert frozen and not any(p.requires_grad for n, p in model.named_parameters() if ".reference." in n)
+    # one optimizer step on the policy leaves the reference adapter untouched
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    logps, _ = sequence_logps(model, batch)
+    logps.sum().backward()
+    opt.step()
+    for n, p in model.named_parameters():
+        if n in frozen:
+            assert torch.equal(p, frozen[n])
+    with reference_mode(model):
+        ref_after, _ = sequence_logps(model, batch)
+    assert torch.allclose(ref, ref_after, atol=1e-6)
+
+
+def test_saved_adapter_reloads_with_peft_alone(tiny_model_dir, tmp_path):
+    cfg = _cfg(tiny_model_dir)
+    tok = load_tokenizer(cfg)
+    model, _ = load_model(cfg, tok)
+    _randomize_lora(model)
+    save_adapter(model, tok, tmp_path / "a")
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+    batch = _batch(tok)
+    model.eval()
+    with torch.no_grad():
+        ours, _ = sequence_logps(model, batch)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "a").eval()
+    with torch.no_grad():
+        theirs = _direct_logps(reloaded, batch)
+    # plain fp32 base vs the 4-bit one we trained on: close, not equal (quantization error)
+    assert torch.allclose(ours, theirs, rtol=0.05)
