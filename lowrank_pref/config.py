@@ -118,8 +118,9 @@ class Config:
     max_steps: int | None = _f(None, "Stop after this many optimizer steps.", min=1)
     seed: int = _f(42, "Seed for data order, adapter init and dropout.")
     max_nonfinite_steps: int = _f(5, "Stop after this many optimizer steps in a row with a NaN/inf loss.", min=1)
-    logprob_chunk_size: int = _f(1024, "Answer tokens per chunk of the LM head, so full-vocabulary logits never "
-                                       "exist for the whole batch.", min=1)
+    logprob_chunk_size: int | None = _f(None, "Answer tokens per chunk of the LM head, so full-vocabulary logits "
+                                              "never exist for the whole batch (default: ~256 MB of fp32 logits).",
+                                        min=1)
     # bookkeeping
     output_dir: str | None = _f(None, "Run folder (default: runs/<task>-<time>).")
     logging_steps: int = _f(1, "Log train metrics every N optimizer steps.", min=1)

@@ -317,6 +317,13 @@ def normalize_row(row: dict, fmt: str) -> dict:
         else:
             col = "conversations" if fmt == "sharegpt" else "prompt"
             prompt = _messages(row.get(col), col, default_role="user")
+            # UltraFeedback binarized: a prompt column *and* answers that repeat the conversation before them
+            k = 0
+            while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+                k += 1
+            if k:
+                prompt = chosen[:k] if chosen[k - 1] == prompt[-1] else prompt + chosen[:k]
+                chosen, rejected = chosen[k:], rejected[k:]
         system = row.get("system")
         if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system}] + prompt

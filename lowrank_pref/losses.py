@@ -35,7 +35,12 @@ def _chunk_logps(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float
     return torch.gather(logits.log_softmax(-1), 1, targets[:, None]).squeeze(1)
 
 
-def selected_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int = 1024,
+def auto_chunk_size(vocab_size: int) -> int:
+    """Rows per LM-head chunk: about 2**26 fp32 logits (256 MB), between 16 and 4096 rows."""
+    return max(16, min(4096, 2**26 // vocab_size))
+
+
+def selected_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int | None = None,
                          softcap: float | None = None) -> Tensor:
     """log p(target_i | hidden_i) for M selected positions: ``hidden`` (M, d), ``weight`` (V, d), ``targets`` (M,).
 
@@ -43,6 +48,7 @@ def selected_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, chu
     recomputed in backward (checkpointed), so the graph holds (M, d) hidden states, never (M, V) logits.
     Returns fp32 (M,).
     """
+    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
     out = []
     for start in range(0, hidden.shape[0], chunk_size):
         h, t = hidden[start:start + chunk_size], targets[start:start + chunk_size]

@@ -227,7 +227,7 @@ def _decoder_and_head(model):
     return decoder, head, softcap
 
 
-def sequence_logps(model, batch: dict, chunk_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+def sequence_logps(model, batch: dict, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log pi(y_t | x, y_<t) over the answer tokens of each row, and the answer lengths.
 
     ``batch``: ``input_ids``, ``attention_mask``, ``completion_mask`` (N, T), as ``data.collate`` makes them.

@@ -82,6 +82,16 @@ def test_implicit_conversational_ultrafeedback_style(tokenizer):
     assert "fruit" not in _decode(tokenizer, pairs[0].chosen_ids)
 
 
+def test_ultrafeedback_binarized_rows_do_not_repeat_the_prompt(tokenizer):
+    user = {"role": "user", "content": "Name a fruit."}
+    rows = [{"prompt": "Name a fruit.", "chosen": [user, {"role": "assistant", "content": "An apple."}],
+             "rejected": [user, {"role": "assistant", "content": "A chair."}]}]
+    pairs, report, _ = _prep(rows, tokenizer)
+    assert report.format == "conversational"
+    assert _decode(tokenizer, pairs[0].prompt_ids).count("Name a fruit.") == 1
+    assert _decode(tokenizer, pairs[0].chosen_ids) == "An apple.<|eos|>\n"
+
+
 def test_real_sharegpt_file_loads(tokenizer):
     rows = load_rows(str(FIXTURES / "sharegpt_sample.json"))
     pairs, report, examples = _prep(rows, tokenizer, max_length=512, max_prompt_length=256)

@@ -169,3 +169,55 @@ def test_saved_adapter_reloads_with_peft_alone(tiny_model_dir, tmp_path):
         theirs = _direct_logps(reloaded, batch)
     # plain fp32 base vs the 4-bit one we trained on: close, not equal (quantization error)
     assert torch.allclose(ours, theirs, rtol=0.05)
+
+
+def test_export_merge_matches_the_trained_model(tiny_model_dir, tmp_path):
+    from lowrank_pref.export import merge
+
+    cfg = _cfg(tiny_model_dir)
+    tok = load_tokenizer(cfg)
+    model, _ = load_model(cfg, tok)
+    _randomize_lora(model)
+    save_adapter(model, tok, tmp_path / "a")
+    batch = _batch(tok)
+    model.eval()
+    with torch.no_grad():
+        ours, _ = sequence_logps(model, batch)
+    out = merge(tmp_path / "a", tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    assert next(merged.parameters()).dtype == torch.float32  # loaded as fp32; saved as fp16 below
+    import json
+
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float16"
+    with torch.no_grad():
+        theirs = _direct_logps(merged, batch)
+    # de-quantized base + folded adapter, stored in fp16: the trained model's numbers up to fp16 rounding
+    assert torch.allclose(ours, theirs, rtol=5e-3), (ours, theirs)
+
+
+def test_export_push_calls_the_hub_with_the_adapter(tiny_model_dir, tmp_path):
+    from lowrank_pref.export import ExportError, push
+
+    cfg = _cfg(tiny_model_dir)
+    tok = load_tokenizer(cfg)
+    model, _ = load_model(cfg, tok)
+    save_adapter(model, tok, tmp_path / "a")
+
+    class RecordingApi:  # stands in for the network, not for any ML library
+        calls = []
+
+        def create_repo(self, **kw):
+            self.calls.append(("create_repo", kw))
+            return f"https://huggingface.co/{kw['repo_id']}"
+
+        def upload_folder(self, **kw):
+            self.calls.append(("upload_folder", kw))
+
+    api = RecordingApi()
+    url = push(tmp_path / "a", "me/my-adapter", api=api)
+    assert url.endswith("me/my-adapter")
+    assert api.calls[0][1]["private"] is True
+    assert api.calls[1][1]["folder_path"] == str(tmp_path / "a")
+    with pytest.raises(ExportError, match="must look like 'user/name'"):
+        push(tmp_path / "a", "noslash", api=api)

@@ -1,0 +1,72 @@
+"""The typed config, overrides, and every shipped preset (GPU ones up to the point of loading weights)."""
+
+import re
+
+import pytest
+
+from lowrank_pref.config import (ConfigError, Config, build_config, dump_yaml, from_dict, list_presets, read_yaml,
+                                 set_key)
+from lowrank_pref.memory import estimate
+
+
+def test_overrides_are_parsed_by_type():
+    cfg = build_config("tiny", overrides={"lora.r": "32", "learning_rate": "5e-6", "gradient_checkpointing": "true",
+                                          "max_steps": "none", "lora.target_modules": "q_proj,v_proj",
+                                          "data.columns.prompt": "question"})
+    assert cfg.lora.r == 32 and cfg.learning_rate == 5e-6 and cfg.gradient_checkpointing is True
+    assert cfg.max_steps is None and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    assert cfg.data.columns == {"prompt": "question"}
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("lora.rank", "8", "Did you mean 'lora.r'?"),
+    ("learnig_rate", "1e-5", "Did you mean 'learning_rate'?"),
+    ("r", "8", "Did you mean 'lora.r'?"),
+    ("beta", "0", "'beta' must be > 0.0"),
+    ("label_smoothing", "0.7", "'label_smoothing' must be <= 0.49"),
+    ("quantization", "3bit", "must be one of 4bit, 8bit, none"),
+    ("gradient_checkpointing", "maybe", "must be true or false"),
+    ("data.columns.answer", "x", "unknown column role 'answer'"),
+])
+def test_bad_keys_and_values(key, value, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        set_key(Config(), key, value)
+
+
+def test_resolved_config_round_trips():
+    cfg = build_config("tiny", overrides={"lora.r": "4", "data.columns.chosen": "good"})
+    again = from_dict(read_yaml_text(dump_yaml(cfg)))
+    assert again == cfg
+
+
+def read_yaml_text(text):
+    import yaml
+
+    return yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("name", sorted(list_presets()))
+def test_every_preset_loads_and_validates(name):
+    cfg = build_config(name)
+    assert cfg.task in ("dpo", "reward")
+    first = read_yaml_text(open(f"presets/{name}.yaml").read())
+    assert first, "preset is empty"
+    if name != "tiny":
+        card = int(name.split("gb")[0])
+        assert cfg.quantization == "4bit"
+        # the estimate (offline: the architectures are known) leaves room on the card
+        assert estimate(cfg)["total"] <= card - 1.5, estimate(cfg)
+
+
+def test_tiny_is_the_default_and_offline():
+    cfg = build_config("tiny")
+    assert cfg.model == "builtin:tiny" and cfg.dataset == "builtin:tiny-prefs"
+
+
+def test_memory_estimate_grows_with_what_should_grow():
+    base = build_config("12gb-dpo")
+    longer = build_config("12gb-dpo", overrides={"max_length": "2048", "max_prompt_length": "1024"})
+    no_ckpt = build_config("12gb-dpo", overrides={"gradient_checkpointing": "false"})
+    plain = build_config("12gb-dpo", overrides={"quantization": "none"})
+    e = estimate(base)["total"]
+    assert estimate(longer)["total"] > e and estimate(no_ckpt)["total"] > e and estimate(plain)["total"] > e + 5
