@@ -1,0 +1,208 @@
+"""Our DPO step against TRL's DPOTrainer on the same 4-bit model, data and settings, in one run.
+
+    python benchmarks/bench_dpo.py                      # prompt-heavy case (192 / 48 tokens), 3 rounds
+    python benchmarks/bench_dpo.py --prompt 32 --answer 128 --rounds 5 --json out.json
+
+Each side runs in its own process (so peak memory is its own), TRL and ours interleaved round by round. A third
+process only loads the model and data: memory is reported as peak RSS over that baseline (CPU) or peak allocated
+(GPU). Throughput is the median over rounds of each round's median step time after warm-up steps. Prints a
+table, the ratios (ours / TRL) and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build_assets(workdir: Path, args) -> tuple[Path, Path]:
+    """A Llama-architecture model from a config (random weights) and a jsonl of pairs with the asked lengths."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowrank_pref.tiny import _corpus, build_tokenizer
+
+    tok = build_tokenizer()
+    model_dir = workdir / "model"
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=args.ffn,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=4096,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    words = " ".join(_corpus()).split()
+    rng = random.Random(0)
+
+    def text(n_tokens: int) -> str:
+        out = []
+        while len(tok(" ".join(out))["input_ids"]) < n_tokens:
+            out.append(rng.choice(words))
+        ids = tok(" ".join(out))["input_ids"][:n_tokens]
+        return tok.decode(ids)
+
+    rows = [{"prompt": text(args.prompt), "chosen": " " + text(args.answer - 1),
+             "rejected": " " + text(args.answer - 1)} for _ in range(args.batch * 4)]
+    data = workdir / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, data
+
+
+def rss_peak_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(side: str, model_dir: str, data: str, args) -> dict:
+    import torch
+
+    from lowrank_pref.run import quiet_libraries
+
+    quiet_libraries()
+    os.environ["LOWRANK_PREF_PROGRESS"] = "0"
+    steps = args.warmup + args.steps
+    common = dict(max_length=args.prompt + args.answer, lr=1e-4, beta=0.1)
+    if side == "baseline":
+        from lowrank_pref.config import build_config
+        from lowrank_pref.data import load_preference_data
+        from lowrank_pref.model import load_model, load_tokenizer
+
+        cfg = build_config("tiny", overrides={"model": model_dir, "dataset": data})
+        tok = load_tokenizer(cfg)
+        load_preference_data(cfg, tok)
+        load_model(cfg, tok)
+        return {"peak_mb": rss_peak_mb()}
+    if side == "ours":
+        from lowrank_pref.artifacts import read_metrics
+        from lowrank_pref.config import build_config
+        from lowrank_pref.train import train
+
+        out = tempfile.mkdtemp()
+        cfg = build_config("tiny", overrides={
+            "model": model_dir, "dataset": data, "batch_size": args.batch, "gradient_accumulation_steps": 1,
+            "max_steps": steps, "max_length": common["max_length"], "max_prompt_length": args.prompt,
+            "learning_rate": common["lr"], "beta": common["beta"], "lora.r": 16, "lora.alpha": 32,
+            "lora.dropout": 0.0, "gradient_checkpointing": args.checkpointing, "data.eval_fraction": 0,
+            "logging_steps": 1, "save_steps": 10**6, "warmup_ratio": 0.0})
+        train(cfg, out)
+        rows = [m for m in read_metrics(Path(out) / "metrics.jsonl") if "pairs_per_second" in m]
+        times = [args.batch / m["pairs_per_second"] for m in rows][args.warmup:]
+        tokens = sum(m["tokens_per_second"] / m["pairs_per_second"] for m in rows) / len(rows)
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss_peak_mb()
+        return {"step_s": statistics.median(times), "tokens_per_pair": tokens, "peak_mb": peak}
+    # TRL: the same 4-bit model, LoRA config, data, batch and lengths
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from trl import DPOConfig, DPOTrainer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.float32,
+                                                 device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
+    from lowrank_pref.model import _pin_cpu_4bit_kernel
+
+    _pin_cpu_4bit_kernel(model)  # the same kernel on both sides
+    times, tokens = [], []
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, a, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    cfg = DPOConfig(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=steps,
+                    max_length=common["max_length"], learning_rate=common["lr"], beta=common["beta"],
+                    gradient_checkpointing=args.checkpointing, logging_steps=1, report_to="none",
+                    use_cpu=not torch.cuda.is_available(), bf16=False, save_strategy="no", dataset_num_proc=None,
+                    warmup_steps=0, lr_scheduler_type="cosine")
+    trainer = DPOTrainer(model=model, args=cfg, train_dataset=load_dataset("json", data_files=data, split="train"),
+                         processing_class=tok, callbacks=[Timer()],
+                         peft_config=LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear"))
+    trainer.train()
+    logged = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
+    per_pair = logged[-1] / (steps * args.batch) if logged else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss_peak_mb()
+    return {"step_s": statistics.median(times[args.warmup:]), "tokens_per_pair": per_pair, "peak_mb": peak}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--prompt", type=int, default=192)
+    p.add_argument("--answer", type=int, default=48)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=704)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--checkpointing", type=lambda s: s.lower() == "true", default=True)
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, args)))
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="bench_dpo_"))
+    os.environ.setdefault("LOWRANK_PREF_CACHE", str(workdir / "cache"))
+    model_dir, data = build_assets(workdir, args)
+    passthrough = [f"--{k}={v}" for k, v in vars(args).items()
+                   if k not in ("worker", "model_dir", "data", "json", "rounds") and v is not None]
+    results: dict[str, list[dict]] = {"baseline": [], "ours": [], "trl": []}
+    for r in range(args.rounds):
+        for side in ("baseline", "trl", "ours") if r % 2 == 0 else ("baseline", "ours", "trl"):
+            cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
+                   *passthrough]
+            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not line:
+                print(out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{side} worker failed")
+            results[side].append(json.loads(line[0][7:]))
+            print(f"round {r + 1} {side}: {results[side][-1]}", file=sys.stderr)
+    base = statistics.median(x["peak_mb"] for x in results["baseline"])
+    summary = {}
+    for side in ("ours", "trl"):
+        step = statistics.median(x["step_s"] for x in results[side])
+        summary[side] = {"pairs_per_s": args.batch / step, "step_s": step,
+                         "tokens_per_pair": statistics.median(x["tokens_per_pair"] for x in results[side]),
+                         "peak_mb": statistics.median(x["peak_mb"] for x in results[side]),
+                         "memory_delta_mb": statistics.median(x["peak_mb"] for x in results[side]) - base}
+    ratios = {"throughput_ours_over_trl": summary["ours"]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
+              "memory_delta_ours_over_trl": summary["ours"]["memory_delta_mb"] / summary["trl"]["memory_delta_mb"]}
+    case = {"prompt": args.prompt, "answer": args.answer, "batch": args.batch, "layers": args.layers,
+            "hidden": args.hidden, "checkpointing": args.checkpointing, "rounds": args.rounds}
+    print(f"\ncase: {case}")
+    print(f"{'':6s} {'pairs/s':>9s} {'tokens/pair':>12s} {'peak MB':>9s} {'delta MB':>9s}")
+    for side in ("ours", "trl"):
+        s = summary[side]
+        print(f"{side:6s} {s['pairs_per_s']:9.2f} {s['tokens_per_pair']:12.1f} {s['peak_mb']:9.0f} "
+              f"{s['memory_delta_mb']:9.0f}")
+    print(f"ours/TRL: throughput {ratios['throughput_ours_over_trl']:.2f}x, memory delta "
+          f"{ratios['memory_delta_ours_over_trl']:.2f}x")
+    payload = {"case": case, "summary": summary, "ratios": ratios, "baseline_peak_mb": base}
+    print(json.dumps(payload))
+    if args.json:
+        Path(args.json).write_text(json.dumps(payload, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
