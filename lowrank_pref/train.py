@@ -224,6 +224,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
     checkpoint = run.latest_checkpoint() if resume else None
     if resume and checkpoint is None and run.read_metrics():
         log.info("no checkpoint in %s yet: starting from step 0", run.path)
+        run.truncate_metrics(0)  # the earlier lines will be logged again
     if not resume and (run.metrics.exists() or run.checkpoints()):
         raise ConfigError(f"output_dir '{run.path}' already holds a run; use --resume to continue it, or choose "
                           "another --output-dir")
