@@ -40,6 +40,15 @@ def _randomize_lora(model):
                 p.normal_(0, 0.2)
 
 
+def _model_with_random_lora(model_dir):
+    """Our 4-bit PeftModel with non-zero LoRA weights, so policy and reference differ."""
+    cfg = _cfg(model_dir)
+    tok = load_tokenizer(cfg)
+    model, _ = load_model(cfg, tok)
+    _randomize_lora(model)
+    return cfg, tok, model
+
+
 def test_model_is_4bit_nf4_double_quant_with_lora(tiny_model_dir):
     cfg = _cfg(tiny_model_dir)
     tok = load_tokenizer(cfg)
@@ -54,10 +63,7 @@ def test_model_is_4bit_nf4_double_quant_with_lora(tiny_model_dir):
 
 
 def test_sequence_logps_equal_direct_computation(tiny_model_dir, tokenizer):
-    cfg = _cfg(tiny_model_dir)
-    tok = load_tokenizer(cfg)
-    model, _ = load_model(cfg, tok)
-    _randomize_lora(model)
+    cfg, tok, model = _model_with_random_lora(tiny_model_dir)
     batch = _batch(tok)
     model.eval()
     with torch.no_grad():
@@ -68,10 +74,7 @@ def test_sequence_logps_equal_direct_computation(tiny_model_dir, tokenizer):
 
 
 def test_reference_is_the_base_model(tiny_model_dir, tokenizer):
-    cfg = _cfg(tiny_model_dir)
-    tok = load_tokenizer(cfg)
-    model, _ = load_model(cfg, tok)
-    _randomize_lora(model)
+    cfg, tok, model = _model_with_random_lora(tiny_model_dir)
     batch = _batch(tok)
     model.train()
     with reference_mode(model):
@@ -153,10 +156,7 @@ def test_starting_adapter_is_the_frozen_reference(tiny_model_dir, tmp_path):
 
 
 def test_saved_adapter_reloads_with_peft_alone(tiny_model_dir, tmp_path):
-    cfg = _cfg(tiny_model_dir)
-    tok = load_tokenizer(cfg)
-    model, _ = load_model(cfg, tok)
-    _randomize_lora(model)
+    cfg, tok, model = _model_with_random_lora(tiny_model_dir)
     save_adapter(model, tok, tmp_path / "a")
     assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
     batch = _batch(tok)
@@ -174,10 +174,7 @@ def test_saved_adapter_reloads_with_peft_alone(tiny_model_dir, tmp_path):
 def test_export_merge_matches_the_trained_model(tiny_model_dir, tmp_path):
     from lowrank_pref.export import merge
 
-    cfg = _cfg(tiny_model_dir)
-    tok = load_tokenizer(cfg)
-    model, _ = load_model(cfg, tok)
-    _randomize_lora(model)
+    cfg, tok, model = _model_with_random_lora(tiny_model_dir)
     save_adapter(model, tok, tmp_path / "a")
     batch = _batch(tok)
     model.eval()
