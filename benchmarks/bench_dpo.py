@@ -105,17 +105,16 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
     # TRL: the same 4-bit model, LoRA config, data, batch and lengths
     from datasets import load_dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=q, dtype=torch.float32,
-                                                 device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
-    from lowrank_pref.model import _pin_cpu_4bit_kernel
+    from lowrank_pref.model import nf4_config, pin_cpu_4bit_kernel
 
-    _pin_cpu_4bit_kernel(model)  # the same kernel on both sides
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(torch.float32),
+                                                 dtype=torch.float32,
+                                                 device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
+    pin_cpu_4bit_kernel(model)  # the same kernel on both sides
     times, tokens = [], []
 
     class Timer(TrainerCallback):

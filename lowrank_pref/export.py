@@ -36,8 +36,9 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, base: str | 
           from_original: bool = False, trust_remote_code: bool = False) -> Path:
     """Fold the adapter into a de-quantized fp16 copy of its base on the CPU; returns the output folder."""
     from peft import PeftModel
-    from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
-                              BitsAndBytesConfig)
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    from .model import nf4_config
 
     info = _adapter_info(adapter)
     base = base or info.get("base_model_name_or_path")
@@ -50,9 +51,7 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, base: str | 
         if from_original:
             model = cls.from_pretrained(base, dtype=torch.float16, trust_remote_code=trust_remote_code, **kwargs)
         else:
-            q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                   bnb_4bit_compute_dtype=torch.float16)
-            model = cls.from_pretrained(base, quantization_config=q, device_map={"": "cpu"}, dtype=torch.float16,
+            model = cls.from_pretrained(base, quantization_config=nf4_config(torch.float16), device_map={"": "cpu"}, dtype=torch.float16,
                                         trust_remote_code=trust_remote_code, **kwargs)
             model = model.dequantize()  # the exact weights the adapter was trained against, in fp16
         tokenizer = AutoTokenizer.from_pretrained(adapter)

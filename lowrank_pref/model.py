@@ -92,12 +92,19 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
+def nf4_config(dtype: torch.dtype):
+    """QLoRA's quantization: NF4 with double quantization, computing in ``dtype``."""
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+
+
 def quantization_config(cfg: Config):
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "4bit":
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=compute_dtype(cfg), bnb_4bit_quant_storage=torch.uint8)
+        return nf4_config(compute_dtype(cfg))
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -123,7 +130,7 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True):
     if q is None:
         model.to(device())
     else:
-        _pin_cpu_4bit_kernel(model)
+        pin_cpu_4bit_kernel(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     if not for_training:
@@ -139,7 +146,7 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True):
     return model
 
 
-def _pin_cpu_4bit_kernel(model) -> None:
+def pin_cpu_4bit_kernel(model) -> None:
     """One 4-bit kernel for the whole run on CPU.
 
     bitsandbytes (0.50, CPUs with AVX512-bf16) repacks a Linear4bit's weights the first time it runs in eval mode
