@@ -291,6 +291,14 @@ def _split_text_prefix(chosen: str, rejected: str) -> tuple[str, str, str]:
     return chosen[:n], chosen[n:], rejected[n:]
 
 
+def _shared_turns(chosen: list[dict], rejected: list[dict]) -> int:
+    """How many leading messages the two transcripts share (always leaving each at least one of its own)."""
+    k = 0
+    while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
+        k += 1
+    return k
+
+
 def normalize_row(row: dict, fmt: str) -> dict:
     """One raw row -> {prompt, chosen, rejected, margin}; prompt/answers are text or message lists."""
     margin = row.get("margin", 0.0)
@@ -307,23 +315,18 @@ def normalize_row(row: dict, fmt: str) -> dict:
     elif fmt in ("conversational", "sharegpt", "implicit_conversational"):
         chosen = _messages(row.get("chosen"), "chosen", default_role="assistant")
         rejected = _messages(row.get("rejected"), "rejected", default_role="assistant")
+        k = _shared_turns(chosen, rejected)
         if fmt == "implicit_conversational":
-            k = 0
-            while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
-                k += 1
             if k == 0:
                 raise RowError("chosen", "shares no prompt turns with 'rejected'; add a prompt column")
-            prompt, chosen, rejected = chosen[:k], chosen[k:], rejected[k:]
+            prompt = chosen[:k]
         else:
             col = "conversations" if fmt == "sharegpt" else "prompt"
             prompt = _messages(row.get(col), col, default_role="user")
             # UltraFeedback binarized: a prompt column *and* answers that repeat the conversation before them
-            k = 0
-            while k < min(len(chosen), len(rejected)) - 1 and chosen[k] == rejected[k]:
-                k += 1
             if k:
                 prompt = chosen[:k] if chosen[k - 1] == prompt[-1] else prompt + chosen[:k]
-                chosen, rejected = chosen[k:], rejected[k:]
+        chosen, rejected = chosen[k:], rejected[k:]
         system = row.get("system")
         if isinstance(system, str) and system.strip() and prompt[0]["role"] != "system":
             prompt = [{"role": "system", "content": system}] + prompt
