@@ -51,8 +51,8 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, base: str | 
         if from_original:
             model = cls.from_pretrained(base, dtype=torch.float16, trust_remote_code=trust_remote_code, **kwargs)
         else:
-            model = cls.from_pretrained(base, quantization_config=nf4_config(torch.float16), device_map={"": "cpu"}, dtype=torch.float16,
-                                        trust_remote_code=trust_remote_code, **kwargs)
+            model = cls.from_pretrained(base, quantization_config=nf4_config(torch.float16), device_map={"": "cpu"},
+                                        dtype=torch.float16, trust_remote_code=trust_remote_code, **kwargs)
             model = model.dequantize()  # the exact weights the adapter was trained against, in fp16
         tokenizer = AutoTokenizer.from_pretrained(adapter)
     except OSError as e:
@@ -76,9 +76,14 @@ def push(adapter: str | os.PathLike, repo_id: str, token: str | None = None, *, 
         from huggingface_hub import HfApi
 
         api = HfApi(token=token or os.environ.get("HF_TOKEN"))
-    url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
-    api.upload_folder(folder_path=str(adapter), repo_id=repo_id, repo_type="model",
-                      commit_message="Upload LoRA adapter trained with lowrank-pref")
+    try:
+        url = api.create_repo(repo_id=repo_id, private=private, exist_ok=True, repo_type="model")
+        api.upload_folder(folder_path=str(adapter), repo_id=repo_id, repo_type="model",
+                          commit_message="Upload LoRA adapter trained with lowrank-pref")
+    except Exception as e:  # no network, a bad token, no write access: one line, not a traceback
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ExportError(f"push to '{repo_id}' failed: {type(e).__name__}: {first}. Check the network, and that "
+                          "the token has write access") from None
     return str(url)
 
 
