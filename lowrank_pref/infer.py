@@ -1,0 +1,86 @@
+"""Use a trained run: generate from the policy and the reference side by side, or score answers with a reward model.
+
+The run's own ``config.yaml`` says how its base was loaded; the adapter is the run's final one, or the latest
+checkpoint's for a run that was stopped. The reference is what training used: the base with adapters off, or the
+starting adapter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .artifacts import RunDir
+from .config import ConfigError, build_config
+from .data import Pair, collate, ensure_chat_template, render, tokenize_rendered
+from .model import POLICY, REFERENCE, device, load_base, reference_mode, reward_scores
+
+
+def adapter_of(run: RunDir) -> Path:
+    if (run.adapter / "adapter_config.json").is_file():
+        return run.adapter
+    latest = run.latest_checkpoint()
+    if latest and (latest[1] / "adapter" / "adapter_config.json").is_file():
+        return latest[1] / "adapter"
+    raise ConfigError(f"run '{run.path.name}' has no adapter yet: it is written at the first checkpoint and at the "
+                      "end of training")
+
+
+class Trained:
+    """A run's base model (quantized as in training) with its adapter, loaded once for inference."""
+
+    def __init__(self, run_path: str | Path):
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        self.run = RunDir(run_path)
+        if not self.run.config.is_file():
+            raise ConfigError(f"run '{self.run.path.name}' has no config.yaml yet")
+        self.cfg = build_config(config_file=str(self.run.config))
+        self.adapter = adapter_of(self.run)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.adapter))
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        ensure_chat_template(self.tokenizer, self.cfg.data.chat_template)
+        base = load_base(self.cfg, self.tokenizer, for_training=False)
+        self.model = PeftModel.from_pretrained(base, str(self.adapter), adapter_name=POLICY)
+        if self.cfg.adapter:
+            self.model.load_adapter(self.cfg.adapter, adapter_name=REFERENCE)
+            self.model.set_adapter(POLICY)
+        self.model.eval()
+        self.task = self.cfg.task
+
+    def _prompt_ids(self, prompt: str, raw: bool) -> torch.Tensor:
+        if raw:  # the prompt as written, for models trained on plain-text transcripts (HH-RLHF style)
+            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+        else:
+            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                      add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        return ids[:, -self.cfg.max_prompt_length:].to(device())
+
+    @torch.no_grad()
+    def generate(self, prompt: str, max_new_tokens: int = 64, raw: bool = False) -> tuple[str, str]:
+        """Greedy answers of the policy and of the reference to one user message (or a raw prompt)."""
+        ids = self._prompt_ids(prompt, raw)
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+                      pad_token_id=self.tokenizer.pad_token_id, attention_mask=torch.ones_like(ids))
+        policy = self.model.generate(input_ids=ids, **kwargs)
+        with reference_mode(self.model):
+            reference = self.model.generate(input_ids=ids, **kwargs)
+        n = ids.shape[1]
+        return (self.tokenizer.decode(policy[0, n:], skip_special_tokens=True).strip(),
+                self.tokenizer.decode(reference[0, n:], skip_special_tokens=True).strip())
+
+    @torch.no_grad()
+    def score(self, prompt: str, answer_a: str, answer_b: str) -> tuple[float, float]:
+        """Reward-model scores of two answers to one prompt, rendered exactly as training rendered pairs."""
+        pair = {"prompt": [{"role": "user", "content": prompt}], "chosen": [{"role": "assistant", "content": answer_a}],
+                "rejected": [{"role": "assistant", "content": answer_b}]}
+        (p, a, b), = tokenize_rendered(self.tokenizer, [render(pair, self.tokenizer)])
+        p = p[-self.cfg.max_prompt_length:]
+        room = self.cfg.max_length - len(p)
+        batch = collate([Pair(p, a[:room], b[:room])], self.tokenizer.pad_token_id)
+        scores = reward_scores(self.model, batch)
+        return float(scores[0]), float(scores[1])

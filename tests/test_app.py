@@ -1,0 +1,215 @@
+"""The Gradio app: its pieces directly, then the whole thing through gradio_client against a launched app."""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from conftest import write_pairs
+from lowrank_pref.config import build_config
+from lowrank_pref.diagnostics import LN2, diagnose
+from lowrank_pref.run import parser, resolve
+from lowrank_pref.ui import KEYS, cli_command, config_from_form, form_values, suggest_preset
+
+
+# ---- pieces -------------------------------------------------------------------------------------------------------
+
+def _dpo_metrics(n, loss=0.5, margin=0.5, chosen=lambda s: -40.0, rejected=lambda s: -50.0, **extra):
+    return [{"step": s, "loss": loss, "rewards/margins": margin, "rewards/accuracies": 0.8,
+             "logps/chosen": chosen(s), "logps/rejected": rejected(s), "nonfinite_steps": 0, **extra}
+            for s in range(1, n + 1)]
+
+
+def test_diagnostics_name_each_known_failure():
+    levels = lambda ms, **kw: {lvl for lvl, _ in diagnose(ms, **kw)}  # noqa: E731
+    text = lambda ms, **kw: " ".join(t for _, t in diagnose(ms, **kw))  # noqa: E731
+    assert levels(_dpo_metrics(10)) == {"ok"}
+    assert "policy still equals the reference" in text(_dpo_metrics(10, loss=LN2, margin=0.0))
+    falling = _dpo_metrics(12, chosen=lambda s: -40 - s, rejected=lambda s: -50 - 2 * s)
+    assert "likelihood displacement" in text(falling)
+    assert "bf16" in text(_dpo_metrics(4, nonfinite_steps=3))
+    key = "eval_rewards/accuracies"
+    stuck = _dpo_metrics(10) + [{"step": 5, key: 0.5}, {"step": 10, key: 0.52}]
+    assert "stuck near 0.5" in text(stuck, total_steps=10)
+    learning = _dpo_metrics(10) + [{"step": 5, key: 0.7}, {"step": 10, key: 0.9}]
+    assert levels(learning, total_steps=10) == {"ok"}
+    reward_flat = [{"step": s, "loss": LN2, "accuracy": 0.5} for s in range(1, 8)]
+    assert "scores chosen and rejected alike" in text(reward_flat, task="reward")
+
+
+def test_preset_suggested_from_the_card():
+    assert suggest_preset({"gpu": None}) == "tiny"
+    assert suggest_preset({"gpu": "RTX 2060", "memory_gb": 5.8}) == "6gb-dpo"
+    assert suggest_preset({"gpu": "RTX 4060", "memory_gb": 7.6}) == "8gb-dpo"  # an 8 GB card reports 7.6 GiB
+    assert suggest_preset({"gpu": "RTX 3060", "memory_gb": 11.8}) == "12gb-dpo"
+    assert suggest_preset({"gpu": "RTX 4090", "memory_gb": 23.6}, task="reward") == "24gb-reward"
+    assert suggest_preset({"gpu": "A100", "memory_gb": 80}) == "24gb-dpo"
+
+
+def test_the_shown_command_repeats_the_form():
+    values = form_values(build_config("12gb-dpo"))
+    values[KEYS.index("beta")] = 0.05
+    values[KEYS.index("lora.r")] = 32.0  # number boxes send floats
+    values[KEYS.index("max_steps")] = 300
+    cfg = config_from_form("12gb-dpo", None, values)
+    command = cli_command("12gb-dpo", cfg)
+    assert "beta=0.05" in command and "lora.r=32" in command and "max_steps=300" in command
+    again = resolve(parser().parse_args(command.split()[3:]))
+    again.output_dir = cfg.output_dir
+    assert again == cfg
+
+
+# ---- the launched app ---------------------------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    from gradio_client import Client
+
+    from lowrank_pref.ui import CSS, build_app
+
+    runs = tmp_path_factory.mktemp("runs")
+    demo = build_app(runs)
+    port = _free_port()
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
+    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+    yield demo, client
+    manager = demo.manager
+    if manager.active():
+        manager.stop()
+        manager.wait(manager.active() or "", timeout=60)
+    demo.close()
+
+
+def _form(max_steps=None, **changes):
+    values = form_values(build_config("tiny"))
+    if max_steps:
+        values[KEYS.index("max_steps")] = max_steps
+    for key, value in changes.items():
+        values[KEYS.index(key)] = value
+    return values
+
+
+def _wait(predicate, timeout=120, every=0.3):
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")
+
+
+def test_doctor_reports_an_uploaded_file(app, tmp_path):
+    from gradio_client import handle_file
+
+    _, client = app
+    data = write_pairs(tmp_path / "mine.jsonl", n=30)
+    with open(data, "a") as f:
+        f.write(json.dumps({"prompt": "hi", "chosen": "same", "rejected": "same"}) + "\n")
+        f.write(json.dumps({"prompt": "hi", "chosen": "", "rejected": "no"}) + "\n")
+    report, hist, examples = client.predict("tiny", handle_file(str(data)), *_form(), api_name="/doctor")
+    assert "usable pairs:** 30" in report and "rows:** 32" in report
+    assert "Skipped 2 row(s)" in report and "rows 31" in report and "rows 32" in report
+    assert "Thank you for asking" in examples and 'class="lp-loss"' in examples
+    assert sum(row[1] for row in hist["data"]) == 30  # the histogram counts every usable pair
+
+
+def test_doctor_and_start_refuse_bad_data_plainly(app, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    _, client = app
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n')
+    with pytest.raises(AppError, match=r"broken.jsonl.*line 2"):
+        client.predict("tiny", handle_file(str(broken)), *_form(), api_name="/doctor")
+    with pytest.raises(AppError, match=r"broken.jsonl.*line 2"):
+        client.predict("tiny", handle_file(str(broken)), *_form(), api_name="/start")
+    code = tmp_path / "evil.py"
+    code.write_text("import os\n")
+    with pytest.raises(AppError, match="Invalid file type.*jsonl"):  # refused by the upload box itself
+        client.predict("tiny", handle_file(str(code)), *_form(), api_name="/doctor")
+    with pytest.raises(AppError, match="learning_rate"):
+        client.predict("tiny", None, *_form(learning_rate=-1.0), api_name="/start")
+    assert app[0].manager.active() is None
+
+
+def test_train_watch_stop_resume_try_and_export(app):
+    from gradio_client.exceptions import AppError
+
+    demo, client = app
+    message, update = client.predict("tiny", None, *_form(max_steps=150), api_name="/start")
+    run = update["value"]  # the run list, updated and set to the new run
+    assert f"Started **{run}**" in message and run in [value for _, value in update["choices"]]
+
+    # a second start, from this or any other tab, is refused while the first trains
+    with pytest.raises(AppError, match="is training"):
+        client.predict("tiny", None, *_form(), api_name="/start")
+
+    def metrics_arrived():
+        progress, loss, *_, diagnostics, log = client.predict(run, api_name="/refresh")
+        return (progress, loss, diagnostics) if loss else None
+
+    progress, loss, diagnostics = _wait(metrics_arrived)
+    assert "running" in progress and "step" in progress
+    assert {row[2] for row in loss["data"]} >= {"train"}
+    client.predict(run, api_name="/stop")
+    assert demo.manager.wait(run) == "stopped"
+    status = json.loads((demo.manager.root / run / "status.json").read_text())
+    assert 0 < status["step"] < 150
+    assert (demo.manager.root / run / f"checkpoint-{status['step']}").is_dir()
+
+    client.predict(run, api_name="/resume")
+    assert demo.manager.wait(run, timeout=180) == "completed"
+    progress, *plots, diagnostics, log = client.predict(run, api_name="/refresh")
+    assert "completed" in progress and "150 / 150" in progress
+    accuracy = [row for row in plots[2]["data"] if row[2] == "eval"]
+    assert accuracy and accuracy[-1][1] >= 0.9  # the tiny task is learned, also across the stop and resume
+    assert "No problems seen" in diagnostics
+
+    policy, reference = client.predict(run, "Can you tell me how to save money?", False, api_name="/generate")
+    assert policy and reference and policy != reference  # the adapter changed what the model says
+
+    archive = client.predict(run, api_name="/export_zip")
+    names = zipfile.ZipFile(archive).namelist()
+    assert "adapter_config.json" in names and "adapter_model.safetensors" in names
+
+    with pytest.raises(AppError, match="push to 'me/tiny-dpo' failed"):  # offline: the real call fails plainly
+        client.predict(run, "me/tiny-dpo", "hf_fake", api_name="/push")
+    with pytest.raises(AppError, match="DPO policy"):
+        client.predict(run, "q", "a", "b", api_name="/score")
+
+
+def test_reward_run_scores_answers(app):
+    demo, client = app
+    _, update = client.predict("tiny", None, *_form(task="reward", max_steps=40), api_name="/start")
+    run = update["value"]
+    assert demo.manager.wait(run, timeout=180) == "completed"
+    text = client.predict(run, "What is the best way to sleep better?",
+                          "Happy to help! Go to bed at the same time every day. Good luck, you can do it.",
+                          "That is a silly question.", api_name="/score")
+    assert "prefers **A**" in text
+
+
+def test_app_binds_localhost_unless_in_a_space(monkeypatch):
+    from lowrank_pref.ui import server_name
+
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    assert server_name() == "127.0.0.1"
+    monkeypatch.setenv("SPACE_ID", "someone/lowrank-pref")
+    assert server_name() == "0.0.0.0"
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    front = readme.split("---")[1]
+    assert "sdk: gradio" in front and "app_file: app.py" in front
