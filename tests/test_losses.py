@@ -171,3 +171,60 @@ def test_dpo_loss_matches_trl(trl_setup, loss_type, smoothing):
     assert cr.mean().item() == pytest.approx(metrics["rewards/chosen"][-1], rel=1e-4, abs=1e-5)
     assert rr.mean().item() == pytest.approx(metrics["rewards/rejected"][-1], rel=1e-4, abs=1e-5)
     assert logps[:n].mean().item() == pytest.approx(metrics["logps/chosen"][-1], rel=1e-4)
+
+
+def test_reward_loss_matches_trl(tiny_model_dir, tokenizer, tmp_path):
+    """TRL's RewardTrainer.compute_loss (margin + centring) on its own collated batch, against reward_loss on the
+    scores our reward path reads from the same model and batch."""
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForSequenceClassification
+
+    from lowrank_pref.model import reward_scores
+
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    rows = [{"prompt": f"Question {i}: how do I fix it?", "chosen": f"Carefully, step {i}, with patience.",
+             "rejected": "No." if i % 2 else f"Maybe {i}.", "margin": 0.25 * i} for i in range(6)]
+    args = trl.RewardConfig(output_dir=str(tmp_path), per_device_train_batch_size=6, max_length=64, report_to="none",
+                            use_cpu=True, bf16=False, center_rewards_coefficient=0.01, dataset_num_proc=None)
+    trainer = trl.RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows),
+                                processing_class=tokenizer)
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.eval()
+    with torch.no_grad():
+        trl_loss = trainer.compute_loss(trainer.model, dict(batch))
+        scores = reward_scores(trainer.model, batch)
+    n = scores.shape[0] // 2
+    ours = reward_loss(scores[:n], scores[n:], margin=batch["margin"], center_rewards_coefficient=0.01)
+    assert ours.mean().item() == pytest.approx(trl_loss.item(), rel=1e-5)
+    assert (scores[:n] - scores[n:]).mean().item() == pytest.approx(trainer._metrics["eval"]["margin"][-1], rel=1e-5)
+
+
+def test_simpo_and_orpo_match_trl():
+    """TRL's CPOTrainer.cpo_loss (loss_type simpo) and ORPOTrainer.odds_ratio_loss, called as plain functions on
+    length-normalised log-probs (what those trainers feed them), against ours on summed log-probs and lengths."""
+    from types import SimpleNamespace
+
+    pytest.importorskip("trl")
+    from trl.experimental.cpo import CPOTrainer
+    from trl.experimental.orpo import ORPOTrainer
+
+    torch.manual_seed(0)
+    lc, lr = torch.tensor([5.0, 9.0, 3.0]), torch.tensor([7.0, 2.0, 4.0])
+    pc, pr = -torch.rand(3) * 2 * lc, -torch.rand(3) * 2 * lr
+    for smoothing in (0.0, 0.1):
+        trl_self = SimpleNamespace(alpha=0.0, loss_type="simpo", simpo_gamma=0.7, beta=2.0,
+                                   label_smoothing=smoothing, accelerator=SimpleNamespace(device="cpu"))
+        theirs, tc, tr = CPOTrainer.cpo_loss(trl_self, pc / lc, pr / lr)
+        ours, oc, orr = simpo_loss(pc, pr, lc, lr, beta=2.0, gamma=0.7, label_smoothing=smoothing)
+        torch.testing.assert_close(ours, theirs)
+        torch.testing.assert_close(oc, tc)
+        torch.testing.assert_close(orr, tr)
+    trl_self = SimpleNamespace(beta=B, accelerator=SimpleNamespace(device="cpu"))
+    ratio_losses, tc, _, _, _ = ORPOTrainer.odds_ratio_loss(trl_self, pc / lc, pr / lr)
+    ours, oc, _ = orpo_loss(pc, pr, lc, lr, beta=B)
+    # ORPO = per-pair NLL of the chosen answer (per token) - beta * log sigmoid(log odds ratio)
+    torch.testing.assert_close(ours, -pc / lc - ratio_losses)
+    torch.testing.assert_close(oc, tc)
