@@ -3,10 +3,11 @@
     python benchmarks/bench_dpo.py                      # prompt-heavy case (192 / 48 tokens), 3 rounds
     python benchmarks/bench_dpo.py --prompt 32 --answer 128 --rounds 5 --json out.json
 
-Each side runs in its own process (so peak memory is its own), TRL and ours interleaved round by round. A third
-process only loads the model and data: memory is reported as peak RSS over that baseline (CPU) or peak allocated
-(GPU). Throughput is the median over rounds of each round's median step time after warm-up steps. Prints a
-table, the ratios (ours / TRL) and JSON.
+Each side runs in its own process (so peak memory is its own), TRL and ours interleaved round by round.
+Throughput is the median over rounds of each round's median step time after the warm-up steps. Memory is each side's
+peak over what it held when training began (model, adapters, data, optimizer loaded): allocated memory on a GPU; on
+the CPU the RSS high-water mark (reset through /proc), read in extra rounds where glibc returns freed blocks to the OS
+(see main()), so that RSS follows the memory the steps use. Prints a table, the ratios (ours / TRL) and JSON.
 """
 
 from __future__ import annotations
@@ -59,12 +60,6 @@ def build_assets(workdir: Path, args) -> tuple[Path, Path]:
     return model_dir, data
 
 
-def rss_peak_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(side: str, model_dir: str, data: str, args) -> dict:
     import torch
 
@@ -74,16 +69,6 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
     os.environ["LOWRANK_PREF_PROGRESS"] = "0"
     steps = args.warmup + args.steps
     common = dict(max_length=args.prompt + args.answer, lr=1e-4, beta=0.1)
-    if side == "baseline":
-        from lowrank_pref.config import build_config
-        from lowrank_pref.data import load_preference_data
-        from lowrank_pref.model import load_model, load_tokenizer
-
-        cfg = build_config("tiny", overrides={"model": model_dir, "dataset": data})
-        tok = load_tokenizer(cfg)
-        load_preference_data(cfg, tok)
-        load_model(cfg, tok)
-        return {"peak_mb": rss_peak_mb()}
     if side == "ours":
         from lowrank_pref.artifacts import read_metrics
         from lowrank_pref.config import build_config
@@ -100,24 +85,28 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
         rows = [m for m in read_metrics(Path(out) / "metrics.jsonl") if "pairs_per_second" in m]
         times = [args.batch / m["pairs_per_second"] for m in rows][args.warmup:]
         tokens = sum(m["tokens_per_second"] / m["pairs_per_second"] for m in rows) / len(rows)
-        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss_peak_mb()
-        return {"step_s": statistics.median(times), "tokens_per_pair": tokens, "peak_mb": peak}
+        return {"step_s": statistics.median(times), "tokens_per_pair": tokens, "peak_mb": rows[-1]["peak_memory_mb"],
+                "loaded_mb": rows[-1]["loaded_memory_mb"]}
     # TRL: the same 4-bit model, LoRA config, data, batch and lengths
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
-    from lowrank_pref.model import nf4_config, pin_cpu_4bit_kernel
+    from lowrank_pref.model import current_memory_mb, nf4_config, peak_memory_mb, pin_cpu_4bit_kernel, reset_peak_memory
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=nf4_config(torch.float32),
                                                  dtype=torch.float32,
                                                  device_map={"": "cuda:0" if torch.cuda.is_available() else "cpu"})
     pin_cpu_4bit_kernel(model)  # the same kernel on both sides
-    times, tokens = [], []
+    times, loaded = [], []
 
     class Timer(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            reset_peak_memory()  # the same meter as ours, started at the same point
+            loaded.append(current_memory_mb())
+
         def on_step_begin(self, a, state, control, **kw):
             self.t = time.perf_counter()
 
@@ -135,8 +124,8 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
     trainer.train()
     logged = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
     per_pair = logged[-1] / (steps * args.batch) if logged else float("nan")
-    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss_peak_mb()
-    return {"step_s": statistics.median(times[args.warmup:]), "tokens_per_pair": per_pair, "peak_mb": peak}
+    return {"step_s": statistics.median(times[args.warmup:]), "tokens_per_pair": per_pair, "peak_mb": peak_memory_mb(),
+            "loaded_mb": loaded[0]}
 
 
 def main() -> int:
@@ -150,6 +139,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--memory-rounds", type=int, default=2, help="CPU: rounds that read memory (see above)")
     p.add_argument("--checkpointing", type=lambda s: s.lower() == "true", default=True)
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -163,31 +153,41 @@ def main() -> int:
     os.environ.setdefault("LOWRANK_PREF_CACHE", str(workdir / "cache"))
     model_dir, data = build_assets(workdir, args)
     passthrough = [f"--{k}={v}" for k, v in vars(args).items()
-                   if k not in ("worker", "model_dir", "data", "json", "rounds") and v is not None]
-    results: dict[str, list[dict]] = {"baseline": [], "ours": [], "trl": []}
-    for r in range(args.rounds):
-        for side in ("baseline", "trl", "ours") if r % 2 == 0 else ("baseline", "ours", "trl"):
+                   if k not in ("worker", "model_dir", "data", "json", "rounds", "memory_rounds") and v is not None]
+    import torch
+
+    gpu = torch.cuda.is_available()
+    # On the CPU, memory is read in separate rounds under an allocator that returns freed blocks to the OS (glibc's
+    # tunables, the same for both sides): with glibc's default, RSS keeps whatever the heap once grew to, so it says
+    # more about allocation order than about the memory a step needs. Speed is read under the default allocator.
+    returning = dict(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    plan = [("speed", r) for r in range(args.rounds)] + ([] if gpu else [("memory", r) for r in range(args.memory_rounds)])
+    results: dict[str, dict[str, list[dict]]] = {"speed": {"ours": [], "trl": []}, "memory": {"ours": [], "trl": []}}
+    for kind, r in plan:
+        for side in ("trl", "ours") if r % 2 == 0 else ("ours", "trl"):
             cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
                    *passthrough]
-            out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+            env = dict(os.environ, PYTHONPATH=str(ROOT), **(returning if kind == "memory" else {}))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
             line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
             if out.returncode != 0 or not line:
                 print(out.stderr[-3000:], file=sys.stderr)
                 raise SystemExit(f"{side} worker failed")
-            results[side].append(json.loads(line[0][7:]))
-            print(f"round {r + 1} {side}: {results[side][-1]}", file=sys.stderr)
-    base = statistics.median(x["peak_mb"] for x in results["baseline"])
+            results[kind][side].append(json.loads(line[0][7:]))
+            print(f"{kind} round {r + 1} {side}: {results[kind][side][-1]}", file=sys.stderr)
     summary = {}
     for side in ("ours", "trl"):
-        step = statistics.median(x["step_s"] for x in results[side])
+        speed, memory = results["speed"][side], results["memory"][side] or results["speed"][side]
+        step = statistics.median(x["step_s"] for x in speed)
         summary[side] = {"pairs_per_s": args.batch / step, "step_s": step,
-                         "tokens_per_pair": statistics.median(x["tokens_per_pair"] for x in results[side]),
-                         "peak_mb": statistics.median(x["peak_mb"] for x in results[side]),
-                         "memory_delta_mb": statistics.median(x["peak_mb"] for x in results[side]) - base}
+                         "tokens_per_pair": statistics.median(x["tokens_per_pair"] for x in speed),
+                         "peak_mb": statistics.median(x["peak_mb"] for x in memory),
+                         "memory_delta_mb": statistics.median(x["peak_mb"] - x["loaded_mb"] for x in memory)}
     ratios = {"throughput_ours_over_trl": summary["ours"]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
               "memory_delta_ours_over_trl": summary["ours"]["memory_delta_mb"] / summary["trl"]["memory_delta_mb"]}
     case = {"prompt": args.prompt, "answer": args.answer, "batch": args.batch, "layers": args.layers,
-            "hidden": args.hidden, "checkpointing": args.checkpointing, "rounds": args.rounds}
+            "hidden": args.hidden, "checkpointing": args.checkpointing, "rounds": args.rounds,
+            "memory_rounds": 0 if gpu else args.memory_rounds, "device": torch.cuda.get_device_name(0) if gpu else "cpu"}
     print(f"\ncase: {case}")
     print(f"{'':6s} {'pairs/s':>9s} {'tokens/pair':>12s} {'peak MB':>9s} {'delta MB':>9s}")
     for side in ("ours", "trl"):
@@ -196,7 +196,7 @@ def main() -> int:
               f"{s['memory_delta_mb']:9.0f}")
     print(f"ours/TRL: throughput {ratios['throughput_ours_over_trl']:.2f}x, memory delta "
           f"{ratios['memory_delta_ours_over_trl']:.2f}x")
-    payload = {"case": case, "summary": summary, "ratios": ratios, "baseline_peak_mb": base}
+    payload = {"case": case, "summary": summary, "ratios": ratios}
     print(json.dumps(payload))
     if args.json:
         Path(args.json).write_text(json.dumps(payload, indent=1))

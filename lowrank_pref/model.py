@@ -247,17 +247,39 @@ def sequence_logps(model, batch: dict, chunk_size: int | None = None) -> tuple[t
     hidden = decoder(input_ids=input_ids, attention_mask=batch["attention_mask"].to(dev),
                      use_cache=False).last_hidden_state
     mask = batch["completion_mask"][:, 1:].to(dev).bool()
-    selected = hidden[:, :-1][mask]
-    targets = input_ids[:, 1:][mask]
+    return _row_logps(head, softcap, hidden[:, :-1][mask], input_ids[:, 1:][mask], mask.nonzero()[:, 0],
+                      mask.shape[0], chunk_size)
+
+
+def _row_logps(head, softcap, selected, targets, rows, n_rows: int, chunk_size):
+    """Sum of log p(target | hidden) per row over the selected positions, and each row's count of them."""
     if head.bias is not None:  # rare (e.g. some GPT-2 variants): fold the bias into an extra input column
         selected = torch.cat([selected, selected.new_ones(selected.shape[0], 1)], dim=1)
         weight = torch.cat([head.weight, head.bias[:, None]], dim=1)
     else:
         weight = head.weight
     token_logps = selected_token_logps(selected, weight, targets, chunk_size=chunk_size, softcap=softcap)
-    rows = mask.nonzero()[:, 0]
-    logps = torch.zeros(mask.shape[0], dtype=torch.float32, device=dev).index_add(0, rows, token_logps)
-    return logps, mask.sum(1).float()
+    logps = torch.zeros(n_rows, dtype=torch.float32, device=selected.device).index_add(0, rows, token_logps)
+    return logps, torch.bincount(rows, minlength=n_rows).float()
+
+
+def shared_sequence_logps(model, batch: dict, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same as :func:`sequence_logps`, (2B,) chosen rows then rejected rows, from one ``[prompt | chosen |
+    rejected]`` row per pair (``data.collate_shared``): the prompt's tokens go through the model once."""
+    decoder, head, softcap = _decoder_and_head(model)
+    dev = head.weight.device
+    allowed = batch["allowed"].to(dev)[:, None]  # (B, 1, T, T)
+    if getattr(decoder.config, "_attn_implementation", "sdpa") != "sdpa":  # eager adds the mask to the scores
+        allowed = torch.zeros(allowed.shape, dtype=torch.float32, device=dev).masked_fill_(
+            ~allowed, torch.finfo(torch.float32).min)
+    hidden = decoder(input_ids=batch["input_ids"].to(dev), attention_mask=allowed,
+                     position_ids=batch["position_ids"].to(dev), use_cache=False).last_hidden_state
+    flat = hidden.reshape(-1, hidden.shape[-1])
+    index = torch.cat([batch["chosen_index"], batch["rejected_index"]]).to(dev)
+    targets = torch.cat([batch["chosen_targets"], batch["rejected_targets"]]).to(dev)
+    n = batch["input_ids"].shape[0]
+    rows = torch.cat([batch["chosen_rows"], batch["rejected_rows"] + n]).to(dev)
+    return _row_logps(head, softcap, flat[index], targets, rows, 2 * n, chunk_size)
 
 
 def reward_scores(model, batch: dict) -> torch.Tensor:
@@ -278,9 +300,41 @@ def save_adapter(model, tokenizer, path: str | os.PathLike) -> None:
     tokenizer.save_pretrained(str(path))
 
 
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_memory_mb() -> float:
+    """GPU memory allocated now, or the process's resident set size now, in MB."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    rss = _proc_status_mb("VmRSS")
+    return rss if rss is not None else peak_memory_mb()
+
+
+def reset_peak_memory() -> None:
+    """Start the peak over from now, so training's peak is not the loading's (on Linux, /proc's high-water mark)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
 def peak_memory_mb() -> float:
-    """Peak GPU memory allocated, or the process's peak resident set size on CPU, in MB."""
+    """Peak GPU memory allocated, or the process's peak resident set size on CPU, in MB, since the last reset."""
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated() / 2**20
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 1024

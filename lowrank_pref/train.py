@@ -25,8 +25,9 @@ from . import data as data_mod
 from .artifacts import RunDir
 from .config import Config, ConfigError, dump_yaml
 from .losses import REFERENCE_FREE, preference_loss, reward_loss
-from .model import (autocast, device, load_model, load_tokenizer, peak_memory_mb, reference_mode, reward_scores,
-                    save_adapter, sequence_logps, trainable_parameters)
+from .model import (autocast, current_memory_mb, device, load_model, load_tokenizer, peak_memory_mb, reference_mode,
+                    reset_peak_memory, reward_scores, save_adapter, sequence_logps,
+                    trainable_parameters)
 
 log = logging.getLogger("lowrank_pref")
 
@@ -276,6 +277,9 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
 
     pad_id = tokenizer.pad_token_id
     model.train()
+    reset_peak_memory()  # peaks from here on are training's, not loading's
+    loaded_mb = current_memory_mb()
+    log.info("memory with the model loaded: %.0f MB", loaded_mb)
     window: dict[str, float] = {}
     window_pairs = window_tokens = 0
     window_time = 0.0
@@ -334,7 +338,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
             record.update({"learning_rate": lr, "grad_norm": float(grad_norm),
                            "tokens_per_second": window_tokens / max(window_time, 1e-9),
                            "pairs_per_second": window_pairs / max(window_time, 1e-9),
-                           "peak_memory_mb": peak_memory_mb(), "nonfinite_steps": counters["nonfinite_steps"]})
+                           "peak_memory_mb": peak_memory_mb(), "loaded_memory_mb": loaded_mb,
+                           "nonfinite_steps": counters["nonfinite_steps"]})
             run.append_metrics(record)
             last.update(record)
             window, window_pairs, window_tokens, window_time = {}, 0, 0, 0.0

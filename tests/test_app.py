@@ -51,6 +51,15 @@ def test_preset_suggested_from_the_card():
     assert suggest_preset({"gpu": "A100", "memory_gb": 80}) == "24gb-dpo"
 
 
+def test_memory_estimate_says_whether_it_fits():
+    from lowrank_pref.ui import memory_line
+
+    cfg = build_config("24gb-dpo")  # an 8B model: known architecture, no download
+    roomy = memory_line(cfg, {"gpu": "RTX 4090", "memory_gb": 24.0})
+    assert roomy.startswith("Estimated peak memory") and " fits" in roomy
+    assert "does not fit" in memory_line(cfg, {"gpu": "GTX 1060", "memory_gb": 6.0})
+
+
 def test_the_shown_command_repeats_the_form():
     values = form_values(build_config("12gb-dpo"))
     values[KEYS.index("beta")] = 0.05
@@ -170,8 +179,16 @@ def test_train_watch_stop_resume_try_and_export(app):
     assert 0 < status["step"] < 150
     assert (demo.manager.root / run / f"checkpoint-{status['step']}").is_dir()
 
-    client.predict(run, api_name="/resume")
-    assert demo.manager.wait(run, timeout=180) == "completed"
+    # the app restarts (a Space that slept): a new manager on the same folder finds the run and resumes it
+    from lowrank_pref.runs import RunManager
+
+    restarted = RunManager(demo.manager.root)
+    listed = {r["name"]: r for r in restarted.runs()}
+    assert listed[run]["state"] == "stopped" and listed[run]["resumable"]
+    restarted.resume(run)
+    with pytest.raises(AppError, match="is training"):  # the first app sees the resumed run too
+        client.predict("tiny", None, *_form(), api_name="/start")
+    assert restarted.wait(run, timeout=180) == "completed"
     progress, *plots, diagnostics, log = client.predict(run, api_name="/refresh")
     assert "completed" in progress and "150 / 150" in progress
     accuracy = [row for row in plots[2]["data"] if row[2] == "eval"]
@@ -184,6 +201,10 @@ def test_train_watch_stop_resume_try_and_export(app):
     archive = client.predict(run, api_name="/export_zip")
     names = zipfile.ZipFile(archive).namelist()
     assert "adapter_config.json" in names and "adapter_model.safetensors" in names
+
+    merged = client.predict(run, api_name="/merge")
+    assert "Merged model saved" in merged
+    assert (demo.manager.root / run / "merged" / "model.safetensors").is_file()
 
     with pytest.raises(AppError, match="push to 'me/tiny-dpo' failed"):  # offline: the real call fails plainly
         client.predict(run, "me/tiny-dpo", "hf_fake", api_name="/push")
