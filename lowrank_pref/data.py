@@ -506,3 +506,45 @@ def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
         completion_mask[i, : len(s)] = torch.tensor(m)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
             "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
+
+
+def collate_shared(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+    """One row per pair, ``[prompt | chosen | rejected]``: the prompt goes through the model once, not twice.
+
+    ``allowed`` (B, T, T) says which key each query may attend to: causal, except that rejected tokens do not see
+    the chosen ones; ``position_ids`` restart after the prompt for the rejected answer, so each answer sees exactly
+    what it would see in its own sequence. ``chosen_index``/``rejected_index`` are flat (row * T + position)
+    indices of the hidden states that predict ``chosen_targets``/``rejected_targets``: answer token j is predicted
+    at the position before it, and the first token of both answers at the last prompt position. ``*_rows`` give
+    each target's pair. Padding positions attend to themselves only (an all-masked row would be NaN).
+    """
+    width = max(p.num_tokens for p in pairs)
+    n = len(pairs)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((n, width), dtype=torch.long)
+    allowed = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1)
+    index = {"chosen": [], "rejected": []}
+    targets = {"chosen": [], "rejected": []}
+    rows = {"chosen": [], "rejected": []}
+    for b, p in enumerate(pairs):
+        P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
+        T = P + C + R
+        input_ids[b, :T] = torch.tensor(p.prompt_ids + p.chosen_ids + p.rejected_ids)
+        position_ids[b, :P + C] = torch.arange(P + C)
+        position_ids[b, P + C:T] = torch.arange(P, P + R)
+        mask = torch.ones(T, T, dtype=torch.bool).tril()
+        mask[P + C:, P:P + C] = False
+        allowed[b, :T, :T] = mask
+        start = 0 if P else 1  # with no prompt the first answer token has nothing before it (as in collate)
+        for side, answer, offset in (("chosen", p.chosen_ids, P), ("rejected", p.rejected_ids, P + C)):
+            for j in range(start, len(answer)):
+                index[side].append(b * width + (P - 1 if j == 0 else offset + j - 1))
+                targets[side].append(answer[j])
+                rows[side].append(b)
+    out = {"input_ids": input_ids, "position_ids": position_ids, "allowed": allowed,
+           "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
+    for side in ("chosen", "rejected"):
+        out[f"{side}_index"] = torch.tensor(index[side], dtype=torch.long)
+        out[f"{side}_targets"] = torch.tensor(targets[side], dtype=torch.long)
+        out[f"{side}_rows"] = torch.tensor(rows[side], dtype=torch.long)
+    return out

@@ -1,0 +1,47 @@
+"""The shared-prompt forward: one [prompt | chosen | rejected] row per pair gives the two-sequence log-probs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lowrank_pref.data import Pair, collate, collate_shared
+
+
+def _pairs(tokenizer):
+    enc = lambda s: tokenizer(s, add_special_tokens=False)["input_ids"]  # noqa: E731
+    return [Pair([tokenizer.bos_token_id] + enc("What is the capital of France? Answer briefly."), enc(" Paris."),
+                 enc(" I do not know, sorry about that.")),
+            Pair([tokenizer.bos_token_id] + enc("Say hi."), enc(" Hello there, my friend!"), enc(" No.")),
+            Pair([tokenizer.bos_token_id] + enc("Count to three for me please, slowly."), enc(" One, two, three."),
+                 enc(" One, two, three, four, five."))]
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn):
+    from lowrank_pref.config import build_config
+    from lowrank_pref.model import load_model, load_tokenizer, reference_mode, sequence_logps, shared_sequence_logps
+    from test_model import _randomize_lora
+
+    cfg = build_config("tiny", overrides={"model": str(tiny_model_dir), "attn_implementation": attn,
+                                          "gradient_checkpointing": True})
+    tok = load_tokenizer(cfg)
+    model, _ = load_model(cfg, tok)
+    _randomize_lora(model)
+    pairs = _pairs(tok)
+    two, shared = collate(pairs, tok.pad_token_id), collate_shared(pairs, tok.pad_token_id)
+    assert shared["input_ids"].numel() < two["input_ids"].numel()  # the prompt is there once
+    with reference_mode(model):
+        ref_two, len_two = sequence_logps(model, two)
+        ref_shared, len_shared = shared_sequence_logps(model, shared)
+    torch.testing.assert_close(ref_shared, ref_two, atol=1e-4, rtol=1e-5)
+    assert torch.equal(len_shared, len_two)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    logps, _ = sequence_logps(model, two)
+    g_two = torch.autograd.grad((logps * torch.arange(1.0, 7.0)).sum(), params)
+    logps_shared, _ = shared_sequence_logps(model, shared)
+    torch.testing.assert_close(logps_shared, logps, atol=1e-4, rtol=1e-5)
+    g_shared = torch.autograd.grad((logps_shared * torch.arange(1.0, 7.0)).sum(), params)
+    for a, b in zip(g_shared, g_two):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
