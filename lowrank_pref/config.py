@@ -86,6 +86,10 @@ class Config:
     gradient_checkpointing: bool = _f(True, "Recompute activations in backward: much less memory, ~30% slower.")
     attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (if installed).",
                                   choices=("sdpa", "eager", "flash_attention_2"))
+    shared_prompt: str = _f("auto", "Send each prompt through the model once, as [prompt | chosen | rejected] with "
+                                    "a mask; auto checks on the first pairs that the model gives the same outputs "
+                                    "this way, else falls back to two sequences per pair.",
+                            choices=("auto", "on", "off"))
     lora: LoraSettings = field(default_factory=LoraSettings)
     # the objective
     beta: float = _f(0.1, "DPO temperature: higher keeps the policy closer to the reference.", min=0.0,

@@ -516,7 +516,8 @@ def collate_shared(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     what it would see in its own sequence. ``chosen_index``/``rejected_index`` are flat (row * T + position)
     indices of the hidden states that predict ``chosen_targets``/``rejected_targets``: answer token j is predicted
     at the position before it, and the first token of both answers at the last prompt position. ``*_rows`` give
-    each target's pair. Padding positions attend to themselves only (an all-masked row would be NaN).
+    each target's pair; ``*_last`` the position the reward model scores. Padding positions attend to themselves only
+    (an all-masked row would be NaN).
     """
     width = max(p.num_tokens for p in pairs)
     n = len(pairs)
@@ -535,6 +536,13 @@ def collate_shared(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
         mask = torch.ones(T, T, dtype=torch.bool).tril()
         mask[P + C:, P:P + C] = False
         allowed[b, :T, :T] = mask
+        for side, answer, offset in (("chosen", p.chosen_ids, P), ("rejected", p.rejected_ids, P + C)):
+            # the reward model reads the last token that isn't padding, as transformers' pooling does on
+            # [prompt + answer] (where eos is the pad token, a trailing eos counts as padding)
+            seq = p.prompt_ids + answer
+            last = max((i for i, t in enumerate(seq) if t != pad_id), default=0)
+            index[f"{side}_last"] = index.get(f"{side}_last", []) + [b * width + (last if last < P else
+                                                                                   offset + last - P)]
         start = 0 if P else 1  # with no prompt the first answer token has nothing before it (as in collate)
         for side, answer, offset in (("chosen", p.chosen_ids, P), ("rejected", p.rejected_ids, P + C)):
             for j in range(start, len(answer)):
@@ -544,6 +552,7 @@ def collate_shared(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     out = {"input_ids": input_ids, "position_ids": position_ids, "allowed": allowed,
            "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
     for side in ("chosen", "rejected"):
+        out[f"{side}_last"] = torch.tensor(index[f"{side}_last"], dtype=torch.long)
         out[f"{side}_index"] = torch.tensor(index[side], dtype=torch.long)
         out[f"{side}_targets"] = torch.tensor(targets[side], dtype=torch.long)
         out[f"{side}_rows"] = torch.tensor(rows[side], dtype=torch.long)

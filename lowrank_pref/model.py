@@ -268,18 +268,36 @@ def shared_sequence_logps(model, batch: dict, chunk_size: int | None = None) -> 
     rejected]`` row per pair (``data.collate_shared``): the prompt's tokens go through the model once."""
     decoder, head, softcap = _decoder_and_head(model)
     dev = head.weight.device
+    flat = _shared_hidden(decoder, batch, dev)
+    index = torch.cat([batch["chosen_index"], batch["rejected_index"]]).to(dev)
+    targets = torch.cat([batch["chosen_targets"], batch["rejected_targets"]]).to(dev)
+    n = batch["input_ids"].shape[0]
+    rows = torch.cat([batch["chosen_rows"], batch["rejected_rows"] + n]).to(dev)
+    return _row_logps(head, softcap, flat[index], targets, rows, 2 * n, chunk_size)
+
+
+def _shared_hidden(decoder, batch: dict, dev) -> torch.Tensor:
+    """Last hidden states (B * T, d) of ``data.collate_shared`` rows, through the decoder with their 4D mask."""
     allowed = batch["allowed"].to(dev)[:, None]  # (B, 1, T, T)
     if getattr(decoder.config, "_attn_implementation", "sdpa") != "sdpa":  # eager adds the mask to the scores
         allowed = torch.zeros(allowed.shape, dtype=torch.float32, device=dev).masked_fill_(
             ~allowed, torch.finfo(torch.float32).min)
     hidden = decoder(input_ids=batch["input_ids"].to(dev), attention_mask=allowed,
                      position_ids=batch["position_ids"].to(dev), use_cache=False).last_hidden_state
-    flat = hidden.reshape(-1, hidden.shape[-1])
-    index = torch.cat([batch["chosen_index"], batch["rejected_index"]]).to(dev)
-    targets = torch.cat([batch["chosen_targets"], batch["rejected_targets"]]).to(dev)
-    n = batch["input_ids"].shape[0]
-    rows = torch.cat([batch["chosen_rows"], batch["rejected_rows"] + n]).to(dev)
-    return _row_logps(head, softcap, flat[index], targets, rows, 2 * n, chunk_size)
+    return hidden.reshape(-1, hidden.shape[-1])
+
+
+def shared_reward_scores(model, batch: dict) -> torch.Tensor:
+    """:func:`reward_scores` (2B,) from ``data.collate_shared`` rows: the score head on the hidden state of each
+    answer's last token, the prompt computed once."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = getattr(base, base.base_model_prefix, None), getattr(base, "score", None)
+    if decoder is None or head is None:
+        raise ModelError(f"{type(base).__name__} has no decoder + score head to score shared rows with")
+    dev = next(model.parameters()).device
+    flat = _shared_hidden(decoder, batch, dev)
+    index = torch.cat([batch["chosen_last"], batch["rejected_last"]]).to(dev)
+    return head(flat[index]).squeeze(-1).float()
 
 
 def reward_scores(model, batch: dict) -> torch.Tensor:

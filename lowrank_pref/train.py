@@ -25,9 +25,9 @@ from . import data as data_mod
 from .artifacts import RunDir
 from .config import Config, ConfigError, dump_yaml
 from .losses import REFERENCE_FREE, preference_loss, reward_loss
-from .model import (autocast, current_memory_mb, device, load_model, load_tokenizer, peak_memory_mb, reference_mode,
-                    reset_peak_memory, reward_scores, save_adapter, sequence_logps,
-                    trainable_parameters)
+from .model import (autocast, compute_dtype, current_memory_mb, device, load_model, load_tokenizer, peak_memory_mb,
+                    reference_mode, reset_peak_memory, reward_scores, save_adapter, sequence_logps,
+                    shared_reward_scores, shared_sequence_logps, trainable_parameters)
 
 log = logging.getLogger("lowrank_pref")
 
@@ -70,14 +70,22 @@ class Schedule:
 # ----------------------------------------------------------------------------------------------------------------
 # One micro-batch: forward, loss, metrics (used by train and eval alike)
 
-def pair_losses(model, cfg: Config, pairs: list, pad_id: int) -> tuple[torch.Tensor, dict, int]:
-    """Per-pair losses (B,) with grad, the metric sums for these pairs, and the real tokens processed."""
-    batch = data_mod.collate(pairs, pad_id)
-    tokens = int(batch["attention_mask"].sum())
+def pair_losses(model, cfg: Config, pairs: list, pad_id: int, shared: bool = False) -> tuple[torch.Tensor, dict, int]:
+    """Per-pair losses (B,) with grad, the metric sums for these pairs, and the real tokens processed.
+
+    ``shared``: one ``[prompt | chosen | rejected]`` row per pair, so the prompt goes through the model once."""
+    if shared:
+        batch = data_mod.collate_shared(pairs, pad_id)
+        tokens = sum(p.num_tokens for p in pairs)
+        logps_of, scores_of = shared_sequence_logps, shared_reward_scores
+    else:
+        batch = data_mod.collate(pairs, pad_id)
+        tokens = int(batch["attention_mask"].sum())
+        logps_of, scores_of = sequence_logps, reward_scores
     n = len(pairs)
     with autocast(cfg):
         if cfg.task == "reward":
-            scores = reward_scores(model, batch)
+            scores = scores_of(model, batch)
             chosen, rejected = scores[:n], scores[n:]
             losses = reward_loss(chosen, rejected, margin=batch["margin"].to(scores.device),
                                  center_rewards_coefficient=cfg.center_rewards_coefficient)
@@ -87,9 +95,9 @@ def pair_losses(model, cfg: Config, pairs: list, pad_id: int) -> tuple[torch.Ten
         ref_c = ref_r = None
         if cfg.loss_type not in REFERENCE_FREE:
             with reference_mode(model):  # first, so its activations are gone before the policy graph is built
-                ref, _ = sequence_logps(model, batch, cfg.logprob_chunk_size)
+                ref, _ = logps_of(model, batch, cfg.logprob_chunk_size)
             ref_c, ref_r = ref[:n], ref[n:]
-        logps, lengths = sequence_logps(model, batch, cfg.logprob_chunk_size)
+        logps, lengths = logps_of(model, batch, cfg.logprob_chunk_size)
     pc, pr, lc, lr = logps[:n], logps[n:], lengths[:n], lengths[n:]
     losses, cr, rr = preference_loss(cfg.loss_type, pc, pr, ref_c, ref_r, chosen_lengths=lc, rejected_lengths=lr,
                                      beta=cfg.beta, label_smoothing=cfg.label_smoothing, simpo_gamma=cfg.simpo_gamma)
@@ -101,14 +109,43 @@ def pair_losses(model, cfg: Config, pairs: list, pad_id: int) -> tuple[torch.Ten
     return losses, sums, tokens
 
 
-def evaluate(model, cfg: Config, pairs: list, pad_id: int) -> dict:
+def shared_prompt_works(model, cfg: Config, pairs: list, pad_id: int) -> tuple[bool, str]:
+    """Decide the shared-prompt forward for this model: on when it gives the two-sequence log-probs on a few pairs.
+
+    A model whose attention ignores or rewrites a custom 4D mask (flash-attention, sliding windows shorter than the
+    rows, architectures with their own mask logic) gives different numbers and falls back, with the reason logged."""
+    if cfg.shared_prompt == "off":
+        return False, "off"
+    if cfg.attn_implementation == "flash_attention_2":
+        return False, "off (flash_attention_2 takes no custom mask)"
+    if cfg.shared_prompt == "on":
+        return True, "on"
+    sample = pairs[:2]
+    try:
+        with reference_mode(model), autocast(cfg):
+            if cfg.task == "reward":
+                two = reward_scores(model, data_mod.collate(sample, pad_id))
+                one = shared_reward_scores(model, data_mod.collate_shared(sample, pad_id))
+            else:
+                two, _ = sequence_logps(model, data_mod.collate(sample, pad_id))
+                one, _ = shared_sequence_logps(model, data_mod.collate_shared(sample, pad_id))
+    except Exception as e:  # a model that refuses the mask or the position ids
+        return False, f"off ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})"
+    tol = 1e-3 if compute_dtype(cfg) == torch.float32 else 2e-2
+    diff = float((one - two).abs().max())
+    if diff > tol * max(1.0, float(two.abs().max())):
+        return False, f"off (this model's outputs differ by {diff:.2g} with the shared layout)"
+    return True, "on (checked equal to two sequences per pair)"
+
+
+def evaluate(model, cfg: Config, pairs: list, pad_id: int, shared: bool = False) -> dict:
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
     bs = cfg.eval_batch_size or cfg.batch_size
     with torch.no_grad():
         for i in range(0, len(pairs), bs):
-            _, sums, _ = pair_losses(model, cfg, pairs[i:i + bs], pad_id)
+            _, sums, _ = pair_losses(model, cfg, pairs[i:i + bs], pad_id, shared)
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
     model.train(was_training)
@@ -151,8 +188,8 @@ def save_checkpoint(run: RunDir, cfg: Config, model, optimizer, scheduler, step:
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(_rng_state(), tmp / "rng.pt")
     # written last: a checkpoint without state.json is incomplete and never picked up
-    (tmp / "state.json").write_text(json.dumps({"step": step, "micro_batches_done": step * cfg.gradient_accumulation_steps,
-                                                **counters}))
+    state = {"step": step, "micro_batches_done": step * cfg.gradient_accumulation_steps, **counters}
+    (tmp / "state.json").write_text(json.dumps(state))
     return run.commit_checkpoint(tmp, step, cfg.save_total_limit)
 
 
@@ -276,6 +313,9 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
     run.write_status(state="running", step=start, total_steps=total, reference=reference)
 
     pad_id = tokenizer.pad_token_id
+    shared, why = shared_prompt_works(model, cfg, data.train, pad_id)
+    log.info("shared-prompt forward: %s", why)
+    run.write_status(shared_prompt=shared)
     model.train()
     reset_peak_memory()  # peaks from here on are training's, not loading's
     loaded_mb = current_memory_mb()
@@ -294,7 +334,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
         step_sums: dict[str, float] = {}
         tokens = 0
         for pairs in batches:
-            losses, sums, t = pair_losses(model, cfg, pairs, pad_id)
+            losses, sums, t = pair_losses(model, cfg, pairs, pad_id, shared)
             loss = losses.sum() / n_pairs
             if not torch.isfinite(loss):
                 nonfinite = True
@@ -344,7 +384,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
             last.update(record)
             window, window_pairs, window_tokens, window_time = {}, 0, 0, 0.0
         if data.eval and (step % eval_every == 0 or step == total):
-            record = {"step": step, **evaluate(model, cfg, data.eval, pad_id)}
+            record = {"step": step, **evaluate(model, cfg, data.eval, pad_id, shared)}
             run.append_metrics(record)
             last.update(record)
             log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step"))

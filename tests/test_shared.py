@@ -45,3 +45,27 @@ def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn
     g_shared = torch.autograd.grad((logps_shared * torch.arange(1.0, 7.0)).sum(), params)
     for a, b in zip(g_shared, g_two):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_shared_prompt_reward_scores_equal_two_sequences(tiny_model_dir, tokenizer):
+    from lowrank_pref.config import build_config
+    from lowrank_pref.model import load_model, load_tokenizer, reward_scores, shared_reward_scores
+
+    cfg = build_config("tiny", overrides={"model": str(tiny_model_dir), "task": "reward"})
+    tok = load_tokenizer(cfg)
+    model, _ = load_model(cfg, tok)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name or "score" in name:
+                p.normal_(0, 0.2)
+    pairs = _pairs(tok)
+    pairs[1].chosen_ids = pairs[1].chosen_ids + [tok.pad_token_id]  # a trailing pad-id token is not scored
+    two, shared = collate(pairs, tok.pad_token_id), collate_shared(pairs, tok.pad_token_id)
+    params = [p for p in model.parameters() if p.requires_grad]
+    weights = torch.arange(1.0, 7.0)
+    a = reward_scores(model, two)
+    b = shared_reward_scores(model, shared)
+    torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-5)
+    for x, y in zip(torch.autograd.grad((b * weights).sum(), params), torch.autograd.grad((a * weights).sum(), params)):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-3)

@@ -1,0 +1,260 @@
+"""Our DPO and reward-model steps against TRL's DPOTrainer and RewardTrainer: same 4-bit model, data and settings.
+
+    python benchmarks/bench.py                          # DPO, prompt-heavy (192 / 48 tokens), 3 rounds
+    python benchmarks/bench.py --prompt 32 --answer 128 --rounds 5 --json out.json
+    python benchmarks/bench.py --task reward            # reward model against TRL's RewardTrainer
+    python benchmarks/bench.py --prompt 768 --answer 256 --batch 2       # long pairs (1k+ tokens)
+    python benchmarks/bench.py --vocab 32768            # a large vocabulary (LM head 32k wide)
+    python benchmarks/bench.py --all --json results.json                 # all of the above, one table
+
+Each side runs in its own process (so peak memory is its own), TRL and ours interleaved round by round.
+Throughput is the median over rounds of each round's median step time after the warm-up steps. Memory is each side's
+peak over what it held when training began (model, adapters, data, optimizer loaded): allocated memory on a GPU; on
+the CPU the RSS high-water mark (reset through /proc), read in extra rounds where glibc returns freed blocks to the OS
+(see main()), so that RSS follows the memory the steps use. Prints a table, the ratios (ours / TRL) and JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+def build_assets(workdir: Path, args) -> tuple[Path, Path]:
+    """A Llama-architecture model from a config (random weights) and a jsonl of pairs with the asked lengths."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lowrank_pref.tiny import _corpus, build_tokenizer
+
+    tok = build_tokenizer()
+    model_dir = workdir / f"model-{args.vocab or len(tok)}"
+    config = LlamaConfig(vocab_size=max(len(tok), args.vocab or 0), hidden_size=args.hidden, intermediate_size=args.ffn,
+                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
+                         num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=4096,
+                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    words = " ".join(_corpus()).split()
+    rng = random.Random(0)
+
+    def text(n_tokens: int) -> str:
+        out = []
+        while len(tok(" ".join(out))["input_ids"]) < n_tokens:
+            out.append(rng.choice(words))
+        ids = tok(" ".join(out))["input_ids"][:n_tokens]
+        return tok.decode(ids)
+
+    rows = [{"prompt": text(args.prompt), "chosen": " " + text(args.answer - 1),
+             "rejected": " " + text(args.answer - 1)} for _ in range(args.batch * 4)]
+    data = workdir / f"pairs-{args.prompt}-{args.answer}.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return model_dir, data
+
+
+def worker(side: str, model_dir: str, data: str, args) -> dict:
+    import torch
+
+    from lowrank_pref.run import quiet_libraries
+
+    quiet_libraries()
+    os.environ["LOWRANK_PREF_PROGRESS"] = "0"
+    steps = args.warmup + args.steps
+    common = dict(max_length=args.prompt + args.answer, lr=1e-4, beta=0.1)
+    if side == "ours":
+        from lowrank_pref.artifacts import read_metrics
+        from lowrank_pref.config import build_config
+        from lowrank_pref.train import train
+
+        out = tempfile.mkdtemp()
+        cfg = build_config("tiny", overrides={
+            "model": model_dir, "dataset": data, "batch_size": args.batch, "gradient_accumulation_steps": 1,
+            "max_steps": steps, "max_length": common["max_length"], "max_prompt_length": args.prompt,
+            "learning_rate": common["lr"], "beta": common["beta"], "lora.r": 16, "lora.alpha": 32,
+            "lora.dropout": 0.0, "gradient_checkpointing": args.checkpointing, "data.eval_fraction": 0,
+            "logging_steps": 1, "save_steps": 10**6, "warmup_ratio": 0.0, "task": args.task,
+            "shared_prompt": args.shared_prompt})
+        train(cfg, out)
+        rows = [m for m in read_metrics(Path(out) / "metrics.jsonl") if "pairs_per_second" in m]
+        times = [args.batch / m["pairs_per_second"] for m in rows][args.warmup:]
+        tokens = sum(m["tokens_per_second"] / m["pairs_per_second"] for m in rows) / len(rows)
+        return {"step_s": statistics.median(times), "tokens_per_pair": tokens, "peak_mb": rows[-1]["peak_memory_mb"],
+                "loaded_mb": rows[-1]["loaded_memory_mb"]}
+    # TRL: the same 4-bit model, LoRA config, data, batch and lengths
+    from datasets import load_dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
+
+    from lowrank_pref.model import current_memory_mb, nf4_config, peak_memory_mb, pin_cpu_4bit_kernel, reset_peak_memory
+
+    gpu = torch.cuda.is_available()
+    dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32  # what ours picks
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    load = dict(quantization_config=nf4_config(dtype), dtype=dtype, device_map={"": "cuda:0" if gpu else "cpu"})
+    if args.task == "reward":
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, **load)
+        model.config.pad_token_id = tok.pad_token_id
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, **load)
+    pin_cpu_4bit_kernel(model)  # the same kernel on both sides
+    times, loaded = [], []
+
+    class Timer(TrainerCallback):
+        def on_train_begin(self, a, state, control, **kw):
+            reset_peak_memory()  # the same meter as ours, started at the same point
+            loaded.append(current_memory_mb())
+
+        def on_step_begin(self, a, state, control, **kw):
+            self.t = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            times.append(time.perf_counter() - self.t)
+
+    common_args = dict(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=args.batch, max_steps=steps,
+                       max_length=common["max_length"], learning_rate=common["lr"],
+                       gradient_checkpointing=args.checkpointing, logging_steps=1, report_to="none", use_cpu=not gpu,
+                       bf16=dtype == torch.bfloat16, save_strategy="no", dataset_num_proc=None, warmup_steps=0,
+                       lr_scheduler_type="cosine")
+    lora = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
+    dataset = load_dataset("json", data_files=data, split="train")
+    if args.task == "reward":
+        from trl import RewardConfig, RewardTrainer
+
+        trainer = RewardTrainer(model=model, args=RewardConfig(**common_args), train_dataset=dataset,
+                                processing_class=tok, callbacks=[Timer()],
+                                peft_config=LoraConfig(task_type="SEQ_CLS", **lora))
+    else:
+        from trl import DPOConfig, DPOTrainer
+
+        trainer = DPOTrainer(model=model, args=DPOConfig(beta=common["beta"], **common_args), train_dataset=dataset,
+                             processing_class=tok, callbacks=[Timer()], peft_config=LoraConfig(**lora))
+    trainer.train()
+    logged = [h["num_tokens"] for h in trainer.state.log_history if "num_tokens" in h]
+    per_pair = logged[-1] / (steps * args.batch) if logged else float("nan")
+    return {"step_s": statistics.median(times[args.warmup:]), "tokens_per_pair": per_pair, "peak_mb": peak_memory_mb(),
+            "loaded_mb": loaded[0]}
+
+
+CASES = {  # name: overrides of the command-line defaults
+    "dpo prompt-heavy": {},
+    "dpo answer-heavy": {"prompt": 32, "answer": 128},
+    "reward prompt-heavy": {"task": "reward"},
+    "dpo long (1k tokens)": {"prompt": 768, "answer": 256, "batch": 2, "steps": 3},
+    "dpo vocab 32k": {"vocab": 32768},
+}
+
+
+def run_case(args, workdir: Path) -> dict:
+    import torch
+
+    model_dir, data = build_assets(workdir, args)
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+                   if k not in ("worker", "model_dir", "data", "json", "rounds", "memory_rounds", "all")
+                   and v is not None]
+    gpu = torch.cuda.is_available()
+    # On the CPU, memory is read in separate rounds under an allocator that returns freed blocks to the OS (glibc's
+    # tunables, the same for both sides): with glibc's default, RSS keeps whatever the heap once grew to, so it says
+    # more about allocation order than about the memory a step needs. Speed is read under the default allocator.
+    returning = dict(MALLOC_MMAP_THRESHOLD_="131072", MALLOC_TRIM_THRESHOLD_="131072")
+    plan = [("speed", r) for r in range(args.rounds)] + ([] if gpu else [("memory", r)
+                                                                      for r in range(args.memory_rounds)])
+    results: dict[str, dict[str, list[dict]]] = {"speed": {"ours": [], "trl": []}, "memory": {"ours": [], "trl": []}}
+    for kind, r in plan:
+        for side in ("trl", "ours") if r % 2 == 0 else ("ours", "trl"):
+            cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
+                   *passthrough]
+            env = dict(os.environ, PYTHONPATH=str(ROOT), **(returning if kind == "memory" else {}))
+            out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+            line = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+            if out.returncode != 0 or not line:
+                print(out.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{side} worker failed")
+            results[kind][side].append(json.loads(line[0][7:]))
+            print(f"{kind} round {r + 1} {side}: {results[kind][side][-1]}", file=sys.stderr)
+    summary = {}
+    for side in ("ours", "trl"):
+        speed, memory = results["speed"][side], results["memory"][side] or results["speed"][side]
+        step = statistics.median(x["step_s"] for x in speed)
+        summary[side] = {"pairs_per_s": args.batch / step, "step_s": step,
+                         "tokens_per_pair": statistics.median(x["tokens_per_pair"] for x in speed),
+                         "peak_mb": statistics.median(x["peak_mb"] for x in memory),
+                         "memory_delta_mb": statistics.median(x["peak_mb"] - x["loaded_mb"] for x in memory)}
+    ratios = {"throughput_ours_over_trl": summary["ours"]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
+              "memory_delta_ours_over_trl": summary["ours"]["memory_delta_mb"] / summary["trl"]["memory_delta_mb"]}
+    case = {"task": args.task, "prompt": args.prompt, "answer": args.answer, "batch": args.batch,
+            "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab or 768,
+            "checkpointing": args.checkpointing, "shared_prompt": args.shared_prompt, "rounds": args.rounds,
+            "memory_rounds": 0 if gpu else args.memory_rounds,
+            "device": torch.cuda.get_device_name(0) if gpu else "cpu"}
+    return {"case": case, "summary": summary, "ratios": ratios}
+
+
+def print_table(payloads: dict[str, dict]) -> None:
+    print(f"\n{'case':22s} {'side':5s} {'pairs/s':>8s} {'tokens/pair':>12s} {'peak MB':>8s} {'delta MB':>9s} "
+          f"{'speed x':>8s} {'memory x':>9s}")
+    for name, p in payloads.items():
+        for side in ("ours", "trl"):
+            s = p["summary"][side]
+            r = p["ratios"]
+            ratios = (f"{r['throughput_ours_over_trl']:8.2f} {r['memory_delta_ours_over_trl']:9.2f}"
+                      if side == "ours" else "")
+            label = name if side == "ours" else ""
+            print(f"{label:22s} {side:5s} {s['pairs_per_s']:8.2f} {s['tokens_per_pair']:12.1f} "
+                  f"{s['peak_mb']:8.0f} {s['memory_delta_mb']:9.0f} {ratios}")
+    print("(speed x: ours/TRL pairs per second; memory x: ours/TRL peak memory over the loaded model)")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--task", choices=("dpo", "reward"), default="dpo")
+    p.add_argument("--prompt", type=int, default=192)
+    p.add_argument("--answer", type=int, default=48)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=704)
+    p.add_argument("--vocab", type=int, default=None, help="model vocabulary (default: the tokenizer's, 768)")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--memory-rounds", type=int, default=2, help="CPU: rounds that read memory (see above)")
+    p.add_argument("--checkpointing", type=lambda s: s.lower() == "true", default=True)
+    p.add_argument("--shared-prompt", choices=("auto", "on", "off"), default="auto", help="ours: shared_prompt")
+    p.add_argument("--all", action="store_true", help="run every case in CASES and print one table")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--model-dir", help=argparse.SUPPRESS)
+    p.add_argument("--data", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, args)))
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="bench_"))
+    os.environ.setdefault("LOWRANK_PREF_CACHE", str(workdir / "cache"))
+    cases = CASES if args.all else {"this case": {}}
+    payloads = {}
+    for name, overrides in cases.items():
+        case_args = argparse.Namespace(**{**vars(args), **overrides})
+        print(f"== {name}", file=sys.stderr)
+        payloads[name] = run_case(case_args, workdir)
+    print_table(payloads)
+    print(json.dumps(payloads))
+    if args.json:
+        Path(args.json).write_text(json.dumps(payloads, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
