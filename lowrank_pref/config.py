@@ -90,6 +90,12 @@ class Config:
                                     "a mask; auto checks on the first pairs that the model gives the same outputs "
                                     "this way, else falls back to two sequences per pair.",
                             choices=("auto", "on", "off"))
+    reference_cache: bool = _f(True, "DPO: keep reference log-probs on disk (by model, starting adapter and the "
+                                     "pair's tokens), so later epochs, evals, resumed runs and runs that change only "
+                                     "beta or the loss type skip the reference forward.")
+    token_budget: int | None = _f(None, "Pack each micro-step to about this many tokens (pairs x longest pair, pairs "
+                                        "grouped by length) instead of batch_size pairs: many short pairs or few long "
+                                        "ones, little padding.", min=8)
     lora: LoraSettings = field(default_factory=LoraSettings)
     # the objective
     beta: float = _f(0.1, "DPO temperature: higher keeps the policy closer to the reference.", min=0.0,

@@ -16,7 +16,7 @@ import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -28,6 +28,7 @@ from .losses import REFERENCE_FREE, preference_loss, reward_loss
 from .model import (autocast, compute_dtype, current_memory_mb, device, load_model, load_tokenizer, peak_memory_mb,
                     reference_mode, reset_peak_memory, reward_scores, save_adapter, sequence_logps,
                     shared_reward_scores, shared_sequence_logps, trainable_parameters)
+from .refcache import RefCache
 
 log = logging.getLogger("lowrank_pref")
 
@@ -41,21 +42,57 @@ class TrainingStopped(RuntimeError):
 
 @dataclass
 class Schedule:
+    """Which pairs make micro-batch g of the run: a pure function of (seed, g), so resume is exact.
+
+    Fixed count: ``batch_size`` pairs a micro-batch, the epoch's pairs shuffled by seed. Token budget (``sizes`` given):
+    each epoch's shuffled pairs are cut into windows, sorted by length inside a window and packed greedily so a
+    micro-batch's padded size (pairs x its longest pair) stays within ``token_budget``; the batches are then shuffled.
+    Short pairs travel many to a batch, long ones few, and rows of a batch have similar lengths (little padding).
+    """
     n_pairs: int
     batch_size: int
     accum: int
     seed: int
+    sizes: list[int] | None = None
+    token_budget: int | None = None
+    _epochs: dict = field(default_factory=dict, repr=False)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            order = list(range(self.n_pairs))
+            rng.shuffle(order)
+            if not self.token_budget:
+                batches = [order[k:k + self.batch_size] for k in range(0, self.n_pairs, self.batch_size)]
+            else:
+                batches = []
+                window = 64 * max(1, self.token_budget // max(1, max(self.sizes)))
+                for start in range(0, self.n_pairs, window):
+                    current, longest = [], 0
+                    for i in sorted(order[start:start + window], key=lambda i: self.sizes[i]):
+                        longest_with = max(longest, self.sizes[i])
+                        if current and longest_with * (len(current) + 1) > self.token_budget:
+                            batches.append(current)
+                            current, longest_with = [], self.sizes[i]
+                        current.append(i)
+                        longest = longest_with
+                    if current:
+                        batches.append(current)
+                rng.shuffle(batches)
+            self._epochs = {epoch: batches}  # one epoch at a time is all a run needs
+        return self._epochs[epoch]
 
     @property
     def batches_per_epoch(self) -> int:
-        return math.ceil(self.n_pairs / self.batch_size)
+        return len(self.epoch_batches(0))
 
     def micro_batch(self, g: int) -> list[int]:
-        """Pair indices of the run's g-th micro-batch (0-based): epoch g // batches_per_epoch, shuffled by seed."""
-        epoch, k = divmod(g, self.batches_per_epoch)
-        order = list(range(self.n_pairs))
-        random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-        return order[k * self.batch_size:(k + 1) * self.batch_size]
+        """Pair indices of the run's g-th micro-batch (0-based), epochs one after another."""
+        epoch = 0
+        while g >= len(self.epoch_batches(epoch)):
+            g -= len(self.epoch_batches(epoch))
+            epoch += 1
+        return self.epoch_batches(epoch)[g]
 
     def step_batches(self, step: int) -> list[list[int]]:
         """Micro-batches of optimizer step ``step`` (1-based)."""
@@ -64,16 +101,21 @@ class Schedule:
     def total_steps(self, cfg: Config) -> int:
         if cfg.max_steps:
             return cfg.max_steps
-        return max(1, math.ceil(cfg.num_epochs * self.batches_per_epoch / self.accum))
+        full, part = divmod(cfg.num_epochs, 1)
+        micro = sum(len(self.epoch_batches(e)) for e in range(int(full)))
+        micro += math.ceil(part * len(self.epoch_batches(int(full)))) if part else 0
+        return max(1, math.ceil(micro / self.accum))
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # One micro-batch: forward, loss, metrics (used by train and eval alike)
 
-def pair_losses(model, cfg: Config, pairs: list, pad_id: int, shared: bool = False) -> tuple[torch.Tensor, dict, int]:
+def pair_losses(model, cfg: Config, pairs: list, pad_id: int, shared: bool = False,
+                ref_cache: RefCache | None = None) -> tuple[torch.Tensor, dict, int]:
     """Per-pair losses (B,) with grad, the metric sums for these pairs, and the real tokens processed.
 
-    ``shared``: one ``[prompt | chosen | rejected]`` row per pair, so the prompt goes through the model once."""
+    ``shared``: one ``[prompt | chosen | rejected]`` row per pair, so the prompt goes through the model once.
+    ``ref_cache``: reference log-probs already known are read from it, new ones stored in it."""
     if shared:
         batch = data_mod.collate_shared(pairs, pad_id)
         tokens = sum(p.num_tokens for p in pairs)
@@ -94,8 +136,13 @@ def pair_losses(model, cfg: Config, pairs: list, pad_id: int, shared: bool = Fal
             return losses, sums, tokens
         ref_c = ref_r = None
         if cfg.loss_type not in REFERENCE_FREE:
-            with reference_mode(model):  # first, so its activations are gone before the policy graph is built
-                ref, _ = logps_of(model, batch, cfg.logprob_chunk_size)
+            ref = ref_cache.get(pairs) if ref_cache is not None else None
+            if ref is None:
+                with reference_mode(model):  # first, so its activations are gone before the policy graph is built
+                    ref, _ = logps_of(model, batch, cfg.logprob_chunk_size)
+                if ref_cache is not None:
+                    ref_cache.put(pairs, ref)
+            ref = ref.to(next(model.parameters()).device)
             ref_c, ref_r = ref[:n], ref[n:]
         logps, lengths = logps_of(model, batch, cfg.logprob_chunk_size)
     pc, pr, lc, lr = logps[:n], logps[n:], lengths[:n], lengths[n:]
@@ -138,14 +185,15 @@ def shared_prompt_works(model, cfg: Config, pairs: list, pad_id: int) -> tuple[b
     return True, "on (checked equal to two sequences per pair)"
 
 
-def evaluate(model, cfg: Config, pairs: list, pad_id: int, shared: bool = False) -> dict:
+def evaluate(model, cfg: Config, pairs: list, pad_id: int, shared: bool = False,
+             ref_cache: RefCache | None = None) -> dict:
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
     bs = cfg.eval_batch_size or cfg.batch_size
     with torch.no_grad():
         for i in range(0, len(pairs), bs):
-            _, sums, _ = pair_losses(model, cfg, pairs[i:i + bs], pad_id, shared)
+            _, sums, _ = pair_losses(model, cfg, pairs[i:i + bs], pad_id, shared, ref_cache)
             for k, v in sums.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
     model.train(was_training)
@@ -296,7 +344,8 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
 
     from transformers import get_scheduler
 
-    schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed)
+    schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
+                        sizes=[p.num_tokens for p in data.train], token_budget=cfg.token_budget)
     total = schedule.total_steps(cfg)
     optimizer = make_optimizer(cfg, params)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),
@@ -316,6 +365,10 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
     shared, why = shared_prompt_works(model, cfg, data.train, pad_id)
     log.info("shared-prompt forward: %s", why)
     run.write_status(shared_prompt=shared)
+    ref_cache = None
+    if cfg.task == "dpo" and cfg.loss_type not in REFERENCE_FREE and cfg.reference_cache:
+        ref_cache = RefCache.for_config(cfg)
+        log.info("reference log-probs cache: %s (%d pairs known)", ref_cache.path, len(ref_cache))
     model.train()
     reset_peak_memory()  # peaks from here on are training's, not loading's
     loaded_mb = current_memory_mb()
@@ -334,7 +387,7 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
         step_sums: dict[str, float] = {}
         tokens = 0
         for pairs in batches:
-            losses, sums, t = pair_losses(model, cfg, pairs, pad_id, shared)
+            losses, sums, t = pair_losses(model, cfg, pairs, pad_id, shared, ref_cache)
             loss = losses.sum() / n_pairs
             if not torch.isfinite(loss):
                 nonfinite = True
@@ -384,19 +437,25 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
             last.update(record)
             window, window_pairs, window_tokens, window_time = {}, 0, 0, 0.0
         if data.eval and (step % eval_every == 0 or step == total):
-            record = {"step": step, **evaluate(model, cfg, data.eval, pad_id, shared)}
+            record = {"step": step, **evaluate(model, cfg, data.eval, pad_id, shared, ref_cache)}
             run.append_metrics(record)
             last.update(record)
             log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step"))
         run.write_status(step=step)
         if step % save_every == 0 and step < total or stop.set:
             save_checkpoint(run, cfg, model, optimizer, scheduler, step, counters)
+            if ref_cache is not None:
+                ref_cache.save()
         if stop.set and step < total:
             bar.close()
             run.write_status(state="stopped", step=step, message=f"stopped at step {step}; resume with --resume")
             log.info("stopped at step %d (checkpoint written); resume with --resume", step)
             return last
     bar.close()
+    if ref_cache is not None:
+        ref_cache.save()
+        log.info("reference log-probs: %d pairs read from the cache, %d computed", ref_cache.hits, ref_cache.misses)
+        run.write_status(reference_cache={"read": ref_cache.hits, "computed": ref_cache.misses})
 
     tmp = run.path / f".adapter.tmp-{os.getpid()}"
     save_adapter(model, tokenizer, tmp)
