@@ -83,7 +83,9 @@ class Config:
                            choices=("4bit", "8bit", "none"))
     dtype: str = _f("auto", "Compute dtype: auto picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.",
                     choices=("auto", "bf16", "fp16", "fp32"))
-    gradient_checkpointing: bool = _f(True, "Recompute activations in backward: much less memory, ~30% slower.")
+    gradient_checkpointing: bool | None = _f(None, "Recompute activations in backward: much less memory, ~30% "
+                                                   "slower. auto (null): off when the memory model says the run "
+                                                   "fits without it.")
     attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (if installed).",
                                   choices=("sdpa", "eager", "flash_attention_2"))
     shared_prompt: str = _f("auto", "Send each prompt through the model once, as [prompt | chosen | rejected] with "
@@ -200,7 +202,7 @@ def _parse_value(key: str, raw: Any, hint: Any) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)) and type(None) in args:
-        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "")):
+        if raw is None or (isinstance(raw, str) and raw.strip().lower() in ("none", "null", "", "auto")):
             return None
         inner = [a for a in args if a is not type(None)][0]
         return _parse_value(key, raw, inner)

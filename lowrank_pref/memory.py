@@ -70,8 +70,27 @@ def arch_of(model: str) -> Arch:
                 getattr(c, "num_key_value_heads", None) or heads, bool(getattr(c, "tie_word_embeddings", False)))
 
 
-def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True) -> dict:
-    """Estimated peak memory in GB, by part, for a Config."""
+def micro_step_tokens(cfg, prompt: int | None = None, answer: int | None = None) -> tuple[int, int]:
+    """(tokens through the model, answer tokens through the LM head) of one micro-step. Without lengths, pairs are
+    taken as full: a ``max_prompt_length`` prompt and answers filling the rest of ``max_length``."""
+    prompt = cfg.max_prompt_length if prompt is None else prompt
+    answer = cfg.max_length - cfg.max_prompt_length if answer is None else answer
+    if cfg.shared_prompt != "off":  # [prompt | chosen | rejected]: the prompt once
+        return cfg.batch_size * (prompt + 2 * answer), cfg.batch_size * 2 * answer
+    return 2 * cfg.batch_size * (prompt + answer), cfg.batch_size * 2 * answer
+
+
+def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | None = None,
+             answer_tokens: int | None = None, checkpointing: bool | None = None) -> dict:
+    """Estimated peak memory in GB, by part, for a Config (``tokens``/``answer_tokens`` of the largest micro-step
+    when known, see :func:`micro_step_tokens`; ``checkpointing`` overrides the config's choice).
+
+    Activations per token and layer: (12 d + 4 f + 7 r) values saved for backward (LoRA on every linear layer: the
+    normed inputs, q/k/v and their rotated copies, the attention output, the MLP's gate, up and product, the seven
+    LoRA A outputs), plus the attention weights with eager attention (SDPA's kernels, flash on CPU too, keep none);
+    with checkpointing, one fp32 d-vector per layer plus one layer recomputed in full and the hidden-state
+    gradients.
+    Checked against measured CPU peaks in tests/test_memory.py."""
     a = arch or arch_of(cfg.model)
     per_weight = {"4bit": 0.516, "8bit": 1.03, "none": 2.0}[cfg.quantization]
     embed_bytes = 4 if cfg.quantization != "none" else 2  # prepare_model_for_kbit_training upcasts to fp32
@@ -80,16 +99,22 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True) -> dict:
         n_embed = a.vocab * a.hidden + a.hidden  # input embeddings + the score head
     eight_bit_adam = gpu and cfg.optimizer in ("auto", "paged_adamw_8bit", "adamw_8bit")
     lora = a.lora_params(cfg.lora.r) * (10 if eight_bit_adam else 16)
-    tokens = 2 * cfg.batch_size * cfg.max_length  # chosen and rejected rows
+    default_tokens, default_answers = micro_step_tokens(cfg)
+    tokens = tokens or default_tokens
+    answer_tokens = answer_tokens or default_answers
     act_bytes = 2 if gpu else 4
-    if cfg.gradient_checkpointing:
-        saved = a.layers * tokens * a.hidden * 4  # fp32 residual stream at each layer boundary
-        recompute = tokens * (6 * a.hidden + 3 * a.ffn) * act_bytes
-        activations = saved + recompute
+    layer = tokens * (12 * a.hidden + 4 * a.ffn + 7 * cfg.lora.r) * act_bytes
+    rows = cfg.batch_size * (1 if cfg.shared_prompt != "off" else 2)
+    row = tokens / rows
+    mask = rows * row * row if cfg.shared_prompt != "off" else 0  # the (T, T) bool mask of shared rows
+    if cfg.attn_implementation == "eager":  # eager attention keeps its (heads, T, T) weights; SDPA kernels don't
+        layer += rows * a.heads * row * row * act_bytes
+    if checkpointing if checkpointing is not None else cfg.gradient_checkpointing is not False:
+        activations = tokens * (a.layers * a.hidden * 4 + 2 * a.hidden * 4) + layer + mask
     else:
-        activations = a.layers * tokens * (12 * a.hidden + 4 * a.ffn) * act_bytes
+        activations = a.layers * layer + mask
     if cfg.task == "dpo":
-        chunk = min(cfg.logprob_chunk_size or auto_chunk_size(a.vocab), tokens)
+        chunk = min(cfg.logprob_chunk_size or auto_chunk_size(a.vocab), answer_tokens)
         head = chunk * a.vocab * 4 * 3  # fp32 logits, log-softmax, their gradient
     else:
         head = 0
@@ -97,7 +122,27 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True) -> dict:
              "lora_and_optimizer": lora / GB, "activations": activations / GB, "lm_head_chunk": head / GB,
              "runtime": 0.6 if gpu else 0.3}
     parts["total"] = sum(parts.values())
-    return {k: round(v, 2) for k, v in parts.items()}
+    return {k: round(v, 4) for k, v in parts.items()}
+
+
+def training_gb(parts: dict) -> float:
+    """What training adds to the loaded model: activations, the LM-head chunk, adapter gradients and optimizer."""
+    return parts["activations"] + parts["lm_head_chunk"] + parts["lora_and_optimizer"]
+
+
+def choose_checkpointing(cfg, available_gb: float, *, gpu: bool, tokens: int | None = None,
+                         answer_tokens: int | None = None) -> tuple[bool, str]:
+    """gradient_checkpointing=auto: off when the run fits without it (with 10% to spare), else on."""
+    if cfg.gradient_checkpointing is not None:
+        return cfg.gradient_checkpointing, "as configured"
+    try:
+        without = estimate(cfg, gpu=gpu, tokens=tokens, answer_tokens=answer_tokens, checkpointing=False)
+    except Exception as e:  # an architecture we can't read: the safe choice
+        return True, f"on (no memory estimate: {type(e).__name__})"
+    need = without["total"]
+    if need <= 0.9 * available_gb:
+        return False, f"off (the run needs about {need:.1f} GB without it; {available_gb:.1f} GB available)"
+    return True, f"on (about {need:.1f} GB without it would not fit in {available_gb:.1f} GB)"
 
 
 def main(argv=None) -> int:

@@ -140,7 +140,7 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True):
     else:
         for p in model.parameters():
             p.requires_grad_(False)
-    if cfg.gradient_checkpointing:
+    if cfg.gradient_checkpointing is not False:  # None (auto) is resolved by train(); elsewhere the safe choice
         # non-reentrant checkpointing needs no input-grad hack and works under no_grad for the reference pass
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
@@ -316,6 +316,16 @@ def save_adapter(model, tokenizer, path: str | os.PathLike) -> None:
     """PEFT format (adapter_config.json + adapter_model.safetensors) + tokenizer; only the policy adapter."""
     model.save_pretrained(str(path), selected_adapters=[POLICY], safe_serialization=True)
     tokenizer.save_pretrained(str(path))
+
+
+def available_memory_gb() -> float:
+    """What a run can use: the GPU's total memory (nothing of ours is loaded yet), or the RAM available now."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 8.0
 
 
 def _proc_status_mb(field: str) -> float | None:

@@ -8,6 +8,7 @@ same effective batch gives the same update however it is split into micro-steps.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -25,9 +26,10 @@ from . import data as data_mod
 from .artifacts import RunDir
 from .config import Config, ConfigError, dump_yaml
 from .losses import REFERENCE_FREE, preference_loss, reward_loss
-from .model import (autocast, compute_dtype, current_memory_mb, device, load_model, load_tokenizer, peak_memory_mb,
-                    reference_mode, reset_peak_memory, reward_scores, save_adapter, sequence_logps,
-                    shared_reward_scores, shared_sequence_logps, trainable_parameters)
+from .memory import choose_checkpointing
+from .model import (autocast, available_memory_gb, compute_dtype, current_memory_mb, device, load_model,
+                    load_tokenizer, peak_memory_mb, reference_mode, reset_peak_memory, reward_scores, save_adapter,
+                    sequence_logps, shared_reward_scores, shared_sequence_logps, trainable_parameters)
 from .refcache import RefCache
 
 log = logging.getLogger("lowrank_pref")
@@ -105,6 +107,21 @@ class Schedule:
         micro = sum(len(self.epoch_batches(e)) for e in range(int(full)))
         micro += math.ceil(part * len(self.epoch_batches(int(full)))) if part else 0
         return max(1, math.ceil(micro / self.accum))
+
+
+def largest_micro_step(cfg: Config, schedule: Schedule, pairs: list) -> tuple[int, int]:
+    """(padded tokens through the model, answer tokens) of the first epoch's largest micro-batch."""
+    shared = cfg.shared_prompt != "off" and cfg.attn_implementation != "flash_attention_2"
+    worst = (0, 0)
+    for batch in schedule.epoch_batches(0):
+        chosen = [pairs[i] for i in batch]
+        if shared:
+            padded = len(chosen) * max(p.num_tokens for p in chosen)
+        else:
+            padded = 2 * len(chosen) * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
+                                           for p in chosen)
+        worst = max(worst, (padded, sum(len(p.chosen_ids) + len(p.rejected_ids) for p in chosen)))
+    return worst
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -329,7 +346,14 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
                                            "eval": data.eval_report.as_dict() if data.eval_report else None,
                                            "train_pairs": len(data.train), "eval_pairs": len(data.eval)}, indent=1))
 
-    model, reference = load_model(cfg, tokenizer)
+    schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
+                        sizes=[p.num_tokens for p in data.train], token_budget=cfg.token_budget)
+    tokens, answers = largest_micro_step(cfg, schedule, data.train)
+    checkpointing, why = choose_checkpointing(cfg, available_memory_gb(), gpu=device().type == "cuda",
+                                              tokens=tokens, answer_tokens=answers)
+    log.info("gradient checkpointing: %s", why)
+    run.write_status(gradient_checkpointing=checkpointing)
+    model, reference = load_model(dataclasses.replace(cfg, gradient_checkpointing=checkpointing), tokenizer)
     if cfg.task == "dpo":
         reference = "none" if cfg.loss_type in REFERENCE_FREE else reference
         log.info("reference: %s%s", reference, {"base": " (the base model, adapters disabled)",
@@ -344,8 +368,6 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
 
     from transformers import get_scheduler
 
-    schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
-                        sizes=[p.num_tokens for p in data.train], token_budget=cfg.token_budget)
     total = schedule.total_steps(cfg)
     optimizer = make_optimizer(cfg, params)
     scheduler = get_scheduler(cfg.lr_scheduler_type, optimizer, num_warmup_steps=round(cfg.warmup_ratio * total),

@@ -84,7 +84,8 @@ def pairs_file(tmp_path) -> Path:
     return write_pairs(tmp_path / "pairs.jsonl")
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+def run_cli(*args: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None
+            ) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **(env or {}))
     return subprocess.run([sys.executable, "-m", "lowrank_pref.run", *args], cwd=cwd or ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout)
