@@ -5,6 +5,7 @@
     python benchmarks/bench.py --task reward            # reward model against TRL's RewardTrainer
     python benchmarks/bench.py --prompt 768 --answer 256 --batch 2       # long pairs (1k+ tokens)
     python benchmarks/bench.py --vocab 32768            # a large vocabulary (LM head 32k wide)
+    python benchmarks/bench.py --ours-checkpointing auto                 # ours picks checkpointing by memory
     python benchmarks/bench.py --all --json results.json                 # all of the above, one table
 
 Each side runs in its own process (so peak memory is its own), TRL and ours interleaved round by round.
@@ -83,7 +84,8 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
             "model": model_dir, "dataset": data, "batch_size": args.batch, "gradient_accumulation_steps": 1,
             "max_steps": steps, "max_length": common["max_length"], "max_prompt_length": args.prompt,
             "learning_rate": common["lr"], "beta": common["beta"], "lora.r": 16, "lora.alpha": 32,
-            "lora.dropout": 0.0, "gradient_checkpointing": args.checkpointing, "data.eval_fraction": 0,
+            "lora.dropout": 0.0, "data.eval_fraction": 0,
+            "gradient_checkpointing": args.checkpointing if args.ours_checkpointing == "same" else None,
             "logging_steps": 1, "save_steps": 10**6, "warmup_ratio": 0.0, "task": args.task,
             "shared_prompt": args.shared_prompt})
         train(cfg, out)
@@ -153,6 +155,7 @@ CASES = {  # name: overrides of the command-line defaults
     "reward prompt-heavy": {"task": "reward"},
     "dpo long (1k tokens)": {"prompt": 768, "answer": 256, "batch": 2, "steps": 3},
     "dpo vocab 32k": {"vocab": 32768},
+    "dpo prompt-heavy, ckpt auto": {"ours_checkpointing": "auto"},
 }
 
 
@@ -195,7 +198,8 @@ def run_case(args, workdir: Path) -> dict:
               "memory_delta_ours_over_trl": summary["ours"]["memory_delta_mb"] / summary["trl"]["memory_delta_mb"]}
     case = {"task": args.task, "prompt": args.prompt, "answer": args.answer, "batch": args.batch,
             "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab or 768,
-            "checkpointing": args.checkpointing, "shared_prompt": args.shared_prompt, "rounds": args.rounds,
+            "checkpointing": args.checkpointing, "ours_checkpointing": args.ours_checkpointing,
+            "shared_prompt": args.shared_prompt, "rounds": args.rounds,
             "memory_rounds": 0 if gpu else args.memory_rounds,
             "device": torch.cuda.get_device_name(0) if gpu else "cpu"}
     return {"case": case, "summary": summary, "ratios": ratios}
@@ -232,6 +236,8 @@ def main() -> int:
     p.add_argument("--memory-rounds", type=int, default=2, help="CPU: rounds that read memory (see above)")
     p.add_argument("--checkpointing", type=lambda s: s.lower() == "true", default=True)
     p.add_argument("--shared-prompt", choices=("auto", "on", "off"), default="auto", help="ours: shared_prompt")
+    p.add_argument("--ours-checkpointing", choices=("same", "auto"), default="same",
+                   help="ours: the same checkpointing as TRL, or gradient_checkpointing=auto (TRL keeps --checkpointing)")
     p.add_argument("--all", action="store_true", help="run every case in CASES and print one table")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
