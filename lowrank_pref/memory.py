@@ -71,10 +71,10 @@ def arch_of(model: str) -> Arch:
 
 
 def micro_step_tokens(cfg, prompt: int | None = None, answer: int | None = None) -> tuple[int, int]:
-    """(tokens through the model, answer tokens through the LM head) of one micro-step. Without lengths, pairs are
-    taken as full: a ``max_prompt_length`` prompt and answers filling the rest of ``max_length``."""
-    prompt = cfg.max_prompt_length if prompt is None else prompt
-    answer = cfg.max_length - cfg.max_prompt_length if answer is None else answer
+    """(tokens through the model, answer tokens through the LM head) of one micro-step of pairs with these lengths.
+    Without lengths, the worst case: answers of ``max_length`` each (a near-empty prompt), in either layout."""
+    if prompt is None or answer is None:
+        return 2 * cfg.batch_size * cfg.max_length, 2 * cfg.batch_size * cfg.max_length
     if cfg.shared_prompt != "off":  # [prompt | chosen | rejected]: the prompt once
         return cfg.batch_size * (prompt + 2 * answer), cfg.batch_size * 2 * answer
     return 2 * cfg.batch_size * (prompt + answer), cfg.batch_size * 2 * answer
