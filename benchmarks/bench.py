@@ -237,7 +237,7 @@ def main() -> int:
     p.add_argument("--checkpointing", type=lambda s: s.lower() == "true", default=True)
     p.add_argument("--shared-prompt", choices=("auto", "on", "off"), default="auto", help="ours: shared_prompt")
     p.add_argument("--ours-checkpointing", choices=("same", "auto"), default="same",
-                   help="ours: the same checkpointing as TRL, or gradient_checkpointing=auto (TRL keeps --checkpointing)")
+                   help="ours: TRL's checkpointing, or gradient_checkpointing=auto (TRL keeps --checkpointing)")
     p.add_argument("--all", action="store_true", help="run every case in CASES and print one table")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
