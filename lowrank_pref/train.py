@@ -58,6 +58,7 @@ class Schedule:
     sizes: list[int] | None = None
     token_budget: int | None = None
     _epochs: dict = field(default_factory=dict, repr=False)
+    _counts: dict = field(default_factory=dict, repr=False)
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epochs:
@@ -84,15 +85,23 @@ class Schedule:
             self._epochs = {epoch: batches}  # one epoch at a time is all a run needs
         return self._epochs[epoch]
 
+    def epoch_count(self, epoch: int) -> int:
+        """Micro-batches in an epoch (remembered, so finding an epoch doesn't rebuild the ones before it)."""
+        if not self.token_budget:
+            return math.ceil(self.n_pairs / self.batch_size)
+        if epoch not in self._counts:
+            self._counts[epoch] = len(self.epoch_batches(epoch))
+        return self._counts[epoch]
+
     @property
     def batches_per_epoch(self) -> int:
-        return len(self.epoch_batches(0))
+        return self.epoch_count(0)
 
     def micro_batch(self, g: int) -> list[int]:
         """Pair indices of the run's g-th micro-batch (0-based), epochs one after another."""
         epoch = 0
-        while g >= len(self.epoch_batches(epoch)):
-            g -= len(self.epoch_batches(epoch))
+        while g >= self.epoch_count(epoch):
+            g -= self.epoch_count(epoch)
             epoch += 1
         return self.epoch_batches(epoch)[g]
 
@@ -104,8 +113,8 @@ class Schedule:
         if cfg.max_steps:
             return cfg.max_steps
         full, part = divmod(cfg.num_epochs, 1)
-        micro = sum(len(self.epoch_batches(e)) for e in range(int(full)))
-        micro += math.ceil(part * len(self.epoch_batches(int(full)))) if part else 0
+        micro = sum(self.epoch_count(e) for e in range(int(full)))
+        micro += math.ceil(part * self.epoch_count(int(full))) if part else 0
         return max(1, math.ceil(micro / self.accum))
 
 
