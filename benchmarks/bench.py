@@ -108,6 +108,7 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
     if args.task == "reward":
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, **load)
         model.config.pad_token_id = tok.pad_token_id
+        model.score.to(dtype)  # a new head: created in the default dtype, not the compute dtype
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **load)
     pin_cpu_4bit_kernel(model)  # the same kernel on both sides
@@ -239,6 +240,7 @@ def main() -> int:
     p.add_argument("--ours-checkpointing", choices=("same", "auto"), default="same",
                    help="ours: TRL's checkpointing, or gradient_checkpointing=auto (TRL keeps --checkpointing)")
     p.add_argument("--all", action="store_true", help="run every case in CASES and print one table")
+    p.add_argument("--cases", nargs="+", choices=list(CASES), help="run these cases of CASES")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--model-dir", help=argparse.SUPPRESS)
@@ -249,7 +251,7 @@ def main() -> int:
         return 0
     workdir = Path(tempfile.mkdtemp(prefix="bench_"))
     os.environ.setdefault("LOWRANK_PREF_CACHE", str(workdir / "cache"))
-    cases = CASES if args.all else {"this case": {}}
+    cases = {name: CASES[name] for name in (args.cases or CASES)} if args.all or args.cases else {"this case": {}}
     payloads = {}
     for name, overrides in cases.items():
         case_args = argparse.Namespace(**{**vars(args), **overrides})

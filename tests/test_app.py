@@ -234,3 +234,31 @@ def test_app_binds_localhost_unless_in_a_space(monkeypatch):
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     front = readme.split("---")[1]
     assert "sdk: gradio" in front and "app_file: app.py" in front
+
+
+def test_app_py_starts_and_serves_the_page(tmp_path):
+    """`python app.py` as a newcomer (or a Space) runs it: the page is served on 127.0.0.1."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    from conftest import ROOT
+
+    port = _free_port()
+    env = dict(__import__("os").environ, PYTHONPATH=str(ROOT), LOWRANK_PREF_RUNS=str(tmp_path / "runs"))
+    env.pop("SPACE_ID", None)
+    proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        def page():
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as r:
+                    return r.read().decode()
+            except OSError:
+                assert proc.poll() is None, proc.stderr.read()
+                return None
+        assert "lowrank-pref" in _wait(page, timeout=90, every=0.5)
+        assert (tmp_path / "runs").is_dir()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

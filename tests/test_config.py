@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from lowrank_pref.config import (ConfigError, Config, build_config, dump_yaml, from_dict, list_presets, read_yaml,
+from lowrank_pref.config import (ConfigError, Config, build_config, dump_yaml, from_dict, list_presets,
                                  set_key)
 from lowrank_pref.memory import estimate
 
