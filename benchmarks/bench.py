@@ -165,7 +165,7 @@ def run_case(args, workdir: Path) -> dict:
 
     model_dir, data = build_assets(workdir, args)
     passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("worker", "model_dir", "data", "json", "rounds", "memory_rounds", "all")
+                   if k not in ("worker", "model_dir", "data", "json", "rounds", "memory_rounds", "all", "cases")
                    and v is not None]
     gpu = torch.cuda.is_available()
     # On the CPU, memory is read in separate rounds under an allocator that returns freed blocks to the OS (glibc's
