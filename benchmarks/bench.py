@@ -108,7 +108,6 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
     if args.task == "reward":
         model = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, **load)
         model.config.pad_token_id = tok.pad_token_id
-        model.score.to(dtype)  # a new head: created in the default dtype, not the compute dtype
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, **load)
     pin_cpu_4bit_kernel(model)  # the same kernel on both sides
@@ -138,6 +137,10 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
         trainer = RewardTrainer(model=model, args=RewardConfig(**common_args), train_dataset=dataset,
                                 processing_class=tok, callbacks=[Timer()],
                                 peft_config=LoraConfig(task_type="SEQ_CLS", **lora))
+        if dtype == torch.float32:  # TRL casts trainable weights to bf16 for QLoRA; its fp32 score head can't run so
+            for param in trainer.model.parameters():
+                if param.requires_grad and param.dtype == torch.bfloat16:
+                    param.data = param.data.float()
     else:
         from trl import DPOConfig, DPOTrainer
 
