@@ -114,6 +114,9 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
             "learning_rate": common["lr"], "beta": common["beta"], "lora.r": 16, "lora.alpha": 32,
             "lora.dropout": 0.0, "data.eval_fraction": 0,
             "gradient_checkpointing": args.checkpointing if args.ours_checkpointing == "same" else None,
+            # off unless asked: with the few pairs here, later steps would reuse cached reference log-probs, which a
+            # one-epoch run on real data doesn't (--ours-reference-cache shows what later epochs gain)
+            "reference_cache": args.ours_reference_cache,
             "logging_steps": 1, "save_steps": 10**6, "warmup_ratio": 0.0, "task": args.task,
             "shared_prompt": args.shared_prompt})
         train(cfg, out)
@@ -188,6 +191,7 @@ CASES = {  # name: overrides of the command-line defaults
     "dpo long (1k tokens)": {"prompt": 768, "answer": 256, "batch": 2, "steps": 3},
     "dpo vocab 32k": {"vocab": 32768},
     "dpo prompt-heavy, ckpt auto": {"ours_checkpointing": "auto"},
+    "dpo prompt-heavy, epoch 2+": {"ours_reference_cache": True, "warmup": 4},  # timed steps all in epoch 2+
 }
 
 
@@ -232,6 +236,7 @@ def run_case(args, workdir: Path) -> dict:
     case = {"task": args.task, "prompt": args.prompt, "answer": args.answer, "batch": args.batch,
             "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab or 768,
             "checkpointing": args.checkpointing, "ours_checkpointing": args.ours_checkpointing,
+            "ours_reference_cache": args.ours_reference_cache,
             "shared_prompt": args.shared_prompt, "rounds": args.rounds,
             "memory_rounds": 0 if gpu else args.memory_rounds,
             "device": torch.cuda.get_device_name(0) if gpu else "cpu"}
@@ -272,6 +277,8 @@ def main() -> int:
     p.add_argument("--shared-prompt", choices=("auto", "on", "off"), default="auto", help="ours: shared_prompt")
     p.add_argument("--ours-checkpointing", choices=("same", "auto"), default="same",
                    help="ours: TRL's checkpointing, or gradient_checkpointing=auto (TRL keeps --checkpointing)")
+    p.add_argument("--ours-reference-cache", type=lambda s: s.lower() == "true", default=False,
+                   help="ours: true to reuse cached reference log-probs, as later epochs do (default false)")
     p.add_argument("--all", action="store_true", help="run every case in CASES and print one table")
     p.add_argument("--cases", nargs="+", choices=list(CASES), help="run these cases of CASES")
     p.add_argument("--json", help="also write the results here")
