@@ -119,9 +119,12 @@ def store_upload(path: str, uploads_dir: Path) -> Path:
     src = Path(path)
     if src.suffix.lower() not in DATA_EXTENSIONS:
         raise UserError(f"'{src.name}': upload a {', '.join(DATA_EXTENSIONS)} file of preference pairs")
+    import hashlib
+
     uploads_dir.mkdir(parents=True, exist_ok=True)
-    dest = uploads_dir / src.name
-    if not dest.exists() or dest.read_bytes() != src.read_bytes():
+    digest = hashlib.sha1(src.read_bytes()).hexdigest()[:12]
+    dest = uploads_dir / f"{digest}-{src.name}"  # by content: a run's data never changes under it
+    if not dest.exists():
         shutil.copyfile(src, dest)
     return dest.resolve()
 

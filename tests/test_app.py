@@ -73,6 +73,23 @@ def test_the_shown_command_repeats_the_form():
     assert again == cfg
 
 
+def test_uploads_are_kept_by_content_so_a_runs_data_never_changes(tmp_path):
+    from lowrank_pref.ui import UserError, store_upload
+
+    first = tmp_path / "in" / "pairs.jsonl"
+    first.parent.mkdir()
+    first.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n')
+    kept = store_upload(str(first), tmp_path / "uploads")
+    assert store_upload(str(first), tmp_path / "uploads") == kept
+    first.write_text('{"prompt": "x", "chosen": "y", "rejected": "z"}\n')  # the same name, other data
+    other = store_upload(str(first), tmp_path / "uploads")
+    assert other != kept and '"a"' in kept.read_text() and '"x"' in other.read_text()
+    script = tmp_path / "in" / "run.py"
+    script.write_text("print(1)\n")
+    with pytest.raises(UserError, match="upload a .jsonl"):
+        store_upload(str(script), tmp_path / "uploads")
+
+
 # ---- the launched app ---------------------------------------------------------------------------------------------
 
 def _free_port() -> int:
