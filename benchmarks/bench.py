@@ -73,6 +73,7 @@ class WeightPasses:
         import bitsandbytes as bnb
 
         self.calls = self.modules = 0
+        self.started = False
         original = bnb.nn.Linear4bit.forward
 
         def counting(module, *a, **kw):
@@ -87,6 +88,11 @@ class WeightPasses:
             original_init(module, *a, **kw)
 
         bnb.nn.Linear4bit.__init__ = counting_init
+
+    def start(self) -> None:
+        """Count from here: the training steps, not the set-up before them."""
+        if not self.started:
+            self.started, self.calls = True, 0
 
     def per_step(self, steps: int) -> float:
         return self.calls / max(1, self.modules) / steps
@@ -119,6 +125,15 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
             "reference_cache": args.ours_reference_cache,
             "logging_steps": 1, "save_steps": 10**6, "warmup_ratio": 0.0, "task": args.task,
             "shared_prompt": args.shared_prompt})
+        import lowrank_pref.train as train_mod
+
+        step_losses = train_mod.pair_losses
+
+        def counted(*a, **kw):  # the first micro-step starts the count (after ours' one-off shared-prompt check)
+            passes.start()
+            return step_losses(*a, **kw)
+
+        train_mod.pair_losses = counted
         train(cfg, out)
         rows = [m for m in read_metrics(Path(out) / "metrics.jsonl") if "pairs_per_second" in m]
         times = [args.batch / m["pairs_per_second"] for m in rows][args.warmup:]
@@ -148,6 +163,7 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
         def on_train_begin(self, a, state, control, **kw):
             reset_peak_memory()  # the same meter as ours, started at the same point
             loaded.append(current_memory_mb())
+            passes.start()
 
         def on_step_begin(self, a, state, control, **kw):
             self.t = time.perf_counter()
