@@ -524,9 +524,7 @@ def collate_shared(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     input_ids = torch.full((n, width), pad_id, dtype=torch.long)
     position_ids = torch.zeros((n, width), dtype=torch.long)
     allowed = torch.eye(width, dtype=torch.bool).repeat(n, 1, 1)
-    index = {"chosen": [], "rejected": []}
-    targets = {"chosen": [], "rejected": []}
-    rows = {"chosen": [], "rejected": []}
+    index, targets, rows, last = ({"chosen": [], "rejected": []} for _ in range(4))
     for b, p in enumerate(pairs):
         P, C, R = len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)
         T = P + C + R
@@ -536,15 +534,12 @@ def collate_shared(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
         mask = torch.ones(T, T, dtype=torch.bool).tril()
         mask[P + C:, P:P + C] = False
         allowed[b, :T, :T] = mask
+        start = 0 if P else 1  # with no prompt the first answer token has nothing before it (as in collate)
         for side, answer, offset in (("chosen", p.chosen_ids, P), ("rejected", p.rejected_ids, P + C)):
             # the reward model reads the last token that isn't padding, as transformers' pooling does on
             # [prompt + answer] (where eos is the pad token, a trailing eos counts as padding)
-            seq = p.prompt_ids + answer
-            last = max((i for i, t in enumerate(seq) if t != pad_id), default=0)
-            index[f"{side}_last"] = index.get(f"{side}_last", []) + [b * width + (last if last < P else
-                                                                                   offset + last - P)]
-        start = 0 if P else 1  # with no prompt the first answer token has nothing before it (as in collate)
-        for side, answer, offset in (("chosen", p.chosen_ids, P), ("rejected", p.rejected_ids, P + C)):
+            end = max((i for i, t in enumerate(p.prompt_ids + answer) if t != pad_id), default=0)
+            last[side].append(b * width + (end if end < P else offset + end - P))
             for j in range(start, len(answer)):
                 index[side].append(b * width + (P - 1 if j == 0 else offset + j - 1))
                 targets[side].append(answer[j])
@@ -552,7 +547,7 @@ def collate_shared(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     out = {"input_ids": input_ids, "position_ids": position_ids, "allowed": allowed,
            "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
     for side in ("chosen", "rejected"):
-        out[f"{side}_last"] = torch.tensor(index[f"{side}_last"], dtype=torch.long)
+        out[f"{side}_last"] = torch.tensor(last[side], dtype=torch.long)
         out[f"{side}_index"] = torch.tensor(index[side], dtype=torch.long)
         out[f"{side}_targets"] = torch.tensor(targets[side], dtype=torch.long)
         out[f"{side}_rows"] = torch.tensor(rows[side], dtype=torch.long)
