@@ -70,12 +70,18 @@ def arch_of(model: str) -> Arch:
                 getattr(c, "num_key_value_heads", None) or heads, bool(getattr(c, "tie_word_embeddings", False)))
 
 
+def shared_layout_possible(cfg) -> bool:
+    """Whether a run may use the shared-prompt rows: not when turned off, nor with flash_attention_2 (no custom
+    masks). train.shared_prompt_works still checks the model itself on the first pairs."""
+    return cfg.shared_prompt != "off" and cfg.attn_implementation != "flash_attention_2"
+
+
 def micro_step_tokens(cfg, prompt: int | None = None, answer: int | None = None) -> tuple[int, int]:
     """(tokens through the model, answer tokens through the LM head) of one micro-step of pairs with these lengths.
     Without lengths, the worst case: answers of ``max_length`` each (a near-empty prompt), in either layout."""
     if prompt is None or answer is None:
         return 2 * cfg.batch_size * cfg.max_length, 2 * cfg.batch_size * cfg.max_length
-    if cfg.shared_prompt != "off":  # [prompt | chosen | rejected]: the prompt once
+    if shared_layout_possible(cfg):  # [prompt | chosen | rejected]: the prompt once
         return cfg.batch_size * (prompt + 2 * answer), cfg.batch_size * 2 * answer
     return 2 * cfg.batch_size * (prompt + answer), cfg.batch_size * 2 * answer
 
@@ -104,9 +110,10 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     answer_tokens = answer_tokens or default_answers
     act_bytes = 2 if gpu else 4
     layer = tokens * (12 * a.hidden + 4 * a.ffn + 7 * cfg.lora.r) * act_bytes
-    rows = cfg.batch_size * (1 if cfg.shared_prompt != "off" else 2)
+    shared = shared_layout_possible(cfg)
+    rows = cfg.batch_size * (1 if shared else 2)
     row = tokens / rows
-    mask = rows * row * row if cfg.shared_prompt != "off" else 0  # the (T, T) bool mask of shared rows
+    mask = rows * row * row if shared else 0  # the (T, T) bool mask of shared rows
     if cfg.attn_implementation == "eager":  # eager attention keeps its (heads, T, T) weights; SDPA kernels don't
         layer += rows * a.heads * row * row * act_bytes
     if checkpointing if checkpointing is not None else cfg.gradient_checkpointing is not False:

@@ -26,7 +26,7 @@ from . import data as data_mod
 from .artifacts import RunDir
 from .config import Config, ConfigError, dump_yaml
 from .losses import REFERENCE_FREE, preference_loss, reward_loss
-from .memory import choose_checkpointing
+from .memory import choose_checkpointing, shared_layout_possible
 from .model import (autocast, available_memory_gb, compute_dtype, current_memory_mb, device, load_model,
                     load_tokenizer, peak_memory_mb, reference_mode, reset_peak_memory, reward_scores, save_adapter,
                     sequence_logps, shared_reward_scores, shared_sequence_logps, trainable_parameters)
@@ -120,7 +120,7 @@ class Schedule:
 
 def largest_micro_step(cfg: Config, schedule: Schedule, pairs: list) -> tuple[int, int]:
     """(padded tokens through the model, answer tokens) of the first epoch's largest micro-batch."""
-    shared = cfg.shared_prompt != "off" and cfg.attn_implementation != "flash_attention_2"
+    shared = shared_layout_possible(cfg)
     worst = (0, 0)
     for batch in schedule.epoch_batches(0):
         chosen = [pairs[i] for i in batch]
@@ -187,10 +187,8 @@ def shared_prompt_works(model, cfg: Config, pairs: list, pad_id: int) -> tuple[b
 
     A model whose attention ignores or rewrites a custom 4D mask (flash-attention, sliding windows shorter than the
     rows, architectures with their own mask logic) gives different numbers and falls back, with the reason logged."""
-    if cfg.shared_prompt == "off":
-        return False, "off"
-    if cfg.attn_implementation == "flash_attention_2":
-        return False, "off (flash_attention_2 takes no custom mask)"
+    if not shared_layout_possible(cfg):
+        return False, "off" if cfg.shared_prompt == "off" else "off (flash_attention_2 takes no custom mask)"
     if cfg.shared_prompt == "on":
         return True, "on"
     sample = pairs[:2]

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import socket
 import time
 import zipfile
 from pathlib import Path
 
 import pytest
 
-from conftest import write_pairs
+from conftest import free_port, write_pairs
 from lowrank_pref.config import build_config
 from lowrank_pref.diagnostics import LN2, diagnose
 from lowrank_pref.run import parser, resolve
@@ -92,11 +91,6 @@ def test_uploads_are_kept_by_content_so_a_runs_data_never_changes(tmp_path):
 
 # ---- the launched app ---------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
@@ -106,7 +100,7 @@ def app(tmp_path_factory):
 
     runs = tmp_path_factory.mktemp("runs")
     demo = build_app(runs)
-    port = _free_port()
+    port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     yield demo, client
@@ -261,7 +255,7 @@ def test_app_py_starts_and_serves_the_page(tmp_path):
 
     from conftest import ROOT
 
-    port = _free_port()
+    port = free_port()
     env = dict(__import__("os").environ, PYTHONPATH=str(ROOT), LOWRANK_PREF_RUNS=str(tmp_path / "runs"))
     env.pop("SPACE_ID", None)
     proc = subprocess.Popen([sys.executable, "app.py", "--port", str(port)], cwd=ROOT, env=env,

@@ -5,12 +5,11 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
 
-from conftest import write_pairs
+from conftest import free_port, write_pairs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (the README's test command "
@@ -20,11 +19,6 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_upload_train_watch_stop_in_a_browser(tmp_path):
     from playwright.sync_api import expect, sync_playwright
@@ -32,7 +26,7 @@ def test_upload_train_watch_stop_in_a_browser(tmp_path):
     from lowrank_pref.ui import CSS, build_app
 
     demo = build_app(tmp_path / "runs")
-    port = _free_port()
+    port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
     data = write_pairs(tmp_path / "my_pairs.jsonl", n=48)
     shots = Path(os.environ.get("LOWRANK_PREF_SCREENSHOTS", tmp_path))
