@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, all_keys, build_config, field_help, list_presets, parse_override
+from .config import Config, ConfigError, all_keys, build_config, field_help, list_presets, parse_override
 
 USER_ERROR, INTERNAL_ERROR = 2, 1
 
@@ -47,7 +47,7 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def resolve(args) -> "Config":  # noqa: F821
+def resolve(args) -> Config:
     overrides = {}
     for flag, key in (("model", "model"), ("dataset", "dataset"), ("task", "task"), ("output_dir", "output_dir"),
                       ("max_steps", "max_steps"), ("save_steps", "save_steps")):
