@@ -218,3 +218,56 @@ def test_export_push_calls_the_hub_with_the_adapter(tiny_model_dir, tmp_path):
     assert api.calls[1][1]["folder_path"] == str(tmp_path / "a")
     with pytest.raises(ExportError, match="must look like 'user/name'"):
         push(tmp_path / "a", "noslash", api=api)
+
+
+class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the aten ops a forward runs (which path a LoRA layer took shows in them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.counts: dict[str, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        self.counts[name] = self.counts.get(name, 0) + 1
+        return func(*args, **(kwargs or {}))
+
+
+def _logps_and_grads(model, batch):
+    model.zero_grad()
+    counter = _OpCounter()
+    with counter:
+        logps, _ = sequence_logps(model, batch)
+    logps.sum().backward()
+    return logps.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}, counter.counts
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_fused_lora_add_equals_peft_forward(tiny_model_dir, tokenizer, dora):
+    """Our one-addmm LoRA forward gives PEFT's numbers and gradients; DoRA keeps PEFT's own forward."""
+    from lowrank_pref.model import fuse_lora_adds
+
+    cfg = _cfg(tiny_model_dir, **{"lora.use_dora": str(dora).lower()})
+    tok = load_tokenizer(cfg)
+    model, _ = load_model(cfg, tok)
+    _randomize_lora(model)
+    model.train()
+    batch = _batch(tok)
+    lora_layers = [m for m in model.modules() if "forward" in vars(m) and hasattr(m, "lora_A")]
+    assert len(lora_layers) == 2 * 7  # every targeted linear of both layers got the fused forward
+    fused, fused_grads, ops = _logps_and_grads(model, batch)
+    assert ops.get("addmm", 0) == (0 if dora else len(lora_layers))  # the fused path ran (or, for DoRA, didn't)
+    for m in lora_layers:
+        del m.forward  # PEFT's forward again
+    peft, peft_grads, peft_ops = _logps_and_grads(model, batch)
+    assert peft_ops.get("addmm", 0) == 0 and peft_ops.get("clone", 0) >= len(lora_layers)
+    assert torch.allclose(fused, peft, atol=1e-5), (fused, peft)
+    for name, g in peft_grads.items():
+        assert torch.allclose(fused_grads[name], g, atol=1e-6, rtol=1e-4), name
+    assert fuse_lora_adds(model) == len(lora_layers) and fuse_lora_adds(model) == 0  # once per layer
+    with reference_mode(model):  # adapters off: the base layer alone, through PEFT's forward
+        counter = _OpCounter()
+        with counter:
+            sequence_logps(model, batch)
+        assert counter.counts.get("addmm", 0) == 0
+
