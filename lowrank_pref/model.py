@@ -144,7 +144,20 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True):
     if cfg.gradient_checkpointing is not False:  # None (auto) is resolved by train(); elsewhere the safe choice
         # non-reentrant checkpointing needs no input-grad hack and works under no_grad for the reference pass
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        keep_last_layer(model)
     return model
+
+
+def keep_last_layer(model) -> None:
+    """Leave the last decoder layer out of gradient checkpointing.
+
+    Backward starts with that layer: checkpointed, it is recomputed at once and its activations are back in
+    memory, so the peak is the same as keeping them from the forward, and the recompute is pure cost (1/L of it)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    if len(layers) > 1:
+        layers[-1].gradient_checkpointing = False
 
 
 def pin_cpu_4bit_kernel(model) -> None:

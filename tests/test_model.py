@@ -271,3 +271,20 @@ def test_fused_lora_add_equals_peft_forward(tiny_model_dir, tokenizer, dora):
             sequence_logps(model, batch)
         assert counter.counts.get("addmm", 0) == 0
 
+
+def test_last_layer_is_not_checkpointed(tiny_model_dir, tokenizer):
+    """Checkpointing covers every decoder layer but the last one, whose recompute would start backward anyway; the
+    gradients are those of no checkpointing."""
+    grads = []
+    for checkpointing in ("true", "false"):
+        cfg = _cfg(tiny_model_dir, gradient_checkpointing=checkpointing)
+        tok = load_tokenizer(cfg)
+        model, _ = load_model(cfg, tok)
+        _randomize_lora(model)
+        layers = model.get_base_model().model.layers
+        assert [layer.gradient_checkpointing for layer in layers] == (
+            [True, False] if checkpointing == "true" else [False, False])
+        model.train()
+        grads.append(_logps_and_grads(model, _batch(tok))[1])
+    for name, g in grads[1].items():
+        assert torch.allclose(grads[0][name], g, atol=1e-6, rtol=1e-4), name
