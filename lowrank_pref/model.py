@@ -251,6 +251,8 @@ def _fused_lora_forward(self, x, *args, **kwargs):
         return peft_forward(self, x, *args, **kwargs)
     result = self.base_layer(x)
     h = lora_a(self.lora_dropout[name](x))
+    if h.dtype != result.dtype:  # autocast with a wider base output: PEFT's sum in its dtypes (without the clone)
+        return result + lora_b(h) * self.scaling[name]
     out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(),
                       alpha=self.scaling[name])
     return out.view(result.shape)

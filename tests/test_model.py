@@ -257,8 +257,14 @@ def test_fused_lora_add_equals_peft_forward(tiny_model_dir, tokenizer, dora):
     assert len(lora_layers) == 2 * 7  # every targeted linear of both layers got the fused forward
     fused, fused_grads, ops = _logps_and_grads(model, batch)
     assert ops.get("addmm", 0) == (0 if dora else len(lora_layers))  # the fused path ran (or, for DoRA, didn't)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes: bf16 LoRA on fp32 and on bf16 base outputs
+        fused_autocast = _logps_and_grads(model, batch)[0]
     for m in lora_layers:
         del m.forward  # PEFT's forward again
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_autocast = _logps_and_grads(model, batch)[0]
+    # bf16 layers round once in addmm where PEFT rounds three times: equal to bf16's precision
+    assert torch.allclose(fused_autocast, peft_autocast, rtol=1e-3), (fused_autocast, peft_autocast)
     peft, peft_grads, peft_ops = _logps_and_grads(model, batch)
     assert peft_ops.get("addmm", 0) == 0 and peft_ops.get("clone", 0) >= len(lora_layers)
     assert torch.allclose(fused, peft, atol=1e-5), (fused, peft)
