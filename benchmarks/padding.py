@@ -26,7 +26,8 @@ def padding_share(pairs, batches, shared: bool) -> tuple[float, int]:
         if shared:
             rows = [p.num_tokens for p in (pairs[i] for i in batch)]
         else:
-            rows = [len(p.prompt_ids) + len(a) for p in (pairs[i] for i in batch) for a in (p.chosen_ids, p.rejected_ids)]
+            rows = [len(p.prompt_ids) + len(a) for p in (pairs[i] for i in batch)
+                    for a in (p.chosen_ids, p.rejected_ids)]
         computed += max(rows) * len(rows)
         real += sum(rows)
     return 1 - real / max(computed, 1), computed
@@ -58,7 +59,8 @@ def main(argv: list[str]) -> int:
         batches = schedule.epoch_batches(0)
         for shared in (True, False):
             share, computed = padding_share(pairs, batches, shared)
-            print(f"{label:34s} {'shared' if shared else 'two rows':10s} {share:8.1%} {computed:10d} {len(batches):12d}")
+            layout = "shared" if shared else "two rows"
+            print(f"{label:34s} {layout:10s} {share:8.1%} {computed:10d} {len(batches):12d}")
     return 0
 
 
