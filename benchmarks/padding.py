@@ -21,13 +21,11 @@ sys.path.insert(0, str(ROOT))
 
 def padding_share(pairs, batches, shared: bool) -> tuple[float, int]:
     """(padding / computed positions, computed positions) over these micro-batches."""
+    from lowrank_pref.data import row_lengths
+
     computed = real = 0
     for batch in batches:
-        if shared:
-            rows = [p.num_tokens for p in (pairs[i] for i in batch)]
-        else:
-            rows = [len(p.prompt_ids) + len(a) for p in (pairs[i] for i in batch)
-                    for a in (p.chosen_ids, p.rejected_ids)]
+        rows = row_lengths([pairs[i] for i in batch], shared)
         computed += max(rows) * len(rows)
         real += sum(rows)
     return 1 - real / max(computed, 1), computed

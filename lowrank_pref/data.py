@@ -485,6 +485,15 @@ def load_preference_data(cfg, tokenizer) -> PreferenceData:
 # ----------------------------------------------------------------------------------------------------------------
 # Batches
 
+def row_lengths(pairs: list[Pair], shared: bool) -> list[int]:
+    """Lengths of the rows these pairs become before padding: one ``[prompt | chosen | rejected]`` row per pair
+    (:func:`collate_shared`), or ``prompt+chosen`` and ``prompt+rejected`` (:func:`collate`). A micro-batch is
+    ``len(rows) * max(rows)`` positions padded."""
+    if shared:
+        return [p.num_tokens for p in pairs]
+    return [len(p.prompt_ids) + len(a) for p in pairs for a in (p.chosen_ids, p.rejected_ids)]
+
+
 def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     """Two rows per pair, ``[prompt+chosen ...; prompt+rejected ...]``, right-padded.
 

@@ -124,12 +124,8 @@ def largest_micro_step(cfg: Config, schedule: Schedule, pairs: list) -> tuple[in
     worst = (0, 0)
     for batch in schedule.epoch_batches(0):
         chosen = [pairs[i] for i in batch]
-        if shared:
-            padded = len(chosen) * max(p.num_tokens for p in chosen)
-        else:
-            padded = 2 * len(chosen) * max(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids))
-                                           for p in chosen)
-        worst = max(worst, (padded, sum(len(p.chosen_ids) + len(p.rejected_ids) for p in chosen)))
+        rows = data_mod.row_lengths(chosen, shared)
+        worst = max(worst, (len(rows) * max(rows), sum(len(p.chosen_ids) + len(p.rejected_ids) for p in chosen)))
     return worst
 
 
