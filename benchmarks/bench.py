@@ -68,11 +68,13 @@ def build_assets(workdir: Path, args) -> tuple[Path, Path]:
 
 
 class WeightPasses:
-    """Counts forward calls of the 4-bit linear layers (each one reads and de-quantizes its weights): the passes
-    over the 4-bit weights a training step makes, reference, policy and checkpoint recompute included."""
+    """Counts the passes over the 4-bit weights a training step makes (each reads and de-quantizes them): forward
+    calls of the 4-bit linear layers (reference, policy and checkpoint recompute) and backward passes that compute
+    the gradient of a layer's input (bitsandbytes skips those whose input needs no gradient)."""
 
     def __init__(self):
         import bitsandbytes as bnb
+        from bitsandbytes.autograd._functions import MatMul4Bit
 
         self.calls = self.modules = 0
         self.started = False
@@ -83,6 +85,13 @@ class WeightPasses:
             return original(module, *a, **kw)
 
         bnb.nn.Linear4bit.forward = counting
+        original_backward = MatMul4Bit.backward
+
+        def counting_backward(ctx, grad_output):
+            self.calls += bool(ctx.needs_input_grad[0])
+            return original_backward(ctx, grad_output)
+
+        MatMul4Bit.backward = staticmethod(counting_backward)
         original_init = bnb.nn.Linear4bit.__init__
 
         def counting_init(module, *a, **kw):
@@ -275,10 +284,10 @@ def print_table(payloads: dict[str, dict]) -> None:
                       if side == "ours" else "")
             label = name if side == "ours" else ""
             print(f"{label:22s} {side:5s} {s['pairs_per_s']:8.2f} {s['tokens_per_pair']:12.1f} "
-                  f"{s['weight_passes_per_step']:12.1f} {s['peak_mb']:8.0f} {s['memory_delta_mb']:9.0f} {ratios}")
+                  f"{s['weight_passes_per_step']:12.2f} {s['peak_mb']:8.0f} {s['memory_delta_mb']:9.0f} {ratios}")
     print("(speed x: median over rounds of each round's ours/TRL pairs per second; memory x: ours/TRL peak memory "
-          "over the loaded model; 4bit passes: "
-          "forward calls of each 4-bit layer per optimizer step)")
+          "over the loaded model; 4bit passes: passes over each 4-bit layer's weights per optimizer step, forward "
+          "calls and input-gradient backward passes)")
 
 
 def main() -> int:

@@ -209,7 +209,26 @@ def load_model(cfg: Config, tokenizer):
         reference = "base"
     fused = fuse_lora_adds(model)
     log.debug("LoRA layers with the fused add: %d", fused)
+    log.debug("input-grad hooks removed: %d", no_input_grads(model))
     return model, reference
+
+
+def no_input_grads(model) -> int:
+    """Remove the hooks that make the input embeddings' output require grad. Returns how many were removed.
+
+    transformers adds one when it turns checkpointing on (and PEFT another for an unquantized model). Reentrant
+    checkpointing needs them; ours is non-reentrant, and the LoRA weights need no gradient from below the first
+    layer. With the hook, backward also computes the gradient of the first layer's input, which nothing reads: its
+    q/k/v projections pass over their 4-bit weights once more per step (3 of 7L), and its input norm is
+    differentiated too."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embeddings = base.get_input_embeddings()
+    hooks = getattr(embeddings, "_forward_hooks", {})
+    drop = [k for k, fn in hooks.items() if getattr(fn, "__name__", "") in ("make_inputs_require_grads",
+                                                                             "make_inputs_require_grad")]
+    for k in drop:
+        del hooks[k]
+    return len(drop)
 
 
 def fuse_lora_adds(model) -> int:

@@ -279,8 +279,9 @@ def test_fused_lora_add_equals_peft_forward(tiny_model_dir, tokenizer, dora):
 
 
 def test_last_layer_is_not_checkpointed(tiny_model_dir, tokenizer):
-    """Checkpointing covers every decoder layer but the last one, whose recompute would start backward anyway; the
-    gradients are those of no checkpointing."""
+    """Checkpointing covers every decoder layer but the last one, whose recompute would start backward anyway, and
+    leaves the embeddings' output without grad (so backward stops at the first layer's LoRA weights, not below);
+    the gradients are those of no checkpointing."""
     grads = []
     for checkpointing in ("true", "false"):
         cfg = _cfg(tiny_model_dir, gradient_checkpointing=checkpointing)
@@ -291,6 +292,11 @@ def test_last_layer_is_not_checkpointed(tiny_model_dir, tokenizer):
         assert [layer.gradient_checkpointing for layer in layers] == (
             [True, False] if checkpointing == "true" else [False, False])
         model.train()
+        embedded = []
+        model.get_base_model().get_input_embeddings().register_forward_hook(
+            lambda m, i, out: embedded.append(out.requires_grad))
         grads.append(_logps_and_grads(model, _batch(tok))[1])
+        assert embedded == [False]
+        assert all(g.abs().sum() > 0 for n, g in grads[-1].items() if "layers.0." in n and "lora_A" in n)
     for name, g in grads[1].items():
         assert torch.allclose(grads[0][name], g, atol=1e-6, rtol=1e-4), name
