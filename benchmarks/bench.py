@@ -300,7 +300,7 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=704)
     p.add_argument("--vocab", type=int, default=None, help="model vocabulary (default: the tokenizer's, 768)")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--memory-rounds", type=int, default=2, help="CPU: rounds that read memory (see above)")
