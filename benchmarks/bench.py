@@ -11,10 +11,10 @@
 Each side runs in its own process (so peak memory is its own), TRL and ours interleaved round by round.
 Throughput is the median over rounds of each round's median step time after the warm-up steps; the speed ratio is
 the median over rounds of each round's own ratio (both sides of a round run back to back, so drift in the machine's
-speed cancels); "fastest x" is the same from each round's fastest step per side, a check on it. Memory is each side's peak over what it held when training began (model, adapters, data, optimizer
-loaded): allocated memory on a GPU; on the CPU the RSS high-water mark (reset through /proc), read in extra rounds where
-glibc returns freed blocks to the OS (see main()), so that RSS follows the memory the steps use. Prints a table, the
-ratios (ours / TRL) and JSON.
+speed cancels); "fastest x" is the same from each round's fastest step per side, a check on it. Memory is each side's
+peak over what it held when training began (model, adapters, data, optimizer loaded): allocated memory on a GPU; on the
+CPU the RSS high-water mark (reset through /proc), read in extra rounds where glibc returns freed blocks to the OS (see
+main()), so that RSS follows the memory the steps use. Prints a table, the ratios (ours / TRL) and JSON.
 """
 
 from __future__ import annotations
