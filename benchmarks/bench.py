@@ -7,6 +7,11 @@
     python benchmarks/bench.py --vocab 32768            # a large vocabulary (LM head 32k wide)
     python benchmarks/bench.py --ours-checkpointing auto                 # ours picks checkpointing by memory
     python benchmarks/bench.py --all --json results.json                 # all of the above, one table
+    python benchmarks/bench.py --arch llama3-8b --workdir /tmp/bench      # GPU: Llama-3-8B's shapes, random weights
+
+On the CPU the model is a small Llama built from a config (--layers, --hidden, --ffn, --vocab); --arch builds a real
+architecture instead (Llama-3.1-8B, Qwen2.5-7B, ...: widths, heads, vocabulary; random weights), --arch-layers cuts
+its depth, and --workdir keeps the built model for the next command.
 
 Each side runs in its own process (so peak memory is its own), TRL and ours interleaved round by round.
 Throughput is the median over rounds of each round's median step time after the warm-up steps; the speed ratio is
@@ -14,7 +19,8 @@ the median over rounds of each round's own ratio (both sides of a round run back
 speed cancels); "fastest x" is the same from each round's fastest step per side, a check on it. Memory is each side's
 peak over what it held when training began (model, adapters, data, optimizer loaded): allocated memory on a GPU; on the
 CPU the RSS high-water mark (reset through /proc), read in extra rounds where glibc returns freed blocks to the OS (see
-main()), so that RSS follows the memory the steps use. Prints a table, the ratios (ours / TRL) and JSON.
+main()), so that RSS follows the memory the steps use. Beside ours' measured memory goes what lowrank_pref.memory
+estimates for the same run. Prints a table, the ratios (ours / TRL) and JSON.
 """
 
 from __future__ import annotations
@@ -22,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 import subprocess
 import sys
@@ -34,22 +39,58 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def build_assets(workdir: Path, args) -> tuple[Path, Path]:
-    """A Llama-architecture model from a config (random weights) and a jsonl of pairs with the asked lengths."""
+# --arch: real architectures with random weights (the GPU benchmark), by the memory model's name for them
+ARCHS = {"llama3-8b": "meta-llama/Llama-3.1-8B-Instruct", "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
+         "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
+         "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct"}
+
+
+def build_model(workdir: Path, args, tok) -> Path:
+    """A model folder from a config, with random weights: ``--arch small`` a Llama of --layers x --hidden (fp32),
+    else the named architecture at its real widths (bf16 on disk; --layers cuts the depth). Reused when the folder
+    already exists (``--workdir``)."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    from lowrank_pref.memory import KNOWN
+
+    special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    if args.arch == "small":
+        model_dir = workdir / f"model-small-{args.layers}x{args.hidden}-{args.vocab or len(tok)}"
+        config = LlamaConfig(vocab_size=max(len(tok), args.vocab or 0), hidden_size=args.hidden,
+                             intermediate_size=args.ffn, num_hidden_layers=args.layers,
+                             num_attention_heads=args.hidden // 64, num_key_value_heads=max(1, args.hidden // 128),
+                             max_position_embeddings=4096, **special)
+        dtype = torch.float32
+    else:
+        name = ARCHS[args.arch]
+        hidden, layers, ffn, vocab, heads, kv_heads, tied = KNOWN[name]
+        layers = args.arch_layers or layers
+        model_dir = workdir / f"model-{args.arch}-{layers}"
+        kind = Qwen2Config if name.startswith("Qwen/") else MistralConfig if "istral" in name else LlamaConfig
+        config = kind(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, tie_word_embeddings=tied,
+                      max_position_embeddings=8192, **special)
+        dtype = torch.bfloat16
+    if (model_dir / "config.json").is_file():
+        return model_dir
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):  # random init of 8B weights: seconds on a GPU
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.save_pretrained(model_dir)
+    del model
+    tok.save_pretrained(model_dir)
+    return model_dir
+
+
+def build_assets(workdir: Path, args) -> tuple[Path, Path]:
+    """A model (see build_model) and a jsonl of pairs with the asked lengths."""
+    import random
 
     from lowrank_pref.tiny import _corpus, build_tokenizer
 
     tok = build_tokenizer()
-    model_dir = workdir / f"model-{args.vocab or len(tok)}"
-    config = LlamaConfig(vocab_size=max(len(tok), args.vocab or 0), hidden_size=args.hidden, intermediate_size=args.ffn,
-                         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                         num_key_value_heads=max(1, args.hidden // 128), max_position_embeddings=4096,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(model_dir)
-    tok.save_pretrained(model_dir)
+    model_dir = build_model(workdir, args, tok)
     words = " ".join(_corpus()).split()
     rng = random.Random(0)
 
@@ -109,6 +150,25 @@ class WeightPasses:
         return self.calls / max(1, self.modules) / steps
 
 
+def memory_estimate(cfg, out: Path, args) -> dict:
+    """What lowrank_pref.memory predicts for this run (with the checkpointing it chose), in MB: what training adds to
+    the loaded model, to set beside the measured delta, and on a GPU the whole peak the allocator sees (the CUDA
+    context, the estimate's "runtime" part, is not allocated memory)."""
+    import torch
+
+    from lowrank_pref.memory import estimate, micro_step_tokens, training_gb
+
+    status = json.loads((out / "status.json").read_text())
+    gpu = torch.cuda.is_available()
+    tokens, answers = micro_step_tokens(cfg, args.prompt, args.answer)
+    parts = estimate(cfg, gpu=gpu, tokens=tokens, answer_tokens=answers,
+                     checkpointing=status.get("gradient_checkpointing"))
+    out = {"estimated_delta_mb": training_gb(parts) * 1024}
+    if gpu:  # on the CPU the RSS peak also holds the libraries, which the estimate leaves out
+        out["estimated_peak_mb"] = (parts["total"] - parts["runtime"]) * 1024
+    return out
+
+
 def worker(side: str, model_dir: str, data: str, args) -> dict:
     import torch
 
@@ -151,7 +211,8 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
         tokens = sum(m["tokens_per_second"] / m["pairs_per_second"] for m in rows) / len(rows)
         return {"step_s": statistics.median(times), "step_min_s": min(times), "tokens_per_pair": tokens,
                 "peak_mb": rows[-1]["peak_memory_mb"],
-                "loaded_mb": rows[-1]["loaded_memory_mb"], "weight_passes_per_step": passes.per_step(steps)}
+                "loaded_mb": rows[-1]["loaded_memory_mb"], "weight_passes_per_step": passes.per_step(steps),
+                **memory_estimate(cfg, Path(out), args)}
     # TRL: the same 4-bit model, LoRA config, data, batch and lengths
     from datasets import load_dataset
     from peft import LoraConfig
@@ -187,7 +248,10 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
                        max_length=common["max_length"], learning_rate=common["lr"],
                        gradient_checkpointing=args.checkpointing, logging_steps=1, report_to="none", use_cpu=not gpu,
                        bf16=dtype == torch.bfloat16, save_strategy="no", dataset_num_proc=None, warmup_steps=0,
-                       lr_scheduler_type="cosine")
+                       lr_scheduler_type="cosine",
+                       # on a GPU ours (optimizer=auto) keeps 8-bit paged Adam states: the same for TRL, so the
+                       # memory ratio is about the steps; on the CPU both use torch's AdamW (TRL its fused form)
+                       **({"optim": "paged_adamw_8bit"} if gpu else {}))
     lora = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
     dataset = load_dataset("json", data_files=data, split="train")
     if args.task == "reward":
@@ -228,9 +292,8 @@ def run_case(args, workdir: Path) -> dict:
     import torch
 
     model_dir, data = build_assets(workdir, args)
-    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-                   if k not in ("worker", "model_dir", "data", "json", "rounds", "memory_rounds", "all", "cases")
-                   and v is not None]
+    own = ("worker", "model_dir", "data", "json", "rounds", "memory_rounds", "all", "cases", "workdir")
+    passthrough = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items() if k not in own and v is not None]
     gpu = torch.cuda.is_available()
     # On the CPU, memory is read in separate rounds under an allocator that returns freed blocks to the OS (glibc's
     # tunables, the same for both sides): with glibc's default, RSS keeps whatever the heap once grew to, so it says
@@ -239,8 +302,9 @@ def run_case(args, workdir: Path) -> dict:
     plan = [("speed", r) for r in range(args.rounds)] + ([] if gpu else [("memory", r)
                                                                       for r in range(args.memory_rounds)])
     results: dict[str, dict[str, list[dict]]] = {"speed": {"ours": [], "trl": []}, "memory": {"ours": [], "trl": []}}
+    sides = ("trl", "ours") if args.sides == "both" else (args.sides,)
     for kind, r in plan:
-        for side in ("trl", "ours") if r % 2 == 0 else ("ours", "trl"):
+        for side in sides if r % 2 == 0 else sides[::-1]:
             cmd = [sys.executable, __file__, "--worker", side, "--model-dir", str(model_dir), "--data", str(data),
                    *passthrough]
             env = dict(os.environ, PYTHONPATH=str(ROOT), **(returning if kind == "memory" else {}))
@@ -252,7 +316,7 @@ def run_case(args, workdir: Path) -> dict:
             results[kind][side].append(json.loads(line[0][7:]))
             print(f"{kind} round {r + 1} {side}: {results[kind][side][-1]}", file=sys.stderr)
     summary = {}
-    for side in ("ours", "trl"):
+    for side in sides:
         speed, memory = results["speed"][side], results["memory"][side] or results["speed"][side]
         step = statistics.median(x["step_s"] for x in speed)
         summary[side] = {"pairs_per_s": args.batch / step, "step_s": step,
@@ -260,18 +324,25 @@ def run_case(args, workdir: Path) -> dict:
                          "weight_passes_per_step": statistics.median(x["weight_passes_per_step"] for x in speed),
                          "peak_mb": statistics.median(x["peak_mb"] for x in memory),
                          "memory_delta_mb": statistics.median(x["peak_mb"] - x["loaded_mb"] for x in memory)}
-    # each round runs both sides back to back, so a round's own ratio is what the machine's drift (which moved whole
-    # rounds by 30% here) disturbs least: the headline is their median; the per-side medians stay in the summary
-    paired = [t["step_s"] / o["step_s"] for o, t in zip(results["speed"]["ours"], results["speed"]["trl"])]
-    # the same from each round's fastest step per side: the machine's slow spells only add time, so this is the
-    # ratio with the least of them in it (a check on the median, quoted beside it)
-    fastest = [t["step_min_s"] / o["step_min_s"] for o, t in zip(results["speed"]["ours"], results["speed"]["trl"])]
-    ratios = {"throughput_ours_over_trl": statistics.median(paired), "throughput_by_round": paired,
-              "throughput_fastest_steps_ours_over_trl": statistics.median(fastest),
-              "throughput_fastest_steps_by_round": fastest,
-              "memory_delta_ours_over_trl": summary["ours"]["memory_delta_mb"] / summary["trl"]["memory_delta_mb"]}
+        if side == "ours":  # the memory model's figures for the same run (see memory_estimate)
+            summary[side].update({k: v for k, v in memory[0].items() if k.startswith("estimated_")})
+    ratios = {}
+    if len(sides) == 2:
+        # each round runs both sides back to back, so a round's own ratio is what the machine's drift (which moved
+        # whole rounds by 30% here) disturbs least: the headline is their median; the per-side medians stay in the
+        # summary
+        paired = [t["step_s"] / o["step_s"] for o, t in zip(results["speed"]["ours"], results["speed"]["trl"])]
+        # the same from each round's fastest step per side: the machine's slow spells only add time, so this is the
+        # ratio with the least of them in it (a check on the median, quoted beside it)
+        fastest = [t["step_min_s"] / o["step_min_s"] for o, t in zip(results["speed"]["ours"],
+                                                                     results["speed"]["trl"])]
+        ratios = {"throughput_ours_over_trl": statistics.median(paired), "throughput_by_round": paired,
+                  "throughput_fastest_steps_ours_over_trl": statistics.median(fastest),
+                  "throughput_fastest_steps_by_round": fastest,
+                  "memory_delta_ours_over_trl": summary["ours"]["memory_delta_mb"] / summary["trl"]["memory_delta_mb"],
+                  "peak_memory_ours_over_trl": summary["ours"]["peak_mb"] / summary["trl"]["peak_mb"]}
     case = {"task": args.task, "prompt": args.prompt, "answer": args.answer, "batch": args.batch,
-            "layers": args.layers, "hidden": args.hidden, "vocab": args.vocab or 768,
+            "arch": args.arch, **model_shape(model_dir),
             "checkpointing": args.checkpointing, "ours_checkpointing": args.ours_checkpointing,
             "ours_reference_cache": args.ours_reference_cache,
             "shared_prompt": args.shared_prompt, "rounds": args.rounds,
@@ -280,23 +351,32 @@ def run_case(args, workdir: Path) -> dict:
     return {"case": case, "summary": summary, "ratios": ratios}
 
 
+def model_shape(model_dir: Path) -> dict:
+    c = json.loads((model_dir / "config.json").read_text())
+    return {"layers": c["num_hidden_layers"], "hidden": c["hidden_size"], "vocab": c["vocab_size"]}
+
+
 def print_table(payloads: dict[str, dict]) -> None:
     print(f"\n{'case':22s} {'side':5s} {'pairs/s':>8s} {'tokens/pair':>12s} {'4bit passes':>12s} {'peak MB':>8s} "
-          f"{'delta MB':>9s} {'speed x':>8s} {'fastest x':>9s} {'memory x':>9s}")
+          f"{'delta MB':>9s} {'est. peak':>9s} {'est. delta':>10s} {'speed x':>8s} {'fastest x':>9s} {'memory x':>9s}")
     for name, p in payloads.items():
         for side in ("ours", "trl"):
-            s = p["summary"][side]
-            r = p["ratios"]
+            if side not in p["summary"]:
+                continue
+            s, r = p["summary"][side], p["ratios"]
+            peak = f"{s['estimated_peak_mb']:9.0f}" if "estimated_peak_mb" in s else f"{'-':>9s}"
+            estimates = f"{peak} {s['estimated_delta_mb']:10.0f}" if side == "ours" else " " * 20
             ratios = (f"{r['throughput_ours_over_trl']:8.2f} {r['throughput_fastest_steps_ours_over_trl']:9.2f} "
-                      f"{r['memory_delta_ours_over_trl']:9.2f}"
-                      if side == "ours" else "")
+                      f"{r['memory_delta_ours_over_trl']:9.2f}" if side == "ours" and r else "")
             label = name if side == "ours" else ""
             print(f"{label:22s} {side:5s} {s['pairs_per_s']:8.2f} {s['tokens_per_pair']:12.1f} "
-                  f"{s['weight_passes_per_step']:12.2f} {s['peak_mb']:8.0f} {s['memory_delta_mb']:9.0f} {ratios}")
+                  f"{s['weight_passes_per_step']:12.2f} {s['peak_mb']:8.0f} {s['memory_delta_mb']:9.0f} {estimates} "
+                  f"{ratios}")
     print("(speed x: median over rounds of each round's ours/TRL pairs per second; fastest x: the same from each "
-          "round's fastest step per side; memory x: ours/TRL peak memory "
-          "over the loaded model; 4bit passes: passes over each 4-bit layer's weights per optimizer step, forward "
-          "calls and input-gradient backward passes)")
+          "round's fastest step per side; memory x: ours/TRL peak memory over the loaded model; 4bit passes: passes "
+          "over each 4-bit layer's weights per optimizer step, forward calls and input-gradient backward passes; "
+          "est. peak / est. delta: what lowrank_pref.memory predicts for ours' peak allocated memory (GPU only: RSS "
+          "also holds the libraries) and for its delta over the loaded model)")
 
 
 def main() -> int:
@@ -309,6 +389,12 @@ def main() -> int:
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=704)
     p.add_argument("--vocab", type=int, default=None, help="model vocabulary (default: the tokenizer's, 768)")
+    p.add_argument("--arch", choices=("small", *ARCHS), default="small",
+                   help="small: a Llama of --layers x --hidden (--ffn, --vocab); else that model's real architecture "
+                        "with random weights, bf16 on disk (for a GPU)")
+    p.add_argument("--arch-layers", type=int, default=None, help="with --arch: this many layers, not the model's")
+    p.add_argument("--sides", choices=("both", "ours", "trl"), default="both", help="run only one side")
+    p.add_argument("--workdir", help="build the model and data here and reuse them (default: a new temp folder)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
@@ -329,7 +415,8 @@ def main() -> int:
     if args.worker:
         print("RESULT " + json.dumps(worker(args.worker, args.model_dir, args.data, args)))
         return 0
-    workdir = Path(tempfile.mkdtemp(prefix="bench_"))
+    workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="bench_"))
+    workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LOWRANK_PREF_CACHE", str(workdir / "cache"))
     cases = {name: CASES[name] for name in (args.cases or CASES)} if args.all or args.cases else {"this case": {}}
     payloads = {}

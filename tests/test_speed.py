@@ -102,3 +102,26 @@ def test_shared_prompt_is_chosen_per_model(tmp_path, tiny_model_dir, pairs_file,
     _same(two, shared, rel=1e-4)
     per_pair = lambda ms: [m["tokens_per_second"] / m["pairs_per_second"] for m in ms if "loss" in m]  # noqa: E731
     assert all(a < b for a, b in zip(per_pair(shared), per_pair(two)))  # the prompt is processed once
+
+
+@pytest.mark.parametrize("task", ["dpo", "reward"])
+def test_benchmark_work_counters_against_trl(tmp_path, task):
+    """The benchmark's deterministic counters, ours and TRL's trainer on the same tiny 4-bit model: each prompt goes
+    through our model once (TRL's: twice), and no more passes over the 4-bit weights per step than TRL makes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    prompt, answer = 24, 8
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "bench.py"), "--task", task, "--layers", "2",
+                          "--hidden", "64", "--ffn", "128", "--prompt", str(prompt), "--answer", str(answer),
+                          "--batch", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", "--memory-rounds", "0",
+                          "--workdir", str(tmp_path), "--json", str(tmp_path / "out.json")],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((tmp_path / "out.json").read_text())["this case"]["summary"]
+    ours, trl = summary["ours"], summary["trl"]
+    assert trl["tokens_per_pair"] - ours["tokens_per_pair"] == pytest.approx(prompt, abs=1)  # the prompt once
+    assert ours["weight_passes_per_step"] < trl["weight_passes_per_step"]
+    assert ours["estimated_delta_mb"] > 0
