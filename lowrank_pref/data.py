@@ -517,7 +517,7 @@ def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
             "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
 
 
-def collate_shared(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
+def collate_shared(pairs: list[Pair], pad_id: int) -> dict:
     """One row per pair, ``[prompt | chosen | rejected]``: the prompt goes through the model once, not twice.
 
     ``allowed`` (B, T, T) says which key each query may attend to: causal, except that rejected tokens do not see
@@ -526,7 +526,8 @@ def collate_shared(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
     indices of the hidden states that predict ``chosen_targets``/``rejected_targets``: answer token j is predicted
     at the position before it, and the first token of both answers at the last prompt position. ``*_rows`` give
     each target's pair; ``*_last`` the position the reward model scores. Padding positions attend to themselves only
-    (an all-masked row would be NaN).
+    (an all-masked row would be NaN). ``layout`` lists each row's (prompt, chosen, rejected) lengths, from which
+    ``model.shared_prompt_sdpa`` computes the same attention without the dense mask.
     """
     width = max(p.num_tokens for p in pairs)
     n = len(pairs)
@@ -554,6 +555,7 @@ def collate_shared(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
                 targets[side].append(answer[j])
                 rows[side].append(b)
     out = {"input_ids": input_ids, "position_ids": position_ids, "allowed": allowed,
+           "layout": [(len(p.prompt_ids), len(p.chosen_ids), len(p.rejected_ids)) for p in pairs],
            "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
     for side in ("chosen", "rejected"):
         out[f"{side}_last"] = torch.tensor(last[side], dtype=torch.long)

@@ -6,7 +6,8 @@
 - ``reference_mode(model)``: the frozen reference *is* the same object: adapters disabled, or, when training started
   from an existing adapter, that adapter loaded a second time under the name ``reference`` and frozen.
 - ``sequence_logps(model, batch)``: per-row sums of answer-token log-probs, with the LM head applied to answer
-  positions only and in chunks (no (batch, tokens, vocab) logits tensor).
+  positions only and in chunks (no (batch, tokens, vocab) logits tensor); ``shared_sequence_logps`` the same from
+  ``[prompt | chosen | rejected]`` rows, whose attention ``shared_prompt_sdpa`` computes without the dense mask.
 """
 
 from __future__ import annotations
@@ -134,6 +135,7 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True):
         pin_cpu_4bit_kernel(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
+    use_shared_prompt_sdpa(model, cfg)
     if not for_training:
         return model
     if q is not None:
@@ -358,14 +360,80 @@ def shared_sequence_logps(model, batch: dict, chunk_size: int | None = None) -> 
 
 
 def _shared_hidden(decoder, batch: dict, dev) -> torch.Tensor:
-    """Last hidden states (B * T, d) of ``data.collate_shared`` rows, through the decoder with their 4D mask."""
+    """Last hidden states (B * T, d) of ``data.collate_shared`` rows, through the decoder with their 4D mask.
+
+    With :func:`shared_prompt_sdpa` in place the rows' ``layout`` goes along, and attention uses it instead of the
+    mask; other implementations apply the mask."""
     allowed = batch["allowed"].to(dev)[:, None]  # (B, 1, T, T)
-    if getattr(decoder.config, "_attn_implementation", "sdpa") != "sdpa":  # eager adds the mask to the scores
+    if "sdpa" not in getattr(decoder.config, "_attn_implementation", "sdpa"):  # eager adds the mask to the scores
         allowed = torch.zeros(allowed.shape, dtype=torch.float32, device=dev).masked_fill_(
             ~allowed, torch.finfo(torch.float32).min)
+    split = {"shared_layout": batch["layout"]} if decoder.config._attn_implementation == SHARED_SDPA else {}
     hidden = decoder(input_ids=batch["input_ids"].to(dev), attention_mask=allowed,
-                     position_ids=batch["position_ids"].to(dev), use_cache=False).last_hidden_state
+                     position_ids=batch["position_ids"].to(dev), use_cache=False, **split).last_hidden_state
     return hidden.reshape(-1, hidden.shape[-1])
+
+
+SHARED_SDPA = "lowrank_pref_sdpa"
+
+
+def use_shared_prompt_sdpa(model, cfg: Config) -> bool:
+    """With ``attn_implementation=sdpa``, switch a model that takes transformers' attention functions to
+    ``"lowrank_pref_sdpa"``: :func:`shared_prompt_sdpa` for attention and SDPA's own mask builder, so everything but
+    shared-prompt rows runs exactly as with "sdpa". Models with their own attention code keep SDPA and the mask."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+
+    can = getattr(model, "_can_set_attn_implementation", None)
+    if cfg.attn_implementation != "sdpa" or model.config._attn_implementation != "sdpa" or not (can and can()):
+        return False
+    AttentionInterface.register(SHARED_SDPA, shared_prompt_sdpa)
+    AttentionMaskInterface.register(SHARED_SDPA, ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    model.set_attn_implementation(SHARED_SDPA)
+    return model.config._attn_implementation == SHARED_SDPA
+
+
+def shared_prompt_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, except on ``[prompt | chosen | rejected]`` rows (``shared_layout`` given).
+
+    There the dense mask (the rejected answer must not see the chosen one) would make SDPA compute every (query,
+    key) score, T^2 a row, and keep GPUs off their flash kernels. Per row, the same attention is two causal calls:
+    prompt and chosen answer over themselves (``is_causal``), and the rejected answer over the prompt and itself
+    (causal aligned to the bottom right), (P + C)^2 / 2 + R (P + R) scores, without a mask. Padding positions get
+    zeros (nothing reads them). Sliding windows, dropout and unexpected shapes take the masked path."""
+    from torch.nn.attention.bias import causal_lower_right
+    from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+
+    layout = kwargs.pop("shared_layout", None)
+    if (layout is None or dropout or kwargs.get("sliding_window") or kwargs.get("softcap") is not None
+            or kwargs.get("position_bias") is not None or query.shape[2] != key.shape[2]
+            or len(layout) != query.shape[0]):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+    width, rows, start = query.shape[2], [], 0
+    while start < len(layout):  # runs of rows with the same lengths go through together
+        stop = start + 1
+        while stop < len(layout) and layout[stop] == layout[start]:
+            stop += 1
+        p, c, r = layout[start]
+        q, k, v = query[start:stop], key[start:stop], value[start:stop]
+        parts = []
+        if p + c:
+            parts.append(sdpa(q[:, :, :p + c], k[:, :, :p + c], v[:, :, :p + c], is_causal=True, scale=scaling))
+        if r:
+            end = p + c + r
+            k_r = torch.cat([k[:, :, :p], k[:, :, p + c:end]], dim=2)
+            v_r = torch.cat([v[:, :, :p], v[:, :, p + c:end]], dim=2)
+            parts.append(sdpa(q[:, :, p + c:end], k_r, v_r, attn_mask=causal_lower_right(r, p + r), scale=scaling))
+        if width > p + c + r:
+            parts.append(query.new_zeros(stop - start, query.shape[1], width - p - c - r, value.shape[-1]))
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+        start = stop
+    out = torch.cat(rows) if len(rows) > 1 else rows[0]
+    return out.transpose(1, 2).contiguous(), None
 
 
 def shared_reward_scores(model, batch: dict) -> torch.Tensor:

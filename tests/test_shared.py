@@ -5,7 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from transformers import AttentionInterface
+
 from lowrank_pref.data import Pair, collate, collate_shared
+from lowrank_pref.model import SHARED_SDPA, shared_prompt_sdpa
 
 
 def _pairs(tokenizer):
@@ -18,7 +21,7 @@ def _pairs(tokenizer):
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn):
+def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn, monkeypatch):
     from lowrank_pref.config import build_config
     from lowrank_pref.model import load_model, load_tokenizer, reference_mode, sequence_logps, shared_sequence_logps
     from test_model import _randomize_lora
@@ -28,6 +31,7 @@ def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn
     tok = load_tokenizer(cfg)
     model, _ = load_model(cfg, tok)
     _randomize_lora(model)
+    model.train()  # checkpointing on: backward recomputes the layers, with the rows' layout
     pairs = _pairs(tok)
     two, shared = collate(pairs, tok.pad_token_id), collate_shared(pairs, tok.pad_token_id)
     assert shared["input_ids"].numel() < two["input_ids"].numel()  # the prompt is there once
@@ -38,6 +42,12 @@ def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn
     assert torch.equal(len_shared, len_two)
 
     params = [p for p in model.parameters() if p.requires_grad]
+    split = []  # with sdpa, the shared rows take the split attention (not the dense mask), in forward and recompute
+    if attn == "sdpa":
+        assert model.config._attn_implementation == SHARED_SDPA
+        monkeypatch.setitem(AttentionInterface._global_mapping, SHARED_SDPA,
+                            lambda *a, **kw: (split.append(kw.get("shared_layout") is not None),
+                                              shared_prompt_sdpa(*a, **kw))[1])
     logps, _ = sequence_logps(model, two)
     g_two = torch.autograd.grad((logps * torch.arange(1.0, 7.0)).sum(), params)
     logps_shared, _ = shared_sequence_logps(model, shared)
@@ -45,6 +55,34 @@ def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn
     g_shared = torch.autograd.grad((logps_shared * torch.arange(1.0, 7.0)).sum(), params)
     for a, b in zip(g_shared, g_two):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+    if attn == "sdpa":  # 2 layers: two-sequence forward + recompute of layer 0 (3 calls), then the same shared
+        assert split == [False] * 3 + [True] * 3
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_split_attention_equals_the_masked_one(groups):
+    """shared_prompt_sdpa with the rows' layout computes what SDPA computes with collate_shared's dense mask:
+    outputs at every real position and gradients, with padding, runs of rows of the same lengths, an empty prompt,
+    an answer of one token and grouped-query heads."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    pairs = [Pair([1] * p, [2] * c, [3] * r) for p, c, r in
+             [(5, 3, 4), (5, 3, 4), (2, 6, 1), (0, 4, 3), (7, 2, 2), (5, 3, 4)]]
+    batch = collate_shared(pairs, pad_id=0)
+    mask, layout = batch["allowed"][:, None], batch["layout"]
+    n, width = batch["input_ids"].shape
+    module = type("Attention", (), {"num_key_value_groups": groups, "is_causal": True})()
+    torch.manual_seed(0)
+    q = torch.randn(n, 4, width, 8, requires_grad=True)
+    k, v = (torch.randn(n, 4 // groups, width, 8, requires_grad=True) for _ in range(2))
+    weights = torch.randn(n, width, 1, 1) * (batch["input_ids"] != 0)[:, :, None, None]  # real positions only
+    masked = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0]
+    split = shared_prompt_sdpa(module, q, k, v, mask, scaling=0.3, shared_layout=layout)[0]
+    real = batch["input_ids"] != 0
+    torch.testing.assert_close(split[real], masked[real], atol=1e-5, rtol=1e-5)
+    for a, b in zip(torch.autograd.grad((split * weights).sum(), (q, k, v)),
+                    torch.autograd.grad((masked * weights).sum(), (q, k, v))):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_shared_prompt_reward_scores_equal_two_sequences(tiny_model_dir, tokenizer):
