@@ -2,8 +2,9 @@
 
     python benchmarks/attention.py            # forward + backward, median of 9 runs after 2 warm-up runs
 
-Rows are [prompt | chosen | rejected] in the lengths below (the benchmark's cases and a mixed batch), 4 query heads
-of 64 over 2 key/value heads. On a GPU in bf16, on the CPU in fp32. Prints each path's median time, the ratio and the
+Rows are [prompt | chosen | rejected] in the lengths below (the benchmark's cases, rows a token apart as real data
+gives them, and a mixed batch), 4 query heads of 64 over 2 key/value heads. The split is timed everywhere, also
+where training on the CPU keeps the masked call (model._split_pays). On a GPU in bf16, on the CPU in fp32. Prints each path's median time, the ratio and the
 largest difference between the two (outputs at real positions and gradients).
 """
 
@@ -18,17 +19,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import lowrank_pref.model as model_mod  # noqa: E402
 from lowrank_pref.data import Pair, collate_shared  # noqa: E402
 from lowrank_pref.model import shared_prompt_sdpa  # noqa: E402
 
-CASES = {"prompt-heavy 192/48/48 x4": [(192, 48, 48)] * 4, "long 768/256/256 x2": [(768, 256, 256)] * 2,
+CASES = {"prompt-heavy 192/48/48 x4": [(192, 48, 48)] * 4,
+         "prompt-heavy, +-1 token x4": [(192, 48, 47), (191, 48, 48), (192, 47, 48), (192, 48, 46)],
          "answer-heavy 32/128/128 x4": [(32, 128, 128)] * 4,
+         "answer-heavy, +-1 token x4": [(32, 128, 127), (31, 128, 128), (32, 127, 128), (32, 128, 126)],
+         "long 768/256/256 x2": [(768, 256, 256)] * 2,
          "mixed lengths x4": [(100, 30, 60), (40, 80, 10), (192, 48, 48), (12, 200, 150)]}
 
 
 def main() -> int:
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    model_mod.CPU_SPLIT_MIN_WIDTH = 0  # time the split itself, also where training would keep the masked call
     gpu = torch.cuda.is_available()
     dev, dtype = ("cuda", torch.bfloat16) if gpu else ("cpu", torch.float32)
     module = type("Attention", (), {"num_key_value_groups": 2, "is_causal": True})()

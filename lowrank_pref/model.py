@@ -375,6 +375,18 @@ def _shared_hidden(decoder, batch: dict, dev) -> torch.Tensor:
 
 
 SHARED_SDPA = "lowrank_pref_sdpa"
+CPU_SPLIT_MIN_WIDTH = 512  # the CPU flash kernel's key block (torch 2.13): narrower rows gain little from the split
+
+
+def _split_pays(query, layout) -> bool:
+    """Whether the split beats one masked call: always off the CPU (flash kernels, causal tiles of 64-128); on the CPU
+    for rows of at least one key block, or when a fifth of the batch is padding. Below that, on this project's CPU,
+    the split's extra calls cost as much as the scores it skips (whole DPO step, same process, 192/48/48 rows: 4%
+    slower; 768/256/256: 17% faster; benchmarks/attention.py has the attention alone)."""
+    if query.device.type != "cpu":
+        return True
+    width = query.shape[2]
+    return width >= CPU_SPLIT_MIN_WIDTH or sum(map(sum, layout)) < 0.8 * width * len(layout)
 
 
 def use_shared_prompt_sdpa(model, cfg: Config) -> bool:
@@ -400,14 +412,15 @@ def shared_prompt_sdpa(module, query, key, value, attention_mask, dropout: float
     key) score, T^2 a row, and keep GPUs off their flash kernels. Per row, the same attention is two causal calls:
     prompt and chosen answer over themselves (``is_causal``), and the rejected answer over the prompt and itself
     (causal aligned to the bottom right), (P + C)^2 / 2 + R (P + R) scores, without a mask. Padding positions get
-    zeros (nothing reads them). Sliding windows, dropout and unexpected shapes take the masked path."""
+    zeros (nothing reads them). Sliding windows, dropout, unexpected shapes and batches where the split does not pay
+    (:func:`_split_pays`) take the masked path."""
     from torch.nn.attention.bias import causal_lower_right
     from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
 
     layout = kwargs.pop("shared_layout", None)
     if (layout is None or dropout or kwargs.get("sliding_window") or kwargs.get("softcap") is not None
             or kwargs.get("position_bias") is not None or query.shape[2] != key.shape[2]
-            or len(layout) != query.shape[0]):
+            or len(layout) != query.shape[0] or not _split_pays(query, layout)):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
     groups = getattr(module, "num_key_value_groups", 1)

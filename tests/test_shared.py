@@ -45,6 +45,7 @@ def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn
     split = []  # with sdpa, the shared rows take the split attention (not the dense mask), in forward and recompute
     if attn == "sdpa":
         assert model.config._attn_implementation == SHARED_SDPA
+        monkeypatch.setattr("lowrank_pref.model.CPU_SPLIT_MIN_WIDTH", 0)  # these rows are narrow: split them anyway
         monkeypatch.setitem(AttentionInterface._global_mapping, SHARED_SDPA,
                             lambda *a, **kw: (split.append(kw.get("shared_layout") is not None),
                                               shared_prompt_sdpa(*a, **kw))[1])
@@ -60,12 +61,13 @@ def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn
 
 
 @pytest.mark.parametrize("groups", [1, 2])
-def test_split_attention_equals_the_masked_one(groups):
+def test_split_attention_equals_the_masked_one(groups, monkeypatch):
     """shared_prompt_sdpa with the rows' layout computes what SDPA computes with collate_shared's dense mask:
     outputs at every real position and gradients, with padding, runs of rows of the same lengths, an empty prompt,
     an answer of one token and grouped-query heads."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    monkeypatch.setattr("lowrank_pref.model.CPU_SPLIT_MIN_WIDTH", 0)  # narrow rows: split them anyway
     pairs = [Pair([1] * p, [2] * c, [3] * r) for p, c, r in
              [(5, 3, 4), (5, 3, 4), (2, 6, 1), (0, 4, 3), (7, 2, 2), (5, 3, 4)]]
     batch = collate_shared(pairs, pad_id=0)
@@ -83,6 +85,20 @@ def test_split_attention_equals_the_masked_one(groups):
     for a, b in zip(torch.autograd.grad((split * weights).sum(), (q, k, v)),
                     torch.autograd.grad((masked * weights).sum(), (q, k, v))):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_split_attention_is_chosen_where_it_pays(monkeypatch):
+    """On the CPU: rows of at least one key block of its flash kernel, or batches with a fifth of padding; narrow
+    dense rows keep the single masked call (see model._split_pays for the measurements)."""
+    from lowrank_pref.model import CPU_SPLIT_MIN_WIDTH, _split_pays
+
+    def query(width):
+        return torch.zeros(2, 4, width, 8)
+
+    wide = CPU_SPLIT_MIN_WIDTH
+    assert _split_pays(query(wide), [(wide - 100, 50, 50)] * 2)
+    assert not _split_pays(query(300), [(200, 50, 50), (200, 49, 50)])
+    assert _split_pays(query(300), [(200, 50, 50), (60, 49, 50)])  # 141 of the 600 positions are padding
 
 
 def test_shared_prompt_reward_scores_equal_two_sequences(tiny_model_dir, tokenizer):
