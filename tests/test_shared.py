@@ -87,7 +87,7 @@ def test_split_attention_equals_the_masked_one(groups, monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
-def test_split_attention_is_chosen_where_it_pays(monkeypatch):
+def test_split_attention_is_chosen_where_it_pays():
     """On the CPU: rows of at least one key block of its flash kernel, or batches with a fifth of padding; narrow
     dense rows keep the single masked call (see model._split_pays for the measurements)."""
     from lowrank_pref.model import CPU_SPLIT_MIN_WIDTH, _split_pays
