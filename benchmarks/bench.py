@@ -47,7 +47,7 @@ ARCHS = {"llama3-8b": "meta-llama/Llama-3.1-8B-Instruct", "qwen2.5-7b": "Qwen/Qw
 
 def build_model(workdir: Path, args, tok) -> Path:
     """A model folder from a config, with random weights: ``--arch small`` a Llama of --layers x --hidden (fp32),
-    else the named architecture at its real widths (bf16 on disk; --layers cuts the depth). Reused when the folder
+    else the named architecture at its real widths (bf16 on disk; --arch-layers cuts the depth). Reused when the folder
     already exists (``--workdir``)."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
