@@ -122,6 +122,8 @@ def test_benchmark_work_counters_against_trl(tmp_path, task):
     assert out.returncode == 0, out.stderr[-3000:]
     summary = json.loads((tmp_path / "out.json").read_text())["this case"]["summary"]
     ours, trl = summary["ours"], summary["trl"]
-    assert trl["tokens_per_pair"] - ours["tokens_per_pair"] == pytest.approx(prompt, abs=1)  # the prompt once
+    # the prompt once, give or take a special token (the two tokenize pairs a little differently: 23 here); ours'
+    # count comes from logged rates, so it is whole only to float precision (CI once saw 22.999999999999993)
+    assert abs(trl["tokens_per_pair"] - ours["tokens_per_pair"] - prompt) <= 1 + 1e-6
     assert ours["weight_passes_per_step"] < trl["weight_passes_per_step"]
     assert ours["estimated_delta_mb"] > 0
