@@ -3,9 +3,9 @@
     python benchmarks/attention.py            # forward + backward, median of 9 runs after 2 warm-up runs
 
 Rows are [prompt | chosen | rejected] in the lengths below (the benchmark's cases, rows a token apart as real data
-gives them, and a mixed batch), 4 query heads of 64 over 2 key/value heads. The split is timed everywhere, also
-where training on the CPU keeps the masked call (model._split_pays). On a GPU in bf16, on the CPU in fp32. Prints each path's median time, the ratio and the
-largest difference between the two (outputs at real positions and gradients).
+gives them, and a mixed batch), 4 query heads of 64 over 2 key/value heads. The split is timed everywhere, also where
+training on the CPU keeps the masked call (model._split_pays). On a GPU in bf16, on the CPU in fp32. Prints each
+path's median time, the ratio and the largest difference between the two (outputs at real positions and gradients).
 """
 
 from __future__ import annotations

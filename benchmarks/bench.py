@@ -163,10 +163,10 @@ def memory_estimate(cfg, out: Path, args) -> dict:
     tokens, answers = micro_step_tokens(cfg, args.prompt, args.answer)
     parts = estimate(cfg, gpu=gpu, tokens=tokens, answer_tokens=answers,
                      checkpointing=status.get("gradient_checkpointing"))
-    out = {"estimated_delta_mb": training_gb(parts) * 1024}
+    result = {"estimated_delta_mb": training_gb(parts) * 1024}
     if gpu:  # on the CPU the RSS peak also holds the libraries, which the estimate leaves out
-        out["estimated_peak_mb"] = (parts["total"] - parts["runtime"]) * 1024
-    return out
+        result["estimated_peak_mb"] = (parts["total"] - parts["runtime"]) * 1024
+    return result
 
 
 def worker(side: str, model_dir: str, data: str, args) -> dict:
