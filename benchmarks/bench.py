@@ -6,6 +6,7 @@
     python benchmarks/bench.py --prompt 768 --answer 256 --batch 2       # long pairs (1k+ tokens)
     python benchmarks/bench.py --vocab 32768            # a large vocabulary (LM head 32k wide)
     python benchmarks/bench.py --ours-checkpointing auto                 # ours picks checkpointing by memory
+    python benchmarks/bench.py --ours-checkpoint-offload true            # GPU: ours keeps checkpoints in host RAM
     python benchmarks/bench.py --all --json results.json                 # all of the above, one table
     python benchmarks/bench.py --arch llama3-8b --workdir /tmp/bench      # GPU: Llama-3-8B's shapes, random weights
 
@@ -162,7 +163,7 @@ def memory_estimate(cfg, out: Path, args) -> dict:
     gpu = torch.cuda.is_available()
     tokens, answers = micro_step_tokens(cfg, args.prompt, args.answer)
     parts = estimate(cfg, gpu=gpu, tokens=tokens, answer_tokens=answers,
-                     checkpointing=status.get("gradient_checkpointing"))
+                     checkpointed_layers=status.get("checkpointed_layers"), offload=status.get("checkpoint_offload"))
     result = {"estimated_delta_mb": training_gb(parts) * 1024}
     if gpu:  # on the CPU the RSS peak also holds the libraries, which the estimate leaves out
         result["estimated_peak_mb"] = (parts["total"] - parts["runtime"]) * 1024
@@ -191,6 +192,7 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
             "learning_rate": common["lr"], "beta": common["beta"], "lora.r": 16, "lora.alpha": 32,
             "lora.dropout": 0.0, "data.eval_fraction": 0,
             "gradient_checkpointing": args.checkpointing if args.ours_checkpointing == "same" else None,
+            "checkpoint_offload": args.ours_checkpoint_offload,
             # off unless asked: with the few pairs here, later steps would reuse cached reference log-probs, which a
             # one-epoch run on real data doesn't (--ours-reference-cache shows what later epochs gain)
             "reference_cache": args.ours_reference_cache,
@@ -344,7 +346,7 @@ def run_case(args, workdir: Path) -> dict:
     case = {"task": args.task, "prompt": args.prompt, "answer": args.answer, "batch": args.batch,
             "arch": args.arch, **model_shape(model_dir),
             "checkpointing": args.checkpointing, "ours_checkpointing": args.ours_checkpointing,
-            "ours_reference_cache": args.ours_reference_cache,
+            "ours_reference_cache": args.ours_reference_cache, "ours_checkpoint_offload": args.ours_checkpoint_offload,
             "shared_prompt": args.shared_prompt, "rounds": args.rounds,
             "memory_rounds": 0 if gpu else args.memory_rounds,
             "device": torch.cuda.get_device_name(0) if gpu else "cpu"}
@@ -403,6 +405,9 @@ def main() -> int:
     p.add_argument("--shared-prompt", choices=("auto", "on", "off"), default="auto", help="ours: shared_prompt")
     p.add_argument("--ours-checkpointing", choices=("same", "auto"), default="same",
                    help="ours: TRL's checkpointing, or gradient_checkpointing=auto (TRL keeps --checkpointing)")
+    p.add_argument("--ours-checkpoint-offload", type=lambda s: s.lower() == "true", default=None,
+                   help="ours: true to hold checkpointed layers' inputs in host RAM (GPU; default: auto, on only when "
+                        "the run would not fit)")
     p.add_argument("--ours-reference-cache", type=lambda s: s.lower() == "true", default=False,
                    help="ours: true to reuse cached reference log-probs, as later epochs do (default false)")
     p.add_argument("--all", action="store_true", help="run every case in CASES and print one table")

@@ -85,7 +85,14 @@ class Config:
                     choices=("auto", "bf16", "fp16", "fp32"))
     gradient_checkpointing: bool | None = _f(None, "Recompute activations in backward: much less memory, ~30% "
                                                    "slower. auto (null): off when the memory model says the run "
-                                                   "fits without it.")
+                                                   "fits without it, else as few layers as make it fit.")
+    checkpoint_offload: bool | None = _f(None, "GPU, with checkpointing: keep the checkpointed layers' inputs "
+                                               "(layers x tokens x hidden x 4 bytes) in pinned host RAM, not on the "
+                                               "card; a copy each way per layer and step. auto (null): on when the "
+                                               "run would not fit otherwise.")
+    memory_limit_gb: float | None = _f(None, "Memory the run may plan for, in GB (e.g. to leave room for other "
+                                             "programs on the card); default: the GPU's memory, or the free RAM.",
+                                       min=0.0, min_exclusive=True)
     attn_implementation: str = _f("sdpa", "Attention kernel: sdpa, eager, or flash_attention_2 (if installed).",
                                   choices=("sdpa", "eager", "flash_attention_2"))
     shared_prompt: str = _f("auto", "Send each prompt through the model once, as [prompt | chosen | rejected] with "
@@ -388,6 +395,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) must be smaller than max_length "
                           f"({cfg.max_length}) so answers keep some tokens; lower max_prompt_length or raise "
                           "max_length")
+    if cfg.checkpoint_offload and cfg.gradient_checkpointing is False:
+        raise ConfigError("checkpoint_offload=true offloads the inputs of checkpointed layers, but "
+                          "gradient_checkpointing is false; turn checkpointing on (true or auto) or leave "
+                          "checkpoint_offload at auto")
     if cfg.task == "reward" and cfg.loss_type != "sigmoid":
         raise ConfigError("loss_type applies to the dpo task only; the reward task uses the Bradley-Terry loss "
                           "(leave loss_type at sigmoid)")

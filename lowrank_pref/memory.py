@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from dataclasses import dataclass
 
 from .losses import auto_chunk_size
 
 GB = 1024 ** 3
+log = logging.getLogger("lowrank_pref")
 
 # Architectures of the models the presets name, so estimates work offline (hidden, layers, ffn, vocab, heads,
 # kv heads, tied embeddings).
@@ -86,16 +88,28 @@ def micro_step_tokens(cfg, prompt: int | None = None, answer: int | None = None)
     return 2 * cfg.batch_size * (prompt + answer), cfg.batch_size * 2 * answer
 
 
+def full_checkpointing(layers: int) -> int:
+    """How many decoder layers ``gradient_checkpointing=true`` recomputes: all but the last, or the only one (see
+    model.checkpoint_first_layers)."""
+    return layers - 1 if layers > 1 else layers
+
+
 def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | None = None,
-             answer_tokens: int | None = None, checkpointing: bool | None = None) -> dict:
+             answer_tokens: int | None = None, checkpointing: bool | None = None,
+             checkpointed_layers: int | None = None, offload: bool = False) -> dict:
     """Estimated peak memory in GB, by part, for a Config (``tokens``/``answer_tokens`` of the largest micro-step
-    when known, see :func:`micro_step_tokens`; ``checkpointing`` overrides the config's choice).
+    when known, see :func:`micro_step_tokens`).
+
+    Checkpointing: ``checkpointed_layers`` (k of the L decoder layers, the first ones, recomputed in backward), else
+    ``checkpointing`` (on: all but the last), else the config's choice (auto counts as on). ``offload``: the
+    checkpointed layers' inputs wait in host RAM (``host_offload``, not part of the total) instead of on the device.
 
     Activations per token and layer: (12 d + 4 f + 7 r) values saved for backward (LoRA on every linear layer: the
     normed inputs, q/k/v and their rotated copies, the attention output, the MLP's gate, up and product, the seven
-    LoRA A outputs), plus the attention weights with eager attention (SDPA's kernels, flash on CPU too, keep none);
-    with checkpointing, one fp32 d-vector per layer plus one layer recomputed in full and the hidden-state
-    gradients.
+    LoRA A outputs), plus the attention weights with eager attention (SDPA's kernels, flash on CPU too, keep none).
+    A checkpointed layer keeps only its input, one fp32 d-vector per token, and is recomputed in full in backward,
+    after the layers above it (which keep everything) have been freed: the peak is max(L - k, 1) layers' activations
+    plus k inputs plus the hidden-state gradients.
     Checked against measured CPU peaks in tests/test_memory.py."""
     a = arch or arch_of(cfg.model)
     per_weight = {"4bit": 0.516, "8bit": 1.03, "none": 2.0}[cfg.quantization]
@@ -116,8 +130,15 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     mask = rows * row * row if shared else 0  # the (T, T) bool mask of shared rows
     if cfg.attn_implementation == "eager":  # eager attention keeps its (heads, T, T) weights; SDPA kernels don't
         layer += rows * a.heads * row * row * act_bytes
-    if checkpointing if checkpointing is not None else cfg.gradient_checkpointing is not False:
-        activations = tokens * (a.layers * a.hidden * 4 + 2 * a.hidden * 4) + layer + mask
+    if checkpointed_layers is None:
+        on = checkpointing if checkpointing is not None else cfg.gradient_checkpointing is not False
+        checkpointed_layers = full_checkpointing(a.layers) if on else 0
+    k = min(checkpointed_layers, a.layers)
+    checkpoint = tokens * a.hidden * 4  # one layer's input, fp32
+    host = k * checkpoint if offload else 0
+    if k:
+        on_device = 1 if offload else k  # offloaded: each comes back to the device for its layer's recompute
+        activations = max(a.layers - k, 1) * layer + on_device * checkpoint + tokens * 2 * a.hidden * 4 + mask
     else:
         activations = a.layers * layer + mask
     if cfg.task == "dpo":
@@ -129,7 +150,9 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
              "lora_and_optimizer": lora / GB, "activations": activations / GB, "lm_head_chunk": head / GB,
              "runtime": 0.6 if gpu else 0.3}
     parts["total"] = sum(parts.values())
-    return {k: round(v, 4) for k, v in parts.items()}
+    if host:
+        parts["host_offload"] = host / GB
+    return {name: round(v, 4) for name, v in parts.items()}
 
 
 def training_gb(parts: dict) -> float:
@@ -137,19 +160,80 @@ def training_gb(parts: dict) -> float:
     return parts["activations"] + parts["lm_head_chunk"] + parts["lora_and_optimizer"]
 
 
-def choose_checkpointing(cfg, available_gb: float, *, gpu: bool, tokens: int | None = None,
-                         answer_tokens: int | None = None) -> tuple[bool, str]:
-    """gradient_checkpointing=auto: off when the run fits without it (with 10% to spare), else on."""
-    if cfg.gradient_checkpointing is not None:
-        return cfg.gradient_checkpointing, "as configured"
+@dataclass(frozen=True)
+class MemoryPlan:
+    """How a run saves activation memory: ``checkpointed`` decoder layers of ``layers`` (the first ones; 0:
+    checkpointing off; None: all but the last, counted on the model) are recomputed in backward, and with
+    ``offload`` their inputs wait in pinned host RAM (GPU only)."""
+    checkpointed: int | None
+    layers: int
+    offload: bool = False
+    why: str = ""
+
+    @property
+    def checkpointing(self) -> bool:
+        return self.checkpointed != 0
+
+    def describe(self) -> str:
+        if not self.checkpointing:
+            return "off"
+        full = self.checkpointed is None or self.checkpointed >= full_checkpointing(self.layers)
+        what = "on" if full else f"{self.checkpointed} of {self.layers} layers"
+        return what + (", inputs offloaded to host RAM" if self.offload else "")
+
+
+def default_plan(cfg, *, gpu: bool, why: str = "as configured") -> MemoryPlan:
+    """The plan a config asks for without the memory model: checkpointing off, or on (all layers but the last;
+    auto counts as on), offloaded when ``checkpoint_offload`` is true and a GPU runs it."""
+    if cfg.gradient_checkpointing is False:
+        return MemoryPlan(0, 0, why=why)
+    return MemoryPlan(None, 0, offload=bool(cfg.checkpoint_offload) and gpu, why=why)
+
+
+def choose_plan(cfg, available_gb: float, *, gpu: bool, tokens: int | None = None,
+                answer_tokens: int | None = None) -> MemoryPlan:
+    """The memory plan of a run, from the memory model with 10% of ``available_gb`` to spare.
+
+    ``gradient_checkpointing`` auto: off when the run fits without it; else the fewest layers checkpointed that make
+    it fit (each layer left out saves 1/L of the recompute); else all of them. ``checkpoint_offload`` auto (GPU
+    only): on when checkpointing is on and the run would not fit with the checkpoints on the card. Set values win;
+    an architecture the estimate can't read gets the config's plan (auto: checkpointing on)."""
     try:
-        without = estimate(cfg, gpu=gpu, tokens=tokens, answer_tokens=answer_tokens, checkpointing=False)
+        a = arch_of(cfg.model)
     except Exception as e:  # an architecture we can't read: the safe choice
-        return True, f"on (no memory estimate: {type(e).__name__})"
-    need = without["total"]
-    if need <= 0.9 * available_gb:
-        return False, f"off (the run needs about {need:.1f} GB without it; {available_gb:.1f} GB available)"
-    return True, f"on (about {need:.1f} GB without it would not fit in {available_gb:.1f} GB)"
+        return default_plan(cfg, gpu=gpu, why=f"no memory estimate ({type(e).__name__})")
+    budget = 0.9 * available_gb
+
+    def need(k: int, offload: bool = False) -> float:
+        return estimate(cfg, a, gpu=gpu, tokens=tokens, answer_tokens=answer_tokens, checkpointed_layers=k,
+                        offload=offload)["total"]
+
+    def plan(k: int, offload: bool, why: str) -> MemoryPlan:
+        return MemoryPlan(k, a.layers, offload, why + f"; {available_gb:.1f} GB available")
+
+    full = full_checkpointing(a.layers)
+    if cfg.gradient_checkpointing is False:
+        return plan(0, False, f"as configured; the run needs about {need(0):.1f} GB")
+    if cfg.checkpoint_offload and not gpu:
+        log.info("checkpoint_offload: nothing to do on the CPU (activations are in host RAM already)")
+    offload_asked = bool(cfg.checkpoint_offload) and gpu
+    if cfg.gradient_checkpointing is None and not offload_asked:
+        if need(0) <= budget:
+            return plan(0, False, f"the run needs about {need(0):.1f} GB without checkpointing")
+        for k in range(1, full + 1):
+            if need(k) <= budget:
+                return plan(k, False, f"about {need(k):.1f} GB with {k} of {a.layers} layers checkpointed, "
+                                      f"{need(0):.1f} GB with none")
+    source = "as configured; " if cfg.gradient_checkpointing else ""
+    on, offloaded = need(full), need(full, True)
+    if offload_asked:
+        return plan(full, True, f"{source}about {offloaded:.1f} GB ({on:.1f} GB without offloading)")
+    if on > budget and cfg.checkpoint_offload is None and gpu:
+        more = "" if offloaded <= budget else ", still more than fits: lower batch_size or max_length"
+        return plan(full, True, f"{source}about {on:.1f} GB with the checkpoints on the card, {offloaded:.1f} GB "
+                                f"with them in host RAM{more}")
+    more = "" if on <= budget else ", more than fits: lower batch_size or max_length"
+    return plan(full, False, f"{source}about {on:.1f} GB with checkpointing{more}")
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,7 @@ import torch
 
 from .config import Config, ConfigError
 from .losses import selected_token_logps
+from .memory import MemoryPlan, default_plan
 from .tiny import resolve_model
 
 log = logging.getLogger("lowrank_pref")
@@ -112,8 +113,9 @@ def quantization_config(cfg: Config):
     return None
 
 
-def load_base(cfg: Config, tokenizer, *, for_training: bool = True):
-    """The (quantized) transformers model, prepared for k-bit training, without adapters."""
+def load_base(cfg: Config, tokenizer, *, for_training: bool = True, plan: MemoryPlan | None = None):
+    """The (quantized) transformers model, prepared for k-bit training, without adapters, with the activation
+    checkpointing of ``plan`` (default: what the config asks for, see memory.default_plan)."""
     from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -143,23 +145,37 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True):
     else:
         for p in model.parameters():
             p.requires_grad_(False)
-    if cfg.gradient_checkpointing is not False:  # None (auto) is resolved by train(); elsewhere the safe choice
-        # non-reentrant checkpointing needs no input-grad hack and works under no_grad for the reference pass
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        keep_last_layer(model)
+    plan = plan or default_plan(cfg, gpu=device().type == "cuda")  # auto is resolved by train(); else the safe choice
+    if plan.checkpointing:
+        # non-reentrant checkpointing needs no input-grad hack and works under no_grad for the reference pass;
+        # transformers' offload pins host memory, which a machine without an accelerator doesn't have
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False},
+                                              offload=plan.offload and device().type != "cpu")
+        checkpoint_first_layers(model, plan.checkpointed)
     return model
 
 
-def keep_last_layer(model) -> None:
-    """Leave the last decoder layer out of gradient checkpointing.
+def checkpoint_first_layers(model, count: int | None) -> int:
+    """Checkpoint only the first ``count`` decoder layers (None: all but the last). Returns how many are.
 
-    Backward starts with that layer: checkpointed, it is recomputed at once and its activations are back in
-    memory, so the peak is the same as keeping them from the forward, and the recompute is pure cost (1/L of it)."""
+    Backward reaches the first layers last, after the later layers' saved activations are freed, so their
+    recompute adds nothing to the peak. The last layer is never worth checkpointing: backward starts with it, so
+    its recompute would bring the same activations back at once (the same peak, 1/L more work)."""
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
-    if len(layers) > 1:
-        layers[-1].gradient_checkpointing = False
+    if count is None:
+        count = len(layers) - 1 if len(layers) > 1 else len(layers)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < count
+    return min(count, len(layers))
+
+
+def checkpointed_layers(model) -> int:
+    """How many decoder layers recompute their activations in backward."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return sum(isinstance(m, GradientCheckpointingLayer) and bool(m.gradient_checkpointing) for m in model.modules())
 
 
 def pin_cpu_4bit_kernel(model) -> None:
@@ -187,11 +203,12 @@ def lora_config(cfg: Config):
                       task_type="SEQ_CLS" if cfg.task == "reward" else "CAUSAL_LM")
 
 
-def load_model(cfg: Config, tokenizer):
-    """The PeftModel to train. Returns (model, reference_kind) with reference_kind 'base' or 'adapter'."""
+def load_model(cfg: Config, tokenizer, plan: MemoryPlan | None = None):
+    """The PeftModel to train (checkpointing as ``plan`` says, see load_base). Returns (model, reference_kind) with
+    reference_kind 'base' or 'adapter'."""
     from peft import PeftModel, get_peft_model
 
-    base = load_base(cfg, tokenizer)
+    base = load_base(cfg, tokenizer, plan=plan)
     if cfg.adapter:
         path = Path(cfg.adapter).expanduser()
         if cfg.adapter.startswith((".", "/", "~")) and not (path / "adapter_config.json").is_file():

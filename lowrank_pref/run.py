@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger("lowrank_pref").debug("internal error", exc_info=True)
         _log_traceback(cfg.output_dir)
         oom = "out of memory" in str(e).lower()
-        hint = (" Lower batch_size or max_length, or set gradient_checkpointing=true." if oom else
+        hint = (" Lower batch_size or max_length, set gradient_checkpointing=true (on a GPU also checkpoint_offload="
+                "true), or memory_limit_gb below what the card has if other programs use it." if oom else
                 f" The traceback is in {os.path.join(cfg.output_dir, 'train.log')}.")
         print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}.{hint}",
               file=sys.stderr)

@@ -8,7 +8,6 @@ same effective batch gives the same update however it is split into micro-steps.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -26,10 +25,10 @@ from . import data as data_mod
 from .artifacts import RunDir
 from .config import Config, ConfigError, dump_yaml
 from .losses import REFERENCE_FREE, preference_loss, reward_loss
-from .memory import choose_checkpointing, shared_layout_possible
-from .model import (autocast, available_memory_gb, compute_dtype, current_memory_mb, device, load_model,
-                    load_tokenizer, peak_memory_mb, reference_mode, reset_peak_memory, reward_scores, save_adapter,
-                    sequence_logps, shared_reward_scores, shared_sequence_logps, trainable_parameters)
+from .memory import choose_plan, shared_layout_possible
+from .model import (autocast, available_memory_gb, checkpointed_layers, compute_dtype, current_memory_mb, device,
+                    load_model, load_tokenizer, peak_memory_mb, reference_mode, reset_peak_memory, reward_scores,
+                    save_adapter, sequence_logps, shared_reward_scores, shared_sequence_logps, trainable_parameters)
 from .refcache import RefCache
 
 log = logging.getLogger("lowrank_pref")
@@ -352,11 +351,12 @@ def _train(cfg: Config, run: RunDir, resume: bool, stop: _StopFlag) -> dict:
     schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
                         sizes=[p.num_tokens for p in data.train], token_budget=cfg.token_budget)
     tokens, answers = largest_micro_step(cfg, schedule, data.train)
-    checkpointing, why = choose_checkpointing(cfg, available_memory_gb(), gpu=device().type == "cuda",
-                                              tokens=tokens, answer_tokens=answers)
-    log.info("gradient checkpointing: %s", why)
-    run.write_status(gradient_checkpointing=checkpointing)
-    model, reference = load_model(dataclasses.replace(cfg, gradient_checkpointing=checkpointing), tokenizer)
+    plan = choose_plan(cfg, cfg.memory_limit_gb or available_memory_gb(), gpu=device().type == "cuda",
+                       tokens=tokens, answer_tokens=answers)
+    log.info("gradient checkpointing: %s (%s)", plan.describe(), plan.why)
+    model, reference = load_model(cfg, tokenizer, plan)
+    run.write_status(gradient_checkpointing=plan.checkpointing, checkpointed_layers=checkpointed_layers(model),
+                     checkpoint_offload=plan.offload)
     if cfg.task == "dpo":
         reference = "none" if cfg.loss_type in REFERENCE_FREE else reference
         log.info("reference: %s%s", reference, {"base": " (the base model, adapters disabled)",

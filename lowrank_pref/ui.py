@@ -148,18 +148,23 @@ def cli_command(preset: str, cfg: Config) -> str:
 
 
 def memory_line(cfg: Config, hw: dict) -> str:
-    from .memory import estimate
+    """The memory model's verdict for these settings on this machine, with the checkpointing a run would choose
+    (memory.choose_plan) when the machine's memory is known."""
+    from .memory import choose_plan, estimate
 
+    gpu, have = bool(hw.get("gpu")), cfg.memory_limit_gb or hw.get("memory_gb")
     try:
-        est = estimate(cfg, gpu=bool(hw.get("gpu")))
+        plan = choose_plan(cfg, have, gpu=gpu) if have else None
+        est = estimate(cfg, gpu=gpu, **({"checkpointed_layers": plan.checkpointed, "offload": plan.offload}
+                                        if plan and plan.checkpointed is not None else {}))
     except Exception as e:  # an unknown or unreachable model: say so, don't fail the page
         return f"Peak memory: no estimate ({type(e).__name__}: {str(e).splitlines()[0][:120]})."
-    where = f"{hw['gpu']} ({hw['memory_gb']} GB)" if hw.get("gpu") else f"CPU RAM ({hw.get('memory_gb')} GB)"
-    have = hw.get("memory_gb")
+    where = f"{hw['gpu']} ({hw['memory_gb']} GB)" if gpu else f"CPU RAM ({hw.get('memory_gb')} GB)"
     verdict = "" if not have else (" fits" if est["total"] <= have * 0.95 else
-                                   " **does not fit**: lower batch_size or max_length, or turn on checkpointing")
+                                   " **does not fit**: lower batch_size or max_length")
+    how = f", gradient checkpointing {plan.describe()}" if plan else ""
     parts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in est.items() if k != "total")
-    return f"Estimated peak memory **{est['total']} GB** on {where}:{verdict}. ({parts})"
+    return f"Estimated peak memory **{est['total']} GB** on {where}{how}:{verdict}. ({parts})"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ the live tensors instead of the heap's history (see benchmarks/bench.py).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -17,7 +18,8 @@ import pytest
 from conftest import run_cli
 from lowrank_pref.artifacts import read_metrics
 from lowrank_pref.config import build_config
-from lowrank_pref.memory import choose_checkpointing, estimate, training_gb
+from lowrank_pref.config import ConfigError
+from lowrank_pref.memory import choose_plan, estimate, training_gb
 
 RETURNING = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 LENGTHS = {"max_length": 160, "max_prompt_length": 96}
@@ -74,22 +76,73 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(small_model, tmp_path, 
     assert estimated == pytest.approx(measured, rel=0.15), (estimated * 1024, measured * 1024)
 
 
-def test_checkpointing_auto_is_off_when_it_fits_and_on_when_not(small_model, tmp_path):
+def test_checkpointing_auto_is_off_when_it_fits_then_as_few_layers_as_fit(small_model, tmp_path):
     model_dir, data = small_model
     cfg = build_config("tiny", overrides={"model": str(model_dir), "gradient_checkpointing": "auto",
                                           "batch_size": 8, **LENGTHS})
     assert cfg.gradient_checkpointing is None
     tokens, answers = _largest_step(cfg)
-    need = estimate(cfg, gpu=False, tokens=tokens, answer_tokens=answers, checkpointing=False)["total"]
-    assert choose_checkpointing(cfg, need * 2, gpu=False, tokens=tokens, answer_tokens=answers)[0] is False
-    assert choose_checkpointing(cfg, need * 0.95, gpu=False, tokens=tokens, answer_tokens=answers)[0] is True
-    fixed = build_config("tiny", overrides={"gradient_checkpointing": "true"})
-    assert choose_checkpointing(fixed, 1000.0, gpu=False) == (True, "as configured")
+
+    def need(k, offload=False):
+        return estimate(cfg, gpu=False, tokens=tokens, answer_tokens=answers, checkpointed_layers=k,
+                        offload=offload)["total"]
+
+    assert need(0) > need(1) > need(2) > need(3)  # each checkpointed layer keeps one input instead of everything
+
+    def chosen(available, gpu=False, c=cfg):
+        return choose_plan(c, available, gpu=gpu, tokens=tokens, answer_tokens=answers)
+
+    assert chosen(need(0) * 2).checkpointed == 0
+    assert chosen(need(2) / 0.9 * 1.001).checkpointed == 2  # the fewest layers that fit
+    assert chosen(need(3) / 0.9 * 1.001).checkpointed == 3
+    tight = chosen(need(3) * 0.95)  # nothing fits: all but the last layer, and the log says it won't fit
+    assert tight.checkpointed == 3 and not tight.offload and "more than fits" in tight.why
+    # on a GPU the layers' inputs go to host RAM when even full checkpointing doesn't fit
+    gpu_need = estimate(cfg, gpu=True, tokens=tokens, answer_tokens=answers, checkpointed_layers=3)["total"]
+    offloaded = estimate(cfg, gpu=True, tokens=tokens, answer_tokens=answers, checkpointed_layers=3, offload=True)
+    assert offloaded["total"] < gpu_need and offloaded["host_offload"] > 0
+    plan = chosen(gpu_need * 0.99, gpu=True)
+    assert plan.checkpointed == 3 and plan.offload and "host RAM" in plan.why
+    assert not chosen(gpu_need * 0.99, gpu=True, c=dataclasses.replace(cfg, checkpoint_offload=False)).offload
+    # set values win over the memory model
+    fixed = build_config("tiny", overrides={"model": str(model_dir), "gradient_checkpointing": "true"})
+    assert chosen(1000.0, c=fixed).checkpointed == 3 and chosen(1000.0, c=fixed).why.startswith("as configured")
+    forced = build_config("tiny", overrides={"model": str(model_dir), "gradient_checkpointing": "auto",
+                                           "checkpoint_offload": "true"})
+    assert chosen(1000.0, gpu=True, c=forced).offload and not chosen(1000.0, c=forced).offload  # CPU: nothing to do
+    with pytest.raises(ConfigError, match="checkpoint_offload=true .* gradient_checkpointing is false"):
+        build_config("tiny", overrides={"gradient_checkpointing": "false", "checkpoint_offload": "true"})
     # the run says what it chose, and why
     out = tmp_path / "auto"
     res = run_cli("--model", str(model_dir), "--dataset", str(data), "--max-steps", "1", "--output-dir", str(out),
                   "gradient_checkpointing=auto", "batch_size=8", *[f"{k}={v}" for k, v in LENGTHS.items()])
     assert res.returncode == 0, res.stderr
-    assert json.loads((out / "status.json").read_text())["gradient_checkpointing"] is False  # 24 GB of RAM here
+    status = json.loads((out / "status.json").read_text())  # 24 GB of RAM here
+    assert status["gradient_checkpointing"] is False and status["checkpointed_layers"] == 0
     assert "gradient checkpointing: off (the run needs about" in (out / "train.log").read_text()
     assert os.path.isdir(out / "adapter")
+
+
+def test_partial_checkpointing_fits_a_memory_limit_and_the_estimate(small_model, tmp_path):
+    """memory_limit_gb between what 1 and 2 checkpointed layers need: the run checkpoints the first 2 of 4 layers,
+    and its measured peak is the estimate's for 2 (within 15%)."""
+    model_dir, data = small_model
+    overrides = {"batch_size": 8, "gradient_checkpointing": "auto", "lora.r": 16, "lora.alpha": 32,
+                 "reference_cache": False, "data.eval_fraction": 0, **LENGTHS}
+    cfg = build_config("tiny", overrides={"model": str(model_dir), "dataset": str(data), **overrides})
+    tokens, answers = _largest_step(cfg)
+    parts = [estimate(cfg, gpu=False, tokens=tokens, answer_tokens=answers, checkpointed_layers=k) for k in range(4)]
+    limit = parts[2]["total"] / 0.9 * 1.001
+    assert parts[1]["total"] > 0.9 * limit
+    out = tmp_path / "run"
+    res = run_cli("--model", str(model_dir), "--dataset", str(data), "--max-steps", "3", "--output-dir", str(out),
+                  f"memory_limit_gb={limit}", *[f"{k}={v}" for k, v in overrides.items()], env=RETURNING)
+    assert res.returncode == 0, res.stderr
+    status = json.loads((out / "status.json").read_text())
+    assert status["gradient_checkpointing"] is True and status["checkpointed_layers"] == 2
+    assert "gradient checkpointing: 2 of 4 layers (about" in (out / "train.log").read_text()
+    last = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m][-1]
+    measured = (last["peak_memory_mb"] - last["loaded_memory_mb"]) / 1024
+    assert training_gb(parts[2]) == pytest.approx(measured, rel=0.15), (training_gb(parts[2]) * 1024, measured * 1024)
+    # between none and all checkpointed, as the estimate says
+    assert training_gb(parts[3]) < training_gb(parts[2]) < training_gb(parts[0])

@@ -281,16 +281,20 @@ def test_fused_lora_add_equals_peft_forward(tiny_model_dir, tokenizer, dora):
 def test_last_layer_is_not_checkpointed(tiny_model_dir, tokenizer):
     """Checkpointing covers every decoder layer but the last one, whose recompute would start backward anyway, and
     leaves the embeddings' output without grad (so backward stops at the first layer's LoRA weights, not below);
-    the gradients are those of no checkpointing."""
+    a plan (memory.choose_plan) can name how many of the first layers to checkpoint; the gradients are those of no
+    checkpointing."""
+    from lowrank_pref.memory import MemoryPlan
+
     grads = []
-    for checkpointing in ("true", "false"):
+    for checkpointing, plan, flags in (("true", None, [True, False]), ("auto", MemoryPlan(2, 2), [True, True]),
+                                       ("false", None, [False, False])):
         cfg = _cfg(tiny_model_dir, gradient_checkpointing=checkpointing)
         tok = load_tokenizer(cfg)
-        model, _ = load_model(cfg, tok)
+        torch.manual_seed(0)  # the same LoRA A init each time, whatever ran before
+        model, _ = load_model(cfg, tok, plan)
         _randomize_lora(model)
         layers = model.get_base_model().model.layers
-        assert [layer.gradient_checkpointing for layer in layers] == (
-            [True, False] if checkpointing == "true" else [False, False])
+        assert [layer.gradient_checkpointing for layer in layers] == flags
         model.train()
         embedded = []
         model.get_base_model().get_input_embeddings().register_forward_hook(
@@ -299,5 +303,6 @@ def test_last_layer_is_not_checkpointed(tiny_model_dir, tokenizer):
         assert embedded == [False]
         first = [g for n, g in grads[-1].items() if "layers.0." in n and "lora_A" in n]
         assert first and all(g.abs().sum() > 0 for g in first)  # the first layer's adapters still learn
-    for name, g in grads[1].items():
-        assert torch.allclose(grads[0][name], g, atol=1e-6, rtol=1e-4), name
+    for name, g in grads[-1].items():
+        for checkpointed in grads[:-1]:
+            assert torch.allclose(checkpointed[name], g, atol=1e-6, rtol=1e-4), name
