@@ -3,8 +3,8 @@
     python -m lowrank_pref.memory --preset 12gb-dpo
 
 The arithmetic (see shared PERFORMANCE-NOTES): 0.516 B per NF4 weight with double quantization (1.0 B at 8-bit,
-2 B unquantized bf16); embeddings and LM head stay unquantized and ``prepare_model_for_kbit_training`` upcasts
-them to fp32 (4 B); each LoRA parameter costs its fp32 weight + gradient + optimizer state (16 B with AdamW, 10 B
+2 B unquantized bf16); embeddings and LM head stay unquantized, in 16 bits under a GPU's autocast (2 B) and in
+fp32 on the CPU (4 B); each LoRA parameter costs its fp32 weight + gradient + optimizer state (16 B with AdamW, 10 B
 with 8-bit Adam); activations: with checkpointing one fp32 hidden state per layer and token plus one layer's
 recompute, without it every layer's saved tensors; the LM head works on one chunk of answer tokens at a time.
 An estimate, not a measurement: presets/README.md says which figures were measured.
@@ -113,7 +113,8 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     Checked against measured CPU peaks in tests/test_memory.py."""
     a = arch or arch_of(cfg.model)
     per_weight = {"4bit": 0.516, "8bit": 1.03, "none": 2.0}[cfg.quantization]
-    embed_bytes = 4 if cfg.quantization != "none" else 2  # prepare_model_for_kbit_training upcasts to fp32
+    act_bytes = 2 if gpu and cfg.dtype != "fp32" else 4  # autocast to bf16/fp16 on a GPU; fp32 on the CPU
+    embed_bytes = act_bytes  # the tables stay in 16 bits under autocast (model.embeddings_in), else fp32
     n_embed = a.vocab * a.hidden * (1 if a.tied else 2)
     if cfg.task == "reward":
         n_embed = a.vocab * a.hidden + a.hidden  # input embeddings + the score head
@@ -122,7 +123,6 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     default_tokens, default_answers = micro_step_tokens(cfg)
     tokens = tokens or default_tokens
     answer_tokens = answer_tokens or default_answers
-    act_bytes = 2 if gpu else 4
     layer = tokens * (12 * a.hidden + 4 * a.ffn + 7 * cfg.lora.r) * act_bytes
     shared = shared_layout_possible(cfg)
     rows = cfg.batch_size * (1 if shared else 2)

@@ -306,3 +306,31 @@ def test_last_layer_is_not_checkpointed(tiny_model_dir, tokenizer):
     for name, g in grads[-1].items():
         for checkpointed in grads[:-1]:
             assert torch.allclose(checkpointed[name], g, atol=1e-6, rtol=1e-4), name
+
+
+def test_16bit_embedding_tables_give_the_same_numbers(tiny_model_dir, tokenizer):
+    """On a GPU, under autocast, the input embeddings and LM head stay in their 16-bit load dtype instead of
+    prepare_model_for_kbit_training's fp32 copies (model.embeddings_in): half the memory, the same numbers. CPU
+    autocast casts the same way CUDA's does, so the claim is checked here with it."""
+    from lowrank_pref.losses import selected_token_logps
+    from lowrank_pref.model import embeddings_in, load_base
+
+    cfg = _cfg(tiny_model_dir, dtype="bf16")
+    base = load_base(cfg, load_tokenizer(cfg))
+    embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
+    assert embeddings.weight.dtype == head.weight.dtype == torch.float32  # PEFT's upcast
+    ids = torch.randint(0, embeddings.weight.shape[0], (3, 7))
+    torch.manual_seed(0)
+    hidden = torch.randn(9, head.weight.shape[1])
+    targets = torch.randint(0, head.weight.shape[0], (9,))
+    before = embeddings(ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logps_before = selected_token_logps(hidden, head.weight, targets, chunk_size=4)
+    saved = embeddings_in(base, torch.bfloat16)
+    assert embeddings.weight.dtype == head.weight.dtype == torch.bfloat16
+    assert saved == 2 * (embeddings.weight.numel() + head.weight.numel()) > 0
+    after = embeddings(ids)
+    assert after.dtype == torch.float32 and torch.equal(after, before)  # the residual stream starts in fp32, as before
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.equal(selected_token_logps(hidden, head.weight, targets, chunk_size=4), logps_before)
+    assert embeddings_in(base, torch.bfloat16) == 0  # once
