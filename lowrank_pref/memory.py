@@ -224,7 +224,7 @@ def choose_plan(cfg, available_gb: float, *, gpu: bool, tokens: int | None = Non
             if need(k) <= budget:
                 return plan(k, False, f"about {need(k):.1f} GB with {k} of {a.layers} layers checkpointed, "
                                       f"{need(0):.1f} GB with none")
-    source = "as configured; " if cfg.gradient_checkpointing else ""
+    source = "checkpointing as configured; " if cfg.gradient_checkpointing else ""
     on, offloaded = need(full), need(full, True)
     if offload_asked:
         return plan(full, True, f"{source}about {offloaded:.1f} GB ({on:.1f} GB without offloading)")
@@ -237,14 +237,32 @@ def choose_plan(cfg, available_gb: float, *, gpu: bool, tokens: int | None = Non
 
 
 def main(argv=None) -> int:
-    from .config import build_config, parse_override
+    import sys
+
+    from .config import ConfigError, build_config, parse_override
 
     p = argparse.ArgumentParser(prog="python -m lowrank_pref.memory", description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="tiny")
-    p.add_argument("overrides", nargs="*")
+    p.add_argument("--gpu-gb", type=float, help="a GPU with this much memory: also say which checkpointing a run "
+                                                  "there would choose, and estimate with it (memory_limit_gb wins)")
+    p.add_argument("overrides", nargs="*", help="key=value settings, as for python -m lowrank_pref.run")
     args = p.parse_args(argv)
-    cfg = build_config(args.preset, overrides=dict(parse_override(o) for o in args.overrides))
-    print(json.dumps(estimate(cfg), indent=1))
+    try:
+        cfg = build_config(args.preset, overrides=dict(parse_override(o) for o in args.overrides))
+        budget = cfg.memory_limit_gb or args.gpu_gb
+        plan = choose_plan(cfg, budget, gpu=True) if budget else None
+        parts = estimate(cfg, gpu=True, **({"checkpointed_layers": plan.checkpointed, "offload": plan.offload}
+                                           if plan and plan.checkpointed is not None else {}))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:  # an architecture that can't be read (unknown offline, a typo in the model id)
+        print(f"error: no estimate for model '{cfg.model}': {type(e).__name__}: {str(e).splitlines()[0][:200]}",
+              file=sys.stderr)
+        return 2
+    if plan:
+        print(f"gradient checkpointing: {plan.describe()} ({plan.why})")
+    print(json.dumps(parts, indent=1))
     return 0
 
 

@@ -106,7 +106,7 @@ def test_checkpointing_auto_is_off_when_it_fits_then_as_few_layers_as_fit(small_
     assert not chosen(gpu_need * 0.99, gpu=True, c=dataclasses.replace(cfg, checkpoint_offload=False)).offload
     # set values win over the memory model
     fixed = build_config("tiny", overrides={"model": str(model_dir), "gradient_checkpointing": "true"})
-    assert chosen(1000.0, c=fixed).checkpointed == 3 and chosen(1000.0, c=fixed).why.startswith("as configured")
+    assert chosen(1000.0, c=fixed).checkpointed == 3 and chosen(1000.0, c=fixed).why.startswith("checkpointing as configured")
     forced = build_config("tiny", overrides={"model": str(model_dir), "gradient_checkpointing": "auto",
                                            "checkpoint_offload": "true"})
     assert chosen(1000.0, gpu=True, c=forced).offload and not chosen(1000.0, c=forced).offload  # CPU: nothing to do
@@ -146,3 +146,16 @@ def test_partial_checkpointing_fits_a_memory_limit_and_the_estimate(small_model,
     assert training_gb(parts[2]) == pytest.approx(measured, rel=0.15), (training_gb(parts[2]) * 1024, measured * 1024)
     # between none and all checkpointed, as the estimate says
     assert training_gb(parts[3]) < training_gb(parts[2]) < training_gb(parts[0])
+
+
+def test_memory_command_plans_for_a_card_and_refuses_bad_input(capsys):
+    from lowrank_pref.memory import main
+
+    assert main(["--preset", "12gb-dpo", "--gpu-gb", "12", "max_length=8192", "max_prompt_length=4096"]) == 0
+    first, rest = capsys.readouterr().out.split("\n", 1)
+    assert first.startswith("gradient checkpointing: on, inputs offloaded to host RAM (")
+    parts = json.loads(rest)
+    assert parts["host_offload"] > 0 and parts["total"] == pytest.approx(sum(
+        v for k, v in parts.items() if k not in ("total", "host_offload")), abs=1e-3)
+    assert main(["--preset", "12gb-dpo", "lora.rank=8"]) == 2
+    assert "unknown config key 'lora.rank'" in capsys.readouterr().err
