@@ -160,8 +160,9 @@ def memory_line(cfg: Config, hw: dict) -> str:
     except Exception as e:  # an unknown or unreachable model: say so, don't fail the page
         return f"Peak memory: no estimate ({type(e).__name__}: {str(e).splitlines()[0][:120]})."
     where = f"{hw['gpu']} ({hw['memory_gb']} GB)" if gpu else f"CPU RAM ({hw.get('memory_gb')} GB)"
+    more = "" if plan and plan.checkpointing else ", or turn on checkpointing"
     verdict = "" if not have else (" fits" if est["total"] <= have * 0.95 else
-                                   " **does not fit**: lower batch_size or max_length")
+                                   f" **does not fit**: lower batch_size or max_length{more}")
     how = f", gradient checkpointing {plan.describe()}" if plan else ""
     parts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in est.items() if k != "total")
     return f"Estimated peak memory **{est['total']} GB** on {where}{how}:{verdict}. ({parts})"
