@@ -173,10 +173,15 @@ def embeddings_in(model, dtype: torch.dtype) -> int:
     transient 16-bit copy of the whole table."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     embeddings, head = base.get_input_embeddings(), base.get_output_embeddings()
+    modules = [m for m in (embeddings, head) if isinstance(getattr(m, "weight", None), torch.Tensor)]
+    # only plain modules, whose outputs the argument above covers: a subclass may compute in its weight's dtype
+    # (Gemma 3's embeddings scale their output in it), and a head tied to such embeddings shares their weight
+    plain = [m for m in modules if type(m) in (torch.nn.Embedding, torch.nn.Linear)]
+    unsafe = {id(m.weight) for m in modules if m not in plain}
     saved, seen = 0, set()
-    for module in (embeddings, head):
-        weight = getattr(module, "weight", None)
-        if weight is None or id(weight) in seen or weight.requires_grad or weight.dtype != torch.float32:
+    for module in plain:
+        weight = module.weight
+        if id(weight) in unsafe | seen or weight.requires_grad or weight.dtype != torch.float32:
             continue
         seen.add(id(weight))
         weight.data = weight.data.to(dtype)

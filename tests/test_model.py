@@ -334,3 +334,21 @@ def test_16bit_embedding_tables_give_the_same_numbers(tiny_model_dir, tokenizer)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert torch.equal(selected_token_logps(hidden, head.weight, targets, chunk_size=4), logps_before)
     assert embeddings_in(base, torch.bfloat16) == 0  # once
+
+
+def test_16bit_tables_only_for_plain_modules():
+    """Gemma 3's embeddings scale their output in the weight's dtype, so in 16 bits they would not give the same
+    numbers: they (and the LM head tied to them) stay fp32. A Llama's plain tables, untied, both go to 16 bits."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from lowrank_pref.model import embeddings_in
+
+    small = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                 num_key_value_heads=1)
+    gemma = Gemma3ForCausalLM(Gemma3TextConfig(head_dim=32, **small)).requires_grad_(False)
+    assert gemma.get_output_embeddings().weight is gemma.get_input_embeddings().weight
+    assert embeddings_in(gemma, torch.bfloat16) == 0
+    assert gemma.get_input_embeddings().weight.dtype == torch.float32
+    llama = LlamaForCausalLM(LlamaConfig(**small)).requires_grad_(False)
+    assert embeddings_in(llama, torch.bfloat16) == 2 * 2 * 128 * 64
+    assert llama.get_input_embeddings().weight.dtype == llama.get_output_embeddings().weight.dtype == torch.bfloat16
