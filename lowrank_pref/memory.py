@@ -249,13 +249,14 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         cfg = build_config(args.preset, overrides=dict(parse_override(o) for o in args.overrides))
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
         budget = cfg.memory_limit_gb or args.gpu_gb
         plan = choose_plan(cfg, budget, gpu=True) if budget else None
         parts = estimate(cfg, gpu=True, **({"checkpointed_layers": plan.checkpointed, "offload": plan.offload}
                                            if plan and plan.checkpointed is not None else {}))
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except Exception as e:  # an architecture that can't be read (unknown offline, a typo in the model id)
         print(f"error: no estimate for model '{cfg.model}': {type(e).__name__}: {str(e).splitlines()[0][:200]}",
               file=sys.stderr)
