@@ -17,8 +17,7 @@ import pytest
 
 from conftest import run_cli
 from lowrank_pref.artifacts import read_metrics
-from lowrank_pref.config import build_config
-from lowrank_pref.config import ConfigError
+from lowrank_pref.config import ConfigError, build_config
 from lowrank_pref.memory import choose_plan, estimate, training_gb
 
 RETURNING = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
@@ -106,9 +105,10 @@ def test_checkpointing_auto_is_off_when_it_fits_then_as_few_layers_as_fit(small_
     assert not chosen(gpu_need * 0.99, gpu=True, c=dataclasses.replace(cfg, checkpoint_offload=False)).offload
     # set values win over the memory model
     fixed = build_config("tiny", overrides={"model": str(model_dir), "gradient_checkpointing": "true"})
-    assert chosen(1000.0, c=fixed).checkpointed == 3 and chosen(1000.0, c=fixed).why.startswith("checkpointing as configured")
+    assert chosen(1000.0, c=fixed).checkpointed == 3
+    assert chosen(1000.0, c=fixed).why.startswith("checkpointing as configured")
     forced = build_config("tiny", overrides={"model": str(model_dir), "gradient_checkpointing": "auto",
-                                           "checkpoint_offload": "true"})
+                                             "checkpoint_offload": "true"})
     assert chosen(1000.0, gpu=True, c=forced).offload and not chosen(1000.0, c=forced).offload  # CPU: nothing to do
     with pytest.raises(ConfigError, match="checkpoint_offload=true .* gradient_checkpointing is false"):
         build_config("tiny", overrides={"gradient_checkpointing": "false", "checkpoint_offload": "true"})
