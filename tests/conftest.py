@@ -98,3 +98,40 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def small_model(tokenizer, tmp_path_factory):
+    """A 4-layer, 256-wide Llama and 32 pairs of ~300 tokens: big enough that activations show in measured memory
+    (at width 64 they are a few MB, below what RSS resolves). Returns (model folder, pairs file)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = tmp_path_factory.mktemp("llama_256")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    words = ["river", "garden", "window", "letter", "market", "forest", "kitchen", "bridge", "island", "candle"]
+    rng = random.Random(0)
+    rows = [{"prompt": " ".join(rng.choice(words) for _ in range(120)),
+             "chosen": " ".join(rng.choice(words) for _ in range(80)),
+             "rejected": " ".join(rng.choice(words) for _ in range(80))} for _ in range(32)]
+    data = path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, data
+
+
+def largest_step(cfg):
+    """(tokens, answer tokens) of the run's largest micro-step, as train() plans its memory by."""
+    from lowrank_pref.data import load_preference_data
+    from lowrank_pref.model import load_tokenizer
+    from lowrank_pref.train import Schedule, largest_micro_step
+
+    tok = load_tokenizer(cfg)
+    pairs = load_preference_data(cfg, tok).train
+    schedule = Schedule(len(pairs), cfg.batch_size, 1, cfg.seed, sizes=[p.num_tokens for p in pairs])
+    return largest_micro_step(cfg, schedule, pairs)

@@ -11,51 +11,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import random
 
 import pytest
 
-from conftest import run_cli
+from conftest import largest_step, run_cli
 from lowrank_pref.artifacts import read_metrics
 from lowrank_pref.config import ConfigError, build_config
 from lowrank_pref.memory import choose_plan, estimate, training_gb
 
 RETURNING = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 LENGTHS = {"max_length": 160, "max_prompt_length": 96}
-
-
-@pytest.fixture(scope="module")
-def small_model(tokenizer, tmp_path_factory):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    path = tmp_path_factory.mktemp("llama_256")
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=704, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    words = ["river", "garden", "window", "letter", "market", "forest", "kitchen", "bridge", "island", "candle"]
-    rng = random.Random(0)
-    rows = [{"prompt": " ".join(rng.choice(words) for _ in range(120)),
-             "chosen": " ".join(rng.choice(words) for _ in range(80)),
-             "rejected": " ".join(rng.choice(words) for _ in range(80))} for _ in range(32)]
-    data = path / "pairs.jsonl"
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path, data
-
-
-def _largest_step(cfg):
-    from lowrank_pref.data import load_preference_data
-    from lowrank_pref.model import load_tokenizer
-    from lowrank_pref.train import Schedule, largest_micro_step
-
-    tok = load_tokenizer(cfg)
-    pairs = load_preference_data(cfg, tok).train
-    schedule = Schedule(len(pairs), cfg.batch_size, 1, cfg.seed, sizes=[p.num_tokens for p in pairs])
-    return largest_micro_step(cfg, schedule, pairs)
 
 
 @pytest.mark.parametrize("checkpointing,shared", [(True, "auto"), (False, "auto"), (True, "off"), (False, "off")])
@@ -70,7 +35,7 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(small_model, tmp_path, 
     last = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m][-1]
     measured = (last["peak_memory_mb"] - last["loaded_memory_mb"]) / 1024
     cfg = build_config("tiny", overrides={"model": str(model_dir), "dataset": str(data), **overrides})
-    tokens, answers = _largest_step(cfg)
+    tokens, answers = largest_step(cfg)
     estimated = training_gb(estimate(cfg, gpu=False, tokens=tokens, answer_tokens=answers))
     assert estimated == pytest.approx(measured, rel=0.15), (estimated * 1024, measured * 1024)
 
@@ -80,7 +45,7 @@ def test_checkpointing_auto_is_off_when_it_fits_then_as_few_layers_as_fit(small_
     cfg = build_config("tiny", overrides={"model": str(model_dir), "gradient_checkpointing": "auto",
                                           "batch_size": 8, **LENGTHS})
     assert cfg.gradient_checkpointing is None
-    tokens, answers = _largest_step(cfg)
+    tokens, answers = largest_step(cfg)
 
     def need(k, offload=False):
         return estimate(cfg, gpu=False, tokens=tokens, answer_tokens=answers, checkpointed_layers=k,
@@ -130,7 +95,7 @@ def test_partial_checkpointing_fits_a_memory_limit_and_the_estimate(small_model,
     overrides = {"batch_size": 8, "gradient_checkpointing": "auto", "lora.r": 16, "lora.alpha": 32,
                  "reference_cache": False, "data.eval_fraction": 0, **LENGTHS}
     cfg = build_config("tiny", overrides={"model": str(model_dir), "dataset": str(data), **overrides})
-    tokens, answers = _largest_step(cfg)
+    tokens, answers = largest_step(cfg)
     parts = [estimate(cfg, gpu=False, tokens=tokens, answer_tokens=answers, checkpointed_layers=k) for k in range(4)]
     limit = parts[2]["total"] / 0.9 * 1.001
     assert parts[1]["total"] > 0.9 * limit
