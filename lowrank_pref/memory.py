@@ -95,13 +95,12 @@ def full_checkpointing(layers: int) -> int:
 
 
 def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | None = None,
-             answer_tokens: int | None = None, checkpointing: bool | None = None,
-             checkpointed_layers: int | None = None, offload: bool = False) -> dict:
+             answer_tokens: int | None = None, checkpointed_layers: int | None = None, offload: bool = False) -> dict:
     """Estimated peak memory in GB, by part, for a Config (``tokens``/``answer_tokens`` of the largest micro-step
     when known, see :func:`micro_step_tokens`).
 
     Checkpointing: ``checkpointed_layers`` (k of the L decoder layers, the first ones, recomputed in backward), else
-    ``checkpointing`` (on: all but the last), else the config's choice (auto counts as on). ``offload``: the
+    the config's choice (on, or auto: all but the last). ``offload``: the
     checkpointed layers' inputs wait in host RAM (``host_offload``, not part of the total) instead of on the device.
 
     Activations per token and layer: (12 d + 4 f + 7 r) values saved for backward (LoRA on every linear layer: the
@@ -131,8 +130,7 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     if cfg.attn_implementation == "eager":  # eager attention keeps its (heads, T, T) weights; SDPA kernels don't
         layer += rows * a.heads * row * row * act_bytes
     if checkpointed_layers is None:
-        on = checkpointing if checkpointing is not None else cfg.gradient_checkpointing is not False
-        checkpointed_layers = full_checkpointing(a.layers) if on else 0
+        checkpointed_layers = full_checkpointing(a.layers) if cfg.gradient_checkpointing is not False else 0
     k = min(checkpointed_layers, a.layers)
     checkpoint = tokens * a.hidden * 4  # one layer's input, fp32
     host = k * checkpoint if offload else 0
@@ -218,12 +216,13 @@ def choose_plan(cfg, available_gb: float, *, gpu: bool, tokens: int | None = Non
         log.info("checkpoint_offload: nothing to do on the CPU (activations are in host RAM already)")
     offload_asked = bool(cfg.checkpoint_offload) and gpu
     if cfg.gradient_checkpointing is None and not offload_asked:
-        if need(0) <= budget:
-            return plan(0, False, f"the run needs about {need(0):.1f} GB without checkpointing")
+        none = need(0)
+        if none <= budget:
+            return plan(0, False, f"the run needs about {none:.1f} GB without checkpointing")
         for k in range(1, full + 1):
-            if need(k) <= budget:
-                return plan(k, False, f"about {need(k):.1f} GB with {k} of {a.layers} layers checkpointed, "
-                                      f"{need(0):.1f} GB with none")
+            if (needed := need(k)) <= budget:
+                return plan(k, False, f"about {needed:.1f} GB with {k} of {a.layers} layers checkpointed, "
+                                      f"{none:.1f} GB with none")
     source = "checkpointing as configured; " if cfg.gradient_checkpointing else ""
     on, offloaded = need(full), need(full, True)
     if offload_asked:
@@ -234,6 +233,14 @@ def choose_plan(cfg, available_gb: float, *, gpu: bool, tokens: int | None = Non
                                 f"with them in host RAM{more}")
     more = "" if on <= budget else ", more than fits: lower batch_size or max_length"
     return plan(full, False, f"{source}about {on:.1f} GB with checkpointing{more}")
+
+
+def plan_estimate(cfg, plan: MemoryPlan | None, *, gpu: bool) -> dict:
+    """:func:`estimate` with the checkpointing of ``plan`` (None, or a plan that could not count the layers: the
+    config's own)."""
+    if plan is None or plan.checkpointed is None:
+        return estimate(cfg, gpu=gpu)
+    return estimate(cfg, gpu=gpu, checkpointed_layers=plan.checkpointed, offload=plan.offload)
 
 
 def main(argv=None) -> int:
@@ -255,8 +262,7 @@ def main(argv=None) -> int:
     try:
         budget = cfg.memory_limit_gb or args.gpu_gb
         plan = choose_plan(cfg, budget, gpu=True) if budget else None
-        parts = estimate(cfg, gpu=True, **({"checkpointed_layers": plan.checkpointed, "offload": plan.offload}
-                                           if plan and plan.checkpointed is not None else {}))
+        parts = plan_estimate(cfg, plan, gpu=True)
     except Exception as e:  # an architecture that can't be read (unknown offline, a typo in the model id)
         print(f"error: no estimate for model '{cfg.model}': {type(e).__name__}: {str(e).splitlines()[0][:200]}",
               file=sys.stderr)

@@ -24,7 +24,7 @@ import torch
 
 from .config import Config, ConfigError
 from .losses import selected_token_logps
-from .memory import MemoryPlan, default_plan
+from .memory import MemoryPlan, default_plan, full_checkpointing
 from .tiny import resolve_model
 
 log = logging.getLogger("lowrank_pref")
@@ -145,8 +145,8 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True, plan: Memory
         return model
     if q is not None:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        if autocast_dtype(cfg):
-            log.debug("16-bit embedding tables: %.2f GB saved", embeddings_in(model, autocast_dtype(cfg)) / 2**30)
+        if dtype := autocast_dtype(cfg):
+            log.debug("16-bit embedding tables: %.2f GB saved", embeddings_in(model, dtype) / 2**30)
     else:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -197,8 +197,9 @@ def _upcast_output(module, inputs, output):
     return output.float()
 
 
-def checkpoint_first_layers(model, count: int | None) -> int:
-    """Checkpoint only the first ``count`` decoder layers (None: all but the last). Returns how many are.
+def checkpoint_first_layers(model, count: int | None) -> None:
+    """Checkpoint only the first ``count`` decoder layers (None: as many as ``gradient_checkpointing=true``, see
+    memory.full_checkpointing).
 
     Backward reaches the first layers last, after the later layers' saved activations are freed, so their
     recompute adds nothing to the peak. The last layer is never worth checkpointing: backward starts with it, so
@@ -207,10 +208,9 @@ def checkpoint_first_layers(model, count: int | None) -> int:
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
     if count is None:
-        count = len(layers) - 1 if len(layers) > 1 else len(layers)
+        count = full_checkpointing(len(layers))
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < count
-    return min(count, len(layers))
 
 
 def checkpointed_layers(model) -> int:

@@ -150,13 +150,12 @@ def cli_command(preset: str, cfg: Config) -> str:
 def memory_line(cfg: Config, hw: dict) -> str:
     """The memory model's verdict for these settings on this machine, with the checkpointing a run would choose
     (memory.choose_plan) when the machine's memory is known."""
-    from .memory import choose_plan, estimate
+    from .memory import choose_plan, plan_estimate
 
     gpu, have = bool(hw.get("gpu")), cfg.memory_limit_gb or hw.get("memory_gb")
     try:
         plan = choose_plan(cfg, have, gpu=gpu) if have else None
-        est = estimate(cfg, gpu=gpu, **({"checkpointed_layers": plan.checkpointed, "offload": plan.offload}
-                                        if plan and plan.checkpointed is not None else {}))
+        est = plan_estimate(cfg, plan, gpu=gpu)
     except Exception as e:  # an unknown or unreachable model: say so, don't fail the page
         return f"Peak memory: no estimate ({type(e).__name__}: {str(e).splitlines()[0][:120]})."
     where = f"{hw['gpu']} ({hw['memory_gb']} GB)" if gpu else f"CPU RAM ({hw.get('memory_gb')} GB)"
