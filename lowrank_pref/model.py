@@ -293,13 +293,20 @@ def no_input_grads(model) -> int:
 
 
 def fuse_lora_adds(model) -> int:
-    """Compute each LoRA linear as ``addmm(base(x), A(x), B^T, alpha=scaling)``: one pass over the output.
+    """Compute each LoRA linear as ``base(x).add_(B(A(x)), alpha=scaling)``, the LoRA branch first.
 
     PEFT's forward (0.21) clones the 4-bit layer's output, then writes ``B(A(x))``, its product with the scaling
-    and the sum as three more tensors of the output's size, and walks them again in backward. ``addmm`` gives the
-    same sum with one. Layers fall back to PEFT's own forward whenever the fused one would not be the same
-    computation: adapters disabled or merged, several adapters active, DoRA or other variants, a LoRA bias, mixed
-    adapter batches, or dtypes PEFT would convert. Returns the number of layers that got the fused forward."""
+    and the sum as three more tensors of the output's size, and walks them again in backward. Adding the branch into
+    the base output in place, with the scaling as ``alpha``, gives the same sum with one pass and no copy.
+
+    The order matters under activation checkpointing: the recompute in backward stops after the last op that saves
+    a tensor for backward (torch's early stop), and the base 4-bit matmul saves none (bitsandbytes keeps only its
+    weight). With the branch computed first, the base matmul of a block's last linear (a decoder layer's down
+    projection, whose output only the residual add reads) is not recomputed at all: a quarter of a Llama layer's
+    linear work, for every checkpointed layer. Layers fall back to PEFT's own forward whenever the fused one would
+    not be the same computation: adapters disabled or merged, several adapters active, DoRA or other variants, a
+    LoRA bias, mixed adapter batches, or dtypes PEFT would convert. Returns the number of layers that got the fused
+    forward."""
     from peft.tuners.lora import Linear as LoraLinear
 
     kinds = [LoraLinear]
@@ -329,13 +336,12 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     if lora_b.bias is not None or not (torch.is_autocast_enabled(x.device.type)
                                        or x.dtype == lora_a.weight.dtype == lora_b.weight.dtype):
         return peft_forward(self, x, *args, **kwargs)
-    result = self.base_layer(x)
-    h = lora_a(self.lora_dropout[name](x))
-    if h.dtype != result.dtype:  # autocast with a wider base output: PEFT's sum in its dtypes (without the clone)
-        return result + lora_b(h) * self.scaling[name]
-    out = torch.addmm(result.reshape(-1, result.shape[-1]), h.reshape(-1, h.shape[-1]), lora_b.weight.t(),
-                      alpha=self.scaling[name])
-    return out.view(result.shape)
+    delta = lora_b(lora_a(self.lora_dropout[name](x)))  # saves what backward needs: the last saves of the layer
+    result = self.base_layer(x)  # saves nothing for backward, so a checkpoint's recompute can stop before it
+    if delta.dtype != result.dtype:  # autocast with a wider base output: PEFT's sum in its dtypes (without the clone)
+        return result + delta * self.scaling[name]
+    # in place: the base output is a fresh tensor that no backward reads (a linear saves its input, not its output)
+    return result.add_(delta, alpha=self.scaling[name])
 
 
 def trainable_parameters(model) -> list[torch.nn.Parameter]:
