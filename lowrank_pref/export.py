@@ -38,7 +38,7 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, base: str | 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    from .model import nf4_config
+    from .model import ModelError, nf4_config, stored_quantization
 
     info = _adapter_info(adapter)
     base = base or info.get("base_model_name_or_path")
@@ -48,11 +48,20 @@ def merge(adapter: str | os.PathLike, output: str | os.PathLike, *, base: str | 
     cls = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
     kwargs = {"num_labels": 1} if reward else {}
     try:
+        stored = stored_quantization(base, trust_remote_code=trust_remote_code)
+    except ModelError as e:
+        raise ExportError(str(e)) from None
+    if stored is not None and from_original:
+        raise ExportError(f"the base '{base}' is stored in {stored}: it holds no original weights to merge into; "
+                          "merge without --from-original (into its de-quantized weights), or pass --base with the "
+                          "unquantized original")
+    try:
         if from_original:
             model = cls.from_pretrained(base, dtype=torch.float16, trust_remote_code=trust_remote_code, **kwargs)
-        else:
-            model = cls.from_pretrained(base, quantization_config=nf4_config(torch.float16), device_map={"": "cpu"},
-                                        dtype=torch.float16, trust_remote_code=trust_remote_code, **kwargs)
+        else:  # a pre-quantized base brings its own quantization (passing ours too only earns a warning)
+            quantize = {"quantization_config": nf4_config(torch.float16)} if stored is None else {}
+            model = cls.from_pretrained(base, device_map={"": "cpu"}, dtype=torch.float16,
+                                        trust_remote_code=trust_remote_code, **quantize, **kwargs)
             model = model.dequantize()  # the exact weights the adapter was trained against, in fp16
         tokenizer = AutoTokenizer.from_pretrained(adapter)
     except OSError as e:

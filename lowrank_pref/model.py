@@ -116,6 +116,36 @@ def quantization_config(cfg: Config):
     return None
 
 
+def stored_quantization(name: str, revision: str | None = None, trust_remote_code: bool = False) -> str | None:
+    """How the checkpoint of model ``name`` (hub id or folder) is quantized: "4bit" or "8bit" (bitsandbytes),
+    another library's method name, or None for ordinary weights.
+
+    Pre-quantized uploads (unsloth's "...-bnb-4bit" repos and the like) hold the NF4 weights themselves, about a
+    third of the 16-bit download. transformers loads them with the quantization they were saved with, whatever
+    ``quantization_config`` asks, so a run must not ask for another one (see :func:`load_base`)."""
+    from transformers import AutoConfig
+
+    with _from_pretrained_errors("model config", name):
+        config = AutoConfig.from_pretrained(name, revision=revision, trust_remote_code=trust_remote_code)
+    q = getattr(config, "quantization_config", None)
+    if q is None:
+        return None
+    q = q if isinstance(q, dict) else q.to_dict()
+    if q.get("quant_method") == "bitsandbytes":
+        return "4bit" if q.get("load_in_4bit") else "8bit" if q.get("load_in_8bit") else "bitsandbytes"
+    return str(q.get("quant_method", "an unknown method"))
+
+
+def _check_stored_quantization(cfg: Config, stored: str, name: str) -> None:
+    if stored not in ("4bit", "8bit"):
+        raise ConfigError(f"model '{name}' is stored quantized with {stored}, which lowrank-pref does not train; "
+                          "use the model's unquantized original (it is quantized with bitsandbytes as it loads)")
+    if stored != cfg.quantization:
+        raise ConfigError(f"model '{name}' is stored in {stored} (bitsandbytes), so quantization={cfg.quantization} "
+                          f"can't apply to it; set quantization={stored} to train it as it is, or use the model's "
+                          "unquantized original")
+
+
 def load_base(cfg: Config, tokenizer, *, for_training: bool = True, plan: MemoryPlan | None = None):
     """The (quantized) transformers model, prepared for k-bit training, without adapters, with the activation
     checkpointing of ``plan`` (default: what the config asks for, see memory.default_plan)."""
@@ -125,10 +155,15 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True, plan: Memory
     name = _source(cfg)
     kwargs = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code, dtype=compute_dtype(cfg),
                   attn_implementation=cfg.attn_implementation)
+    stored = stored_quantization(name, cfg.revision, cfg.trust_remote_code)
+    if stored is not None:
+        _check_stored_quantization(cfg, stored, name)
+        log.info("model stored in %s (pre-quantized): its weights load as they are", stored)
     q = quantization_config(cfg)
     if q is not None:
-        kwargs.update(quantization_config=q, device_map={"": device().index or 0} if device().type == "cuda"
-                      else {"": "cpu"})
+        kwargs["device_map"] = {"": device().index or 0} if device().type == "cuda" else {"": "cpu"}
+        if stored is None:  # a pre-quantized model brings its own (passing ours too only earns a warning)
+            kwargs["quantization_config"] = q
     with _from_pretrained_errors("model", name):
         if cfg.task == "reward":
             model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kwargs)
@@ -138,6 +173,7 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True, plan: Memory
         model.to(device())
     else:
         pin_cpu_4bit_kernel(model)
+        compute_in(model, compute_dtype(cfg))
     model.config.pad_token_id = tokenizer.pad_token_id
     model.config.use_cache = False
     use_shared_prompt_sdpa(model, cfg)
@@ -218,6 +254,17 @@ def checkpointed_layers(model) -> int:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return sum(isinstance(m, GradientCheckpointingLayer) and bool(m.gradient_checkpointing) for m in model.modules())
+
+
+def compute_in(model, dtype: torch.dtype) -> None:
+    """Make every 4-bit layer compute in ``dtype``, the run's compute dtype. A pre-quantized checkpoint carries the
+    compute dtype it was saved with (often bf16 or fp16); on the CPU, or on a GPU without bf16, it would not be
+    ours."""
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.compute_dtype, module.compute_type_is_set = dtype, True
 
 
 def pin_cpu_4bit_kernel(model) -> None:

@@ -193,6 +193,38 @@ def test_export_merge_matches_the_trained_model(tiny_model_dir, tmp_path):
     assert torch.allclose(ours, theirs, rtol=5e-3), (ours, theirs)
 
 
+def test_prequantized_checkpoint_trains_as_it_is(tiny_model_dir, tokenizer, tmp_path, recwarn):
+    """A model uploaded already in 4-bit (unsloth's "...-bnb-4bit" repos) loads as it is: the same NF4 weights as
+    quantizing its original at load, so the same reference log-probs, computed in the run's dtype rather than the one
+    it was saved with, and no second quantization asked for. Another quantization is refused naming the key; export
+    merges into its de-quantized weights and refuses --from-original, which has no original weights to use."""
+    from lowrank_pref.config import ConfigError
+    from lowrank_pref.export import ExportError, merge
+    from lowrank_pref.model import nf4_config
+
+    stored = tmp_path / "bnb-4bit"
+    AutoModelForCausalLM.from_pretrained(tiny_model_dir, quantization_config=nf4_config(torch.bfloat16),
+                                         dtype=torch.float32, device_map={"": "cpu"}).save_pretrained(stored)
+    tokenizer.save_pretrained(stored)
+    batch = _batch(tokenizer)
+    logps = []
+    for model_dir in (tiny_model_dir, stored):
+        cfg = _cfg(model_dir)
+        model, _ = load_model(cfg, load_tokenizer(cfg))
+        assert {m.compute_dtype for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)} == {torch.float32}
+        with torch.no_grad(), reference_mode(model):
+            logps.append(sequence_logps(model, batch)[0])
+    assert torch.equal(logps[0], logps[1])
+    assert not [w for w in recwarn if "quantization_config" in str(w.message)]
+    with pytest.raises(ConfigError, match="stored in 4bit.*quantization=none.*set quantization=4bit"):
+        load_model(_cfg(stored, quantization="none"), tokenizer)
+    save_adapter(model, tokenizer, tmp_path / "a")
+    merged = merge(tmp_path / "a", tmp_path / "merged")
+    assert "quantization_config" not in (merged / "config.json").read_text()
+    with pytest.raises(ExportError, match="stored in 4bit.*without --from-original"):
+        merge(tmp_path / "a", tmp_path / "merged2", from_original=True)
+
+
 def test_export_push_calls_the_hub_with_the_adapter(tiny_model_dir, tmp_path):
     from lowrank_pref.export import ExportError, push
 
