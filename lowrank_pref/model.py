@@ -385,9 +385,11 @@ def _fused_lora_forward(self, x, *args, **kwargs):
         return peft_forward(self, x, *args, **kwargs)
     delta = lora_b(lora_a(self.lora_dropout[name](x)))  # saves what backward needs: the last saves of the layer
     result = self.base_layer(x)  # saves nothing for backward, so a checkpoint's recompute can stop before it
-    if delta.dtype != result.dtype:  # autocast with a wider base output: PEFT's sum in its dtypes (without the clone)
+    if torch.promote_types(result.dtype, delta.dtype) != result.dtype:  # a narrower base output: PEFT's sum
         return result + delta * self.scaling[name]
-    # in place: the base output is a fresh tensor that no backward reads (a linear saves its input, not its output)
+    # in place: the base output is a fresh tensor that no backward reads (a linear saves its input, not its output).
+    # Under a GPU's autocast the 4-bit layer returns fp32 (its input's dtype) and the branch bf16: the sum is fp32
+    # either way, and the scaling is applied in fp32 where PEFT rounds the scaled branch to bf16 first.
     return result.add_(delta, alpha=self.scaling[name])
 
 

@@ -290,13 +290,16 @@ def test_fused_lora_add_equals_peft_forward(tiny_model_dir, tokenizer, dora):
     assert len(lora_layers) == 2 * 7  # every targeted linear of both layers got the fused forward
     fused, fused_grads, ops = _logps_and_grads(model, batch)
     with torch.autocast("cpu", dtype=torch.bfloat16):  # mixed dtypes: bf16 LoRA on fp32 and on bf16 base outputs
-        fused_autocast = _logps_and_grads(model, batch)[0]
+        fused_autocast, _, autocast_ops = _logps_and_grads(model, batch)
     for m in lora_layers:
         del m.forward  # PEFT's forward again
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        peft_autocast = _logps_and_grads(model, batch)[0]
+        peft_autocast, _, peft_autocast_ops = _logps_and_grads(model, batch)
     # bf16 layers round twice (branch, scaled add) where PEFT rounds three times: equal to bf16's precision
     assert torch.allclose(fused_autocast, peft_autocast, rtol=1e-3), (fused_autocast, peft_autocast)
+    # in place under autocast too, as on a GPU, where the 4-bit layers return fp32 and the branches bf16
+    assert peft_autocast_ops["clone"] - autocast_ops["clone"] == (0 if dora else len(lora_layers))
+    assert dora or autocast_ops.get("add_", 0) == len(lora_layers)
     peft, peft_grads, peft_ops = _logps_and_grads(model, batch)
     # PEFT clones each base output; the fused path ran in every layer (for DoRA, in none)
     assert peft_ops["clone"] - ops["clone"] == (0 if dora else len(lora_layers)), (peft_ops["clone"], ops["clone"])
