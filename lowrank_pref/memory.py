@@ -43,6 +43,7 @@ class Arch:
     heads: int
     kv_heads: int
     tied: bool
+    softcap: bool = False  # final-logit softcapping (Gemma 2): one more chunk of logits in the LM head
 
     @property
     def kv_dim(self) -> int:
@@ -69,7 +70,8 @@ def arch_of(model: str) -> Arch:
     c = AutoConfig.from_pretrained(resolve_model(model)).get_text_config()
     heads = c.num_attention_heads
     return Arch(c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size, heads,
-                getattr(c, "num_key_value_heads", None) or heads, bool(getattr(c, "tie_word_embeddings", False)))
+                getattr(c, "num_key_value_heads", None) or heads, bool(getattr(c, "tie_word_embeddings", False)),
+                bool(getattr(c, "final_logit_softcapping", None)))
 
 
 def shared_layout_possible(cfg) -> bool:
@@ -141,7 +143,9 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
         activations = a.layers * layer + mask
     if cfg.task == "dpo":
         chunk = min(cfg.logprob_chunk_size or auto_chunk_size(a.vocab), answer_tokens)
-        head = chunk * a.vocab * 4 * 3  # fp32 logits, log-softmax, their gradient
+        # fp32 logits and their log-softmax, the gradient written over the latter (losses._FrozenHeadLogps); with
+        # softcapping, the capped logits too
+        head = chunk * a.vocab * 4 * (3 if a.softcap else 2)
     else:
         head = 0
     parts = {"weights": a.linear_params * per_weight / GB, "embeddings": n_embed * embed_bytes / GB,
