@@ -3,6 +3,7 @@
 import bitsandbytes as bnb
 import pytest
 import torch
+from conftest import OpCounter
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
@@ -252,22 +253,9 @@ def test_export_push_calls_the_hub_with_the_adapter(tiny_model_dir, tmp_path):
         push(tmp_path / "a", "noslash", api=api)
 
 
-class _OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
-    """Counts the aten ops a forward runs (which path a LoRA layer took shows in them)."""
-
-    def __init__(self):
-        super().__init__()
-        self.counts: dict[str, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        self.counts[name] = self.counts.get(name, 0) + 1
-        return func(*args, **(kwargs or {}))
-
-
 def _logps_and_grads(model, batch):
     model.zero_grad()
-    counter = _OpCounter()
+    counter = OpCounter()
     with counter:
         logps, _ = sequence_logps(model, batch)
     logps.sum().backward()
@@ -308,7 +296,7 @@ def test_fused_lora_add_equals_peft_forward(tiny_model_dir, tokenizer, dora):
         assert torch.allclose(fused_grads[name], g, atol=1e-6, rtol=1e-4), name
     assert fuse_lora_adds(model) == len(lora_layers) and fuse_lora_adds(model) == 0  # once per layer
     with reference_mode(model):  # adapters off: the base layer alone, through PEFT's forward
-        counter = _OpCounter()
+        counter = OpCounter()
         with counter:
             sequence_logps(model, batch)
         assert counter.counts.get("add_", 0) == 0  # nothing added in place: no LoRA branch
