@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -57,16 +58,19 @@ def selected_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, chu
     backward. Returns fp32 (M,).
     """
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
-    if not torch.is_grad_enabled() or not (hidden.requires_grad or weight.requires_grad):
-        out = [_chunk_logps(hidden[i:i + chunk_size], weight, targets[i:i + chunk_size], softcap)
-               for i in range(0, hidden.shape[0], chunk_size)]
-        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
-    if not weight.requires_grad:
+    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    if grad and not weight.requires_grad:
         return _FrozenHeadLogps.apply(hidden, weight, targets, chunk_size, softcap)
-    out = [torch.utils.checkpoint.checkpoint(_chunk_logps, hidden[i:i + chunk_size], weight,
-                                             targets[i:i + chunk_size], softcap, use_reentrant=False)
-           for i in range(0, hidden.shape[0], chunk_size)]
-    return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+    # a trainable head: each chunk checkpointed, its logits recomputed in backward
+    chunk = (functools.partial(torch.utils.checkpoint.checkpoint, _chunk_logps, use_reentrant=False) if grad
+             else _chunk_logps)
+    return _cat([chunk(hidden[i:i + chunk_size], weight, targets[i:i + chunk_size], softcap)
+                 for i in range(0, hidden.shape[0], chunk_size)], hidden)
+
+
+def _cat(chunks: list[Tensor], hidden: Tensor) -> Tensor:
+    """The chunks' fp32 log-probs as one (M,) tensor (empty, on ``hidden``'s device, for no rows)."""
+    return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
 
 
 class _FrozenHeadLogps(torch.autograd.Function):
@@ -93,7 +97,7 @@ class _FrozenHeadLogps(torch.autograd.Function):
                 d.mul_(capped.square_().neg_().add_(1))
             grads.append((d.to(weight.dtype) @ weight).to(hidden.dtype))
         ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(0, hidden.shape[1]))
-        return torch.cat(out) if out else hidden.new_zeros(0, dtype=torch.float32)
+        return _cat(out, hidden)
 
     @staticmethod
     def backward(ctx, grad_out):
