@@ -220,7 +220,9 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
 
-    from lowrank_pref.model import current_memory_mb, nf4_config, peak_memory_mb, pin_cpu_4bit_kernel, reset_peak_memory
+    from lowrank_pref.memory import current_memory_mb, peak_memory_mb, reset_peak_memory
+    from lowrank_pref.model import nf4_config
+    from lowrank_pref.patches import pin_cpu_4bit_kernel
 
     gpu = torch.cuda.is_available()
     dtype = torch.bfloat16 if gpu and torch.cuda.is_bf16_supported() else torch.float32  # what ours picks

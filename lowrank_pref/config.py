@@ -102,6 +102,9 @@ class Config:
     reference_cache: bool = _f(True, "DPO: keep reference log-probs on disk (by model, starting adapter and the "
                                      "pair's tokens), so later epochs, evals, resumed runs and runs that change only "
                                      "beta or the loss type skip the reference forward.")
+    patches: bool = _f(True, "Our overrides of PEFT / bitsandbytes / transformers internals (fused LoRA add, split "
+                             "shared-prompt attention, 16-bit tables, ...), each only on the library versions it was "
+                             "tested on; false runs the libraries' own code paths everywhere.")
     token_budget: int | None = _f(None, "Pack each micro-step to about this many tokens (pairs x longest pair, pairs "
                                         "grouped by length) instead of batch_size pairs: many short pairs or few long "
                                         "ones, little padding.", min=8)

@@ -14,7 +14,8 @@ import torch
 from .artifacts import RunDir
 from .config import ConfigError, build_config
 from .data import Pair, collate, ensure_chat_template, render, tokenize_rendered
-from .model import POLICY, REFERENCE, device, load_base, reference_mode, reward_scores
+from .logps import reward_scores
+from .model import POLICY, REFERENCE, device, load_base, reference_mode
 
 
 def adapter_of(run: RunDir) -> Path:

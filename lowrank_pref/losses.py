@@ -15,7 +15,6 @@ References:
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import torch
@@ -23,86 +22,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 LossOut = tuple[Tensor, Tensor, Tensor]  # (losses, chosen_rewards, rejected_rewards), each (B,)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Token log-probabilities, in chunks
-
-def _log_softmax(hidden: Tensor, weight: Tensor, softcap: float | None) -> tuple[Tensor, Tensor | None]:
-    """log_softmax of the (rows, V) logits in fp32, and tanh(logits / softcap) when softcapped (else None)."""
-    # upcast before log_softmax: fp16/bf16 logsumexp over 100k+ entries loses bits
-    logits = (hidden @ weight.t()).float()
-    capped = None
-    if softcap:
-        capped = torch.tanh(logits / softcap)
-        logits = capped * softcap
-    return logits.log_softmax(-1), capped
-
-
-def _chunk_logps(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None) -> Tensor:
-    return _log_softmax(hidden, weight, softcap)[0].gather(1, targets[:, None]).squeeze(1)
-
-
-def auto_chunk_size(vocab_size: int) -> int:
-    """Rows per LM-head chunk: about 2**26 fp32 logits (256 MB), between 16 and 4096 rows."""
-    return max(16, min(4096, 2**26 // vocab_size))
-
-
-def selected_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int | None = None,
-                         softcap: float | None = None) -> Tensor:
-    """log p(target_i | hidden_i) for M selected positions: ``hidden`` (M, d), ``weight`` (V, d), ``targets`` (M,).
-
-    Full-vocabulary logits exist for at most ``chunk_size`` rows at a time, and the graph holds (M, d) tensors, never
-    (M, V) logits. With a frozen ``weight`` (the LM head) and grad wanted for ``hidden``, the gradient is formed in
-    the forward pass (:class:`_FrozenHeadLogps`); a trainable ``weight`` takes checkpointed chunks, recomputed in
-    backward. Returns fp32 (M,).
-    """
-    chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
-    grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    if grad and not weight.requires_grad:
-        return _FrozenHeadLogps.apply(hidden, weight, targets, chunk_size, softcap)
-    # a trainable head: each chunk checkpointed, its logits recomputed in backward
-    chunk = (functools.partial(torch.utils.checkpoint.checkpoint, _chunk_logps, use_reentrant=False) if grad
-             else _chunk_logps)
-    return _cat([chunk(hidden[i:i + chunk_size], weight, targets[i:i + chunk_size], softcap)
-                 for i in range(0, hidden.shape[0], chunk_size)], hidden)
-
-
-def _cat(chunks: list[Tensor], hidden: Tensor) -> Tensor:
-    """The chunks' fp32 log-probs as one (M,) tensor (empty, on ``hidden``'s device, for no rows)."""
-    return torch.cat(chunks) if chunks else hidden.new_zeros(0, dtype=torch.float32)
-
-
-class _FrozenHeadLogps(torch.autograd.Function):
-    """:func:`selected_token_logps` for a frozen LM head, its gradient with respect to ``hidden`` formed while each
-    chunk's logits exist, so backward never recomputes them.
-
-    Row i's log-prob depends on its own hidden state only, so its gradient is the upstream scalar times a fixed
-    d-vector: ``W^T (onehot(target_i) - softmax(z_i))``, with softcapping's derivative ``1 - tanh(l / c)^2`` on each
-    logit. The forward makes two LM-head matmuls per chunk (logits, that vector); checkpointed chunks made three (the
-    logits, their recompute in backward, the gradient), and the graph keeps the (M, d) vectors where it kept the
-    (M, d) hidden states. Matmuls run in the autocast dtype when autocast is on, as the checkpointed backward's did.
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, softcap):
-        out, grads = [], []
-        for start in range(0, hidden.shape[0], chunk_size):
-            t = targets[start:start + chunk_size, None]
-            logp, capped = _log_softmax(hidden[start:start + chunk_size], weight, softcap)
-            out.append(logp.gather(1, t).squeeze(1))
-            d = logp.exp_().neg_()  # -softmax, in logp's memory
-            d.scatter_add_(1, t, torch.ones_like(t, dtype=d.dtype))  # + onehot(target)
-            if capped is not None:
-                d.mul_(capped.square_().neg_().add_(1))
-            grads.append((d.to(weight.dtype) @ weight).to(hidden.dtype))
-        ctx.save_for_backward(torch.cat(grads) if grads else hidden.new_zeros(0, hidden.shape[1]))
-        return _cat(out, hidden)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        (grad_hidden,) = ctx.saved_tensors
-        return grad_out[:, None].to(grad_hidden.dtype) * grad_hidden, None, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------------------------

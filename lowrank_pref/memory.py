@@ -13,11 +13,17 @@ An estimate, not a measurement: presets/README.md says which figures were measur
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import os
+import resource
+import sys
 from dataclasses import dataclass
 
-from .losses import auto_chunk_size
+import torch
+
+from .logps import auto_chunk_size
 
 GB = 1024 ** 3
 log = logging.getLogger("lowrank_pref")
@@ -279,3 +285,56 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Measuring: what the machine has, what the process holds
+
+def available_memory_gb() -> float:
+    """What a run can use: the GPU's total memory (nothing of ours is loaded yet), or the RAM available now."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return 8.0
+
+
+def _proc_status_mb(field: str) -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_memory_mb() -> float:
+    """GPU memory allocated now, or the process's resident set size now, in MB."""
+    if torch.cuda.is_available():
+        return torch.cuda.memory_allocated() / 2**20
+    rss = _proc_status_mb("VmRSS")
+    return rss if rss is not None else peak_memory_mb()
+
+
+def reset_peak_memory() -> None:
+    """Start the peak over from now, so training's peak is not the loading's (on Linux, /proc's high-water mark)."""
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+
+
+def peak_memory_mb() -> float:
+    """Peak GPU memory allocated, or the process's peak resident set size on CPU, in MB, since the last reset."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    hwm = _proc_status_mb("VmHWM")
+    if hwm is not None:
+        return hwm
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024

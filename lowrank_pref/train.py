@@ -26,9 +26,9 @@ from .artifacts import RunDir
 from .config import Config, ConfigError, dump_yaml
 from .losses import REFERENCE_FREE, preference_loss, reward_loss
 from .memory import choose_plan, shared_layout_possible
-from .model import (autocast, available_memory_gb, checkpointed_layers, compute_dtype, current_memory_mb, device,
-                    load_model, load_tokenizer, peak_memory_mb, reference_mode, reset_peak_memory, reward_scores,
-                    save_adapter, sequence_logps, shared_reward_scores, shared_sequence_logps, trainable_parameters)
+from .logps import reward_scores, sequence_logps, shared_reward_scores, shared_sequence_logps
+from .memory import available_memory_gb, current_memory_mb, peak_memory_mb, reset_peak_memory
+from .model import autocast, checkpointed_layers, compute_dtype, device, load_model, load_tokenizer, reference_mode, save_adapter, trainable_parameters
 from .refcache import RefCache
 
 log = logging.getLogger("lowrank_pref")

@@ -34,7 +34,8 @@ def _batch(cfg, tok):
 def test_offloaded_checkpoints_give_the_same_gradients_with_less_gpu_memory(small_model):
     """checkpoint_offload=true: the checkpointed layers' inputs wait in host RAM, so the peak drops by about that
     many (tokens x hidden x 4 bytes) each, and the recompute brings back the same values."""
-    from lowrank_pref.model import autocast, load_model, load_tokenizer, shared_sequence_logps
+    from lowrank_pref.logps import shared_sequence_logps
+    from lowrank_pref.model import autocast, load_model, load_tokenizer
 
     model_dir, data = small_model
     runs = {}
@@ -103,7 +104,7 @@ def test_split_attention_on_cuda_equals_the_masked_one():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     from lowrank_pref.data import Pair, collate_shared
-    from lowrank_pref.model import _split_pays, shared_prompt_sdpa
+    from lowrank_pref.patches import _split_pays, shared_prompt_sdpa
 
     pairs = [Pair([1] * p, [2] * c, [3] * r) for p, c, r in
              [(50, 30, 40), (50, 30, 40), (20, 60, 10), (0, 40, 30), (70, 20, 20), (128, 64, 64)]]
@@ -131,7 +132,8 @@ def test_fused_lora_and_frozen_head_on_cuda_give_pefts_numbers(small_model):
     PEFT's own forward and checkpointed LM-head chunks. CPU autocast checks the same in test_model/test_losses; this
     body under CPU autocast gave log-probs within 0.03 (of about -425) and gradients within 1.4% of their largest
     entry, well inside the bounds below."""
-    from lowrank_pref.model import autocast, load_model, load_tokenizer, shared_sequence_logps
+    from lowrank_pref.logps import shared_sequence_logps
+    from lowrank_pref.model import autocast, load_model, load_tokenizer
 
     model_dir, data = small_model
     # a scaling of 1.5 (not a power of two: PEFT's bf16 product rounds) and a different upstream gradient per row

@@ -6,8 +6,8 @@ import pytest
 import torch
 from conftest import OpCounter
 
-from lowrank_pref.losses import (DPO_LOSSES, dpo_loss, orpo_loss, preference_loss, reward_loss,
-                                 selected_token_logps, simpo_loss)
+from lowrank_pref.logps import selected_token_logps
+from lowrank_pref.losses import DPO_LOSSES, dpo_loss, orpo_loss, preference_loss, reward_loss, simpo_loss
 
 
 def _logsig(x):
@@ -184,7 +184,8 @@ def trl_setup(tiny_model_dir, tokenizer, tmp_path_factory):
 
 @pytest.mark.parametrize("loss_type,smoothing", TRL_CASES)
 def test_dpo_loss_matches_trl(trl_setup, loss_type, smoothing):
-    from lowrank_pref.model import reference_mode, sequence_logps
+    from lowrank_pref.logps import sequence_logps
+    from lowrank_pref.model import reference_mode
 
     trainer, batch = trl_setup
     trainer.loss_types, trainer.label_smoothing = [loss_type], smoothing
@@ -213,7 +214,7 @@ def test_reward_loss_matches_trl(tiny_model_dir, tokenizer, tmp_path):
     from datasets import Dataset
     from transformers import AutoModelForSequenceClassification
 
-    from lowrank_pref.model import reward_scores
+    from lowrank_pref.logps import reward_scores
 
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1, dtype=torch.float32)

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from lowrank_pref.config import build_config
 from lowrank_pref.data import collate, ensure_chat_template, prepare
-from lowrank_pref.model import load_model, load_tokenizer, reference_mode, save_adapter, sequence_logps
+from lowrank_pref.logps import sequence_logps
+from lowrank_pref.model import load_model, load_tokenizer, reference_mode, save_adapter
 
 
 def _cfg(model_dir, **kw):
@@ -266,7 +267,7 @@ def _logps_and_grads(model, batch):
 def test_fused_lora_add_equals_peft_forward(tiny_model_dir, tokenizer, dora):
     """Our fused LoRA forward (the branch added into the base output in place) gives PEFT's numbers and gradients;
     DoRA keeps PEFT's own forward."""
-    from lowrank_pref.model import fuse_lora_adds
+    from lowrank_pref.patches import fuse_lora_adds
 
     cfg = _cfg(tiny_model_dir, **{"lora.use_dora": str(dora).lower()})
     tok = load_tokenizer(cfg)
@@ -348,8 +349,9 @@ def test_16bit_embedding_tables_give_the_same_numbers(tiny_model_dir, tokenizer)
     """On a GPU, under autocast, the input embeddings and LM head stay in their 16-bit load dtype instead of
     prepare_model_for_kbit_training's fp32 copies (model.embeddings_in): half the memory, the same numbers. CPU
     autocast casts the same way CUDA's does, so the claim is checked here with it."""
-    from lowrank_pref.losses import selected_token_logps
-    from lowrank_pref.model import embeddings_in, load_base
+    from lowrank_pref.logps import selected_token_logps
+    from lowrank_pref.model import load_base
+    from lowrank_pref.patches import embeddings_in
 
     cfg = _cfg(tiny_model_dir, dtype="bf16")
     base = load_base(cfg, load_tokenizer(cfg))
@@ -377,7 +379,7 @@ def test_16bit_tables_only_for_plain_modules():
     numbers: they (and the LM head tied to them) stay fp32. A Llama's plain tables, untied, both go to 16 bits."""
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
 
-    from lowrank_pref.model import embeddings_in
+    from lowrank_pref.patches import embeddings_in
 
     small = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                  num_key_value_heads=1)

@@ -8,7 +8,7 @@ import torch
 from transformers import AttentionInterface
 
 from lowrank_pref.data import Pair, collate, collate_shared
-from lowrank_pref.model import SHARED_SDPA, shared_prompt_sdpa
+from lowrank_pref.patches import SHARED_SDPA, shared_prompt_sdpa
 
 
 def _pairs(tokenizer):
@@ -23,7 +23,8 @@ def _pairs(tokenizer):
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn, monkeypatch):
     from lowrank_pref.config import build_config
-    from lowrank_pref.model import load_model, load_tokenizer, reference_mode, sequence_logps, shared_sequence_logps
+    from lowrank_pref.logps import sequence_logps, shared_sequence_logps
+    from lowrank_pref.model import load_model, load_tokenizer, reference_mode
     from test_model import _randomize_lora
 
     cfg = build_config("tiny", overrides={"model": str(tiny_model_dir), "attn_implementation": attn,
@@ -45,7 +46,7 @@ def test_shared_prompt_logps_equal_two_sequences(tiny_model_dir, tokenizer, attn
     split = []  # with sdpa, the shared rows take the split attention (not the dense mask), in forward and recompute
     if attn == "sdpa":
         assert model.config._attn_implementation == SHARED_SDPA
-        monkeypatch.setattr("lowrank_pref.model.CPU_SPLIT_MIN_WIDTH", 0)  # these rows are narrow: split them anyway
+        monkeypatch.setattr("lowrank_pref.patches.CPU_SPLIT_MIN_WIDTH", 0)  # these rows are narrow: split them anyway
         monkeypatch.setitem(AttentionInterface._global_mapping, SHARED_SDPA,
                             lambda *a, **kw: (split.append(kw.get("shared_layout") is not None),
                                               shared_prompt_sdpa(*a, **kw))[1])
@@ -67,7 +68,7 @@ def test_split_attention_equals_the_masked_one(groups, monkeypatch):
     an answer of one token and grouped-query heads."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    monkeypatch.setattr("lowrank_pref.model.CPU_SPLIT_MIN_WIDTH", 0)  # narrow rows: split them anyway
+    monkeypatch.setattr("lowrank_pref.patches.CPU_SPLIT_MIN_WIDTH", 0)  # narrow rows: split them anyway
     pairs = [Pair([1] * p, [2] * c, [3] * r) for p, c, r in
              [(5, 3, 4), (5, 3, 4), (2, 6, 1), (0, 4, 3), (7, 2, 2), (5, 3, 4)]]
     batch = collate_shared(pairs, pad_id=0)
@@ -90,7 +91,7 @@ def test_split_attention_equals_the_masked_one(groups, monkeypatch):
 def test_split_attention_is_chosen_where_it_pays():
     """On the CPU: rows of at least one key block of its flash kernel, or batches with a fifth of padding; narrow
     dense rows keep the single masked call (see model._split_pays for the measurements)."""
-    from lowrank_pref.model import CPU_SPLIT_MIN_WIDTH, _split_pays
+    from lowrank_pref.patches import CPU_SPLIT_MIN_WIDTH, _split_pays
 
     def query(width):
         return torch.zeros(2, 4, width, 8)
@@ -103,7 +104,8 @@ def test_split_attention_is_chosen_where_it_pays():
 
 def test_shared_prompt_reward_scores_equal_two_sequences(tiny_model_dir, tokenizer):
     from lowrank_pref.config import build_config
-    from lowrank_pref.model import load_model, load_tokenizer, reward_scores, shared_reward_scores
+    from lowrank_pref.logps import reward_scores, shared_reward_scores
+    from lowrank_pref.model import load_model, load_tokenizer
 
     cfg = build_config("tiny", overrides={"model": str(tiny_model_dir), "task": "reward"})
     tok = load_tokenizer(cfg)
