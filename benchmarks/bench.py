@@ -183,7 +183,7 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
     if side == "ours":
         from lowrank_pref.artifacts import read_metrics
         from lowrank_pref.config import build_config
-        from lowrank_pref.train import train
+        from lowrank_pref.loop import train
 
         out = tempfile.mkdtemp()
         cfg = build_config("tiny", overrides={
@@ -198,15 +198,16 @@ def worker(side: str, model_dir: str, data: str, args) -> dict:
             "reference_cache": args.ours_reference_cache,
             "logging_steps": 1, "save_steps": 10**6, "warmup_ratio": 0.0, "task": args.task,
             "shared_prompt": args.shared_prompt})
-        import lowrank_pref.train as train_mod
+        from lowrank_pref.tasks import task_class
 
-        step_losses = train_mod.pair_losses
+        task_cls = task_class(cfg.task)
+        step_losses = task_cls.losses
 
         def counted(*a, **kw):  # the first micro-step starts the count (after ours' one-off shared-prompt check)
             passes.start()
             return step_losses(*a, **kw)
 
-        train_mod.pair_losses = counted
+        task_cls.losses = counted
         train(cfg, out)
         rows = [m for m in read_metrics(Path(out) / "metrics.jsonl") if "pairs_per_second" in m]
         times = [args.batch / m["pairs_per_second"] for m in rows][args.warmup:]

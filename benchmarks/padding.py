@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
     from lowrank_pref.data import load_preference_data
     from lowrank_pref.model import load_tokenizer
     from lowrank_pref.run import quiet_libraries
-    from lowrank_pref.train import Schedule
+    from lowrank_pref.loop import Schedule
 
     quiet_libraries()
     overrides = {"dataset": str(ROOT.parent / "shared" / "data" / "sharegpt_dpo_en_demo.json"), "max_length": 1024,

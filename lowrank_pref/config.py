@@ -18,6 +18,9 @@ from typing import Any
 
 import yaml
 
+from .losses import LOSSES
+from .tasks import TASKS
+
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
 
 
@@ -32,8 +35,7 @@ def _f(default, help: str, *, choices=None, min=None, max=None, min_exclusive=Fa
     return field(default=default, metadata=meta)
 
 
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "robust", "bco_pair", "sppo_hard", "nca_pair", "apo_zero", "apo_down",
-              "simpo", "orpo")
+LOSS_TYPES = tuple(LOSSES)
 
 
 @dataclass
@@ -63,8 +65,8 @@ class DataSettings:
 @dataclass
 class Config:
     # what to train
-    task: str = _f("dpo", "dpo: preference-tune the policy; reward: train a scalar reward model.",
-                   choices=("dpo", "reward"))
+    task: str = _f("dpo", "; ".join(f"{name}: {about}" for name, (_, about) in TASKS.items()) + ".",
+                   choices=tuple(TASKS))
     model: str = _f("builtin:tiny", "Hub id or local folder of a causal LM; builtin:tiny builds an offline toy model.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
     adapter: str | None = _f(None, "Start from this LoRA adapter (e.g. your SFT adapter); it is also the frozen "
@@ -402,11 +404,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError("checkpoint_offload=true offloads the inputs of checkpointed layers, but "
                           "gradient_checkpointing is false; turn checkpointing on (true or auto) or leave "
                           "checkpoint_offload at auto")
-    if cfg.task == "reward" and cfg.loss_type != "sigmoid":
-        raise ConfigError("loss_type applies to the dpo task only; the reward task uses the Bradley-Terry loss "
-                          "(leave loss_type at sigmoid)")
-    if cfg.adapter and cfg.task == "reward":
-        raise ConfigError("adapter: starting from an adapter is for the dpo task; a reward model starts fresh")
+    from .tasks import task_class
+
+    task_class(cfg.task).validate(cfg)
 
 
 def to_dict(cfg: Config) -> dict:

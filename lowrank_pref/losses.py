@@ -15,6 +15,7 @@ References:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -76,10 +77,15 @@ def _apo_down(pc, pr, rc, rr, *, beta, **_):
     return torch.sigmoid(beta * (pc - rc)) + (1 - torch.sigmoid(beta * _logits(pc, pr, rc, rr)))
 
 
-DPO_LOSSES: dict[str, Callable[..., Tensor]] = {
-    "sigmoid": _sigmoid, "hinge": _hinge, "ipo": _ipo, "robust": _robust, "bco_pair": _bco_pair,
-    "sppo_hard": _sppo_hard, "nca_pair": _nca_pair, "apo_zero": _apo_zero, "apo_down": _apo_down,
-}
+def _implicit_rewards(family_loss: Callable[..., Tensor]) -> Callable[..., LossOut]:
+    """A DPO-family loss with the implicit rewards ``beta * (log pi - log pi_ref)`` (detached) beside it."""
+
+    def loss(pc, pr, rc, rr, *, beta, **params) -> LossOut:
+        losses = family_loss(pc, pr, rc, rr, beta=beta, **params)
+        return losses, beta * (pc - rc).detach(), beta * (pr - rr).detach()
+
+    loss.__name__ = loss.__qualname__ = family_loss.__name__.lstrip("_")
+    return loss
 
 
 def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, reference_chosen_logps: Tensor,
@@ -90,16 +96,14 @@ def dpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, referen
 
     ``chosen_lengths``/``rejected_lengths`` (answer token counts) are needed by ``ipo`` only.
     """
-    if loss_type not in DPO_LOSSES:
-        raise ValueError(f"unknown loss_type '{loss_type}'; one of {', '.join(DPO_LOSSES)}")
+    if loss_type not in LOSSES or not LOSSES[loss_type].needs_reference:
+        raise ValueError(f"unknown DPO-family loss_type '{loss_type}'; one of "
+                         f"{', '.join(n for n, s in LOSSES.items() if s.needs_reference)}")
     if loss_type == "ipo" and (chosen_lengths is None or rejected_lengths is None):
         raise ValueError("ipo needs chosen_lengths and rejected_lengths")
-    losses = DPO_LOSSES[loss_type](policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                                   reference_rejected_logps, beta=beta, label_smoothing=label_smoothing,
-                                   chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
-    chosen_rewards = beta * (policy_chosen_logps - reference_chosen_logps).detach()
-    rejected_rewards = beta * (policy_rejected_logps - reference_rejected_logps).detach()
-    return losses, chosen_rewards, rejected_rewards
+    return LOSSES[loss_type].fn(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                                reference_rejected_logps, beta=beta, label_smoothing=label_smoothing,
+                                chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,22 +134,54 @@ def orpo_loss(policy_chosen_logps: Tensor, policy_rejected_logps: Tensor, chosen
     return losses, (beta * mean_c).detach(), (beta * mean_r).detach()
 
 
-REFERENCE_FREE = {"simpo", "orpo"}
+def _simpo(pc, pr, rc, rr, *, beta, simpo_gamma=0.5, label_smoothing=0.0, chosen_lengths, rejected_lengths, **_):
+    return simpo_loss(pc, pr, chosen_lengths, rejected_lengths, beta=beta, gamma=simpo_gamma,
+                      label_smoothing=label_smoothing)
+
+
+def _orpo(pc, pr, rc, rr, *, beta, chosen_lengths, rejected_lengths, **_):
+    return orpo_loss(pc, pr, chosen_lengths, rejected_lengths, beta=beta)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The table: every preference loss, whether it needs the reference pass, and the config keys it reads
+
+@dataclass(frozen=True)
+class LossSpec:
+    """``fn(pc, pr, rc, rr, *, chosen_lengths, rejected_lengths, **params) -> (losses, chosen_rewards,
+    rejected_rewards)``, each (B,); ``rc``/``rr`` are None when ``needs_reference`` is false. ``params``: the config
+    keys (beside beta) it reads, passed by those names."""
+    fn: Callable[..., LossOut]
+    needs_reference: bool
+    params: tuple[str, ...]
+    about: str
+
+
+LOSSES: dict[str, LossSpec] = {
+    "sigmoid": LossSpec(_implicit_rewards(_sigmoid), True, ("label_smoothing",),
+                        "DPO (Bradley-Terry); label_smoothing > 0: conservative DPO"),
+    "hinge": LossSpec(_implicit_rewards(_hinge), True, (), "SLiC hinge on the DPO logit"),
+    "ipo": LossSpec(_implicit_rewards(_ipo), True, (), "IPO, per-token log-ratios"),
+    "robust": LossSpec(_implicit_rewards(_robust), True, ("label_smoothing",),
+                       "robust DPO under label noise rate label_smoothing"),
+    "bco_pair": LossSpec(_implicit_rewards(_bco_pair), True, (), "BCO on pairs"),
+    "sppo_hard": LossSpec(_implicit_rewards(_sppo_hard), True, (), "SPPO, hard labels"),
+    "nca_pair": LossSpec(_implicit_rewards(_nca_pair), True, (), "NCA on pairs"),
+    "apo_zero": LossSpec(_implicit_rewards(_apo_zero), True, (), "APO-zero (chosen better than the reference)"),
+    "apo_down": LossSpec(_implicit_rewards(_apo_down), True, (), "APO-down (both worse than the reference)"),
+    "simpo": LossSpec(_simpo, False, ("simpo_gamma", "label_smoothing"), "SimPO, length-normalised, no reference"),
+    "orpo": LossSpec(_orpo, False, (), "ORPO: NLL + odds ratio, no reference"),
+}
 
 
 def preference_loss(loss_type: str, policy_chosen_logps: Tensor, policy_rejected_logps: Tensor,
                     reference_chosen_logps: Tensor | None, reference_rejected_logps: Tensor | None, *,
-                    chosen_lengths: Tensor, rejected_lengths: Tensor, beta: float, label_smoothing: float = 0.0,
-                    simpo_gamma: float = 0.5) -> LossOut:
-    """One entry for the training loop: dispatches to the DPO family or the reference-free losses."""
-    if loss_type == "simpo":
-        return simpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta=beta,
-                          gamma=simpo_gamma, label_smoothing=label_smoothing)
-    if loss_type == "orpo":
-        return orpo_loss(policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths, beta=beta)
-    return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-                    beta=beta, loss_type=loss_type, label_smoothing=label_smoothing, chosen_lengths=chosen_lengths,
-                    rejected_lengths=rejected_lengths)
+                    chosen_lengths: Tensor, rejected_lengths: Tensor, beta: float, **params) -> LossOut:
+    """One entry for the training loop: ``LOSSES[loss_type]`` with its ``params`` (the keys it lists)."""
+    spec = LOSSES[loss_type]
+    return spec.fn(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                   beta=beta, chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                   **{k: params[k] for k in spec.params if k in params})
 
 
 # ----------------------------------------------------------------------------------------------------------------

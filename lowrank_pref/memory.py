@@ -80,17 +80,28 @@ def arch_of(model: str) -> Arch:
                 bool(getattr(c, "final_logit_softcapping", None)))
 
 
+def _task(cfg):
+    from .tasks import task_class
+
+    return task_class(cfg.task)
+
+
 def shared_layout_possible(cfg) -> bool:
-    """Whether a run may use the shared-prompt rows: not when turned off, nor with flash_attention_2 (no custom
-    masks). train.shared_prompt_works still checks the model itself on the first pairs."""
-    return cfg.shared_prompt != "off" and cfg.attn_implementation != "flash_attention_2"
+    """Whether a run may use the shared-prompt rows: only for pair tasks, not when turned off, nor with
+    flash_attention_2 (no custom masks). tasks/pairs.py still checks the model itself on the first pairs."""
+    return (_task(cfg).shared_prompt and cfg.shared_prompt != "off"
+            and cfg.attn_implementation != "flash_attention_2")
 
 
 def micro_step_tokens(cfg, prompt: int | None = None, answer: int | None = None) -> tuple[int, int]:
-    """(tokens through the model, answer tokens through the LM head) of one micro-step of pairs with these lengths.
-    Without lengths, the worst case: answers of ``max_length`` each (a near-empty prompt), in either layout."""
+    """(tokens through the model, answer tokens through the LM head) of one micro-step of items (pairs, examples)
+    with these lengths. Without lengths, the worst case: answers of ``max_length`` each (a near-empty prompt), in
+    either layout."""
+    seqs = _task(cfg).sequences_per_item
     if prompt is None or answer is None:
-        return 2 * cfg.batch_size * cfg.max_length, 2 * cfg.batch_size * cfg.max_length
+        return seqs * cfg.batch_size * cfg.max_length, seqs * cfg.batch_size * cfg.max_length
+    if seqs == 1:
+        return cfg.batch_size * (prompt + answer), cfg.batch_size * answer
     if shared_layout_possible(cfg):  # [prompt | chosen | rejected]: the prompt once
         return cfg.batch_size * (prompt + 2 * answer), cfg.batch_size * 2 * answer
     return 2 * cfg.batch_size * (prompt + answer), cfg.batch_size * 2 * answer
@@ -123,7 +134,8 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     act_bytes = 2 if gpu and cfg.dtype != "fp32" else 4  # autocast to bf16/fp16 on a GPU; fp32 on the CPU
     embed_bytes = act_bytes  # the tables stay in 16 bits under autocast (model.embeddings_in), else fp32
     n_embed = a.vocab * a.hidden * (1 if a.tied else 2)
-    if cfg.task == "reward":
+    task = _task(cfg)
+    if task.head == "score":
         n_embed = a.vocab * a.hidden + a.hidden  # input embeddings + the score head
     eight_bit_adam = gpu and cfg.optimizer in ("auto", "paged_adamw_8bit", "adamw_8bit")
     lora = a.lora_params(cfg.lora.r) * (10 if eight_bit_adam else 16)
@@ -132,7 +144,7 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     answer_tokens = answer_tokens or default_answers
     layer = tokens * (12 * a.hidden + 4 * a.ffn + 7 * cfg.lora.r) * act_bytes
     shared = shared_layout_possible(cfg)
-    rows = cfg.batch_size * (1 if shared else 2)
+    rows = cfg.batch_size * (1 if shared else task.sequences_per_item)
     row = tokens / rows
     mask = rows * row * row if shared else 0  # the (T, T) bool mask of shared rows
     if cfg.attn_implementation == "eager":  # eager attention keeps its (heads, T, T) weights; SDPA kernels don't
@@ -147,7 +159,7 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
         activations = max(a.layers - k, 1) * layer + on_device * checkpoint + tokens * 2 * a.hidden * 4 + mask
     else:
         activations = a.layers * layer + mask
-    if cfg.task == "dpo":
+    if task.head == "lm":
         chunk = min(cfg.logprob_chunk_size or auto_chunk_size(a.vocab), answer_tokens)
         # fp32 logits and their log-softmax, the gradient written over the latter (losses._FrozenHeadLogps); with
         # softcapping, the capped logits too

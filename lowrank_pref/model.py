@@ -22,6 +22,7 @@ import torch
 from .config import Config, ConfigError
 from .memory import MemoryPlan, default_plan, full_checkpointing
 from .patches import apply_patch
+from .tasks import task_class
 from .tiny import resolve_model
 
 log = logging.getLogger("lowrank_pref")
@@ -162,7 +163,7 @@ def load_base(cfg: Config, tokenizer, *, for_training: bool = True, plan: Memory
         if stored is None:  # a pre-quantized model brings its own (passing ours too only earns a warning)
             kwargs["quantization_config"] = q
     with _from_pretrained_errors("model", name):
-        if cfg.task == "reward":
+        if task_class(cfg.task).head == "score":
             model = AutoModelForSequenceClassification.from_pretrained(name, num_labels=1, **kwargs)
         else:
             model = AutoModelForCausalLM.from_pretrained(name, **kwargs)
@@ -234,12 +235,13 @@ def lora_config(cfg: Config):
     return LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=cfg.lora.dropout,
                       target_modules=cfg.lora.target_modules, use_rslora=cfg.lora.use_rslora,
                       use_dora=cfg.lora.use_dora, bias="none",
-                      task_type="SEQ_CLS" if cfg.task == "reward" else "CAUSAL_LM")
+                      task_type="SEQ_CLS" if task_class(cfg.task).head == "score" else "CAUSAL_LM")
 
 
-def load_model(cfg: Config, tokenizer, plan: MemoryPlan | None = None):
+def load_model(cfg: Config, tokenizer, plan: MemoryPlan | None = None, *, keep_reference: bool = True):
     """The PeftModel to train (checkpointing as ``plan`` says, see load_base). Returns (model, reference_kind) with
-    reference_kind 'base' or 'adapter'."""
+    reference_kind 'base' or 'adapter'. ``keep_reference``: a starting adapter is loaded a second time, frozen, as
+    the reference (tasks that read no reference skip that copy)."""
     from peft import PeftModel, get_peft_model
 
     base = load_base(cfg, tokenizer, plan=plan)
@@ -250,8 +252,8 @@ def load_model(cfg: Config, tokenizer, plan: MemoryPlan | None = None):
         src = str(path) if path.exists() else cfg.adapter
         with _from_pretrained_errors("adapter", src):
             model = PeftModel.from_pretrained(base, src, adapter_name=POLICY, is_trainable=True)
-            # the reference is the starting adapter, frozen: never silently the bare base
-            model.load_adapter(src, adapter_name=REFERENCE, is_trainable=False)
+            if keep_reference:  # the reference is the starting adapter, frozen: never silently the bare base
+                model.load_adapter(src, adapter_name=REFERENCE, is_trainable=False)
         model.set_adapter(POLICY)
         reference = "adapter"
     else:

@@ -87,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from .data import DataError
     from .model import ModelError
-    from .train import TrainingStopped
+    from .loop import TrainingStopped
 
     try:
         cfg = resolve(args)
@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR
     try:
-        from .train import train
+        from .loop import train
 
         result = train(cfg, cfg.output_dir, resume=args.resume)
     except (ConfigError, DataError, ModelError) as e:

@@ -144,9 +144,10 @@ def largest_step(cfg):
     """(tokens, answer tokens) of the run's largest micro-step, as train() plans its memory by."""
     from lowrank_pref.data import load_preference_data
     from lowrank_pref.model import load_tokenizer
-    from lowrank_pref.train import Schedule, largest_micro_step
+    from lowrank_pref.loop import Schedule, largest_micro_step
+    from lowrank_pref.tasks import task_class
 
     tok = load_tokenizer(cfg)
     pairs = load_preference_data(cfg, tok).train
     schedule = Schedule(len(pairs), cfg.batch_size, 1, cfg.seed, sizes=[p.num_tokens for p in pairs])
-    return largest_micro_step(cfg, schedule, pairs)
+    return largest_micro_step(task_class(cfg.task)(cfg), schedule, pairs)

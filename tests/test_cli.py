@@ -123,7 +123,7 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, tiny_mo
 
 
 def test_same_effective_batch_same_update_whatever_the_split(tmp_path, tiny_model_dir, pairs_file):
-    from lowrank_pref.train import train
+    from lowrank_pref.loop import train
 
     results = []
     for bs, accum in ((4, 1), (2, 2), (1, 4)):

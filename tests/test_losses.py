@@ -7,7 +7,7 @@ import torch
 from conftest import OpCounter
 
 from lowrank_pref.logps import selected_token_logps
-from lowrank_pref.losses import DPO_LOSSES, dpo_loss, orpo_loss, preference_loss, reward_loss, simpo_loss
+from lowrank_pref.losses import LOSSES, dpo_loss, orpo_loss, preference_loss, reward_loss, simpo_loss
 
 
 def _logsig(x):
@@ -50,7 +50,29 @@ def test_dpo_family_matches_formula(loss_type):
 
 
 def test_every_table_entry_is_tested():
-    assert set(DPO_LOSSES) == set(EXPECTED) | {"robust"}
+    """Each loss in the one table is checked against its formula here: the DPO family in EXPECTED, robust with the
+    smoothing test, simpo and orpo in their own; the config's choices are the table's names."""
+    from lowrank_pref.config import LOSS_TYPES
+
+    assert set(LOSSES) == set(EXPECTED) | {"robust", "simpo", "orpo"}
+    assert LOSS_TYPES == tuple(LOSSES)
+    assert {n for n, s in LOSSES.items() if not s.needs_reference} == {"simpo", "orpo"}
+
+
+@pytest.mark.parametrize("loss_type", sorted(LOSSES))
+def test_table_entry_gives_the_formula_through_preference_loss(loss_type):
+    """The loop's one entry reaches each table entry with its parameters by name."""
+    params = {"label_smoothing": 0.0, "simpo_gamma": 0.5}
+    losses, cr, rr = preference_loss(loss_type, _t(PC), _t(PR), _t(RC), _t(RR), chosen_lengths=_t(LC),
+                                     rejected_lengths=_t(LR), beta=B, **params)
+    if loss_type in EXPECTED:
+        assert losses.item() == pytest.approx(EXPECTED[loss_type], rel=1e-9)
+    elif loss_type == "robust":
+        assert losses.item() == pytest.approx(EXPECTED["sigmoid"], rel=1e-9)
+    elif loss_type == "simpo":
+        assert losses.item() == pytest.approx(-_logsig(B * PC / LC - B * PR / LR - 0.5), rel=1e-9)
+    else:
+        assert losses.item() == pytest.approx(orpo_loss(_t(PC), _t(PR), _t(LC), _t(LR), beta=B)[0].item())
 
 
 def test_label_smoothing_conservative_and_robust():

@@ -9,11 +9,11 @@ import pytest
 
 from lowrank_pref.artifacts import read_metrics
 from lowrank_pref.config import build_config
-from lowrank_pref.train import Schedule
+from lowrank_pref.loop import Schedule
 
 
 def _run(tmp_path, name, model_dir, data, **overrides):
-    from lowrank_pref.train import train
+    from lowrank_pref.loop import train
 
     cfg = build_config("tiny", overrides={"model": str(model_dir), "dataset": str(data), "max_steps": 4,
                                           "batch_size": 4, "eval_steps": 2, "data.eval_fraction": 0.1,

@@ -1,0 +1,453 @@
+"""The run shell: what every task shares, from the run folder to the saved adapter. ``train(cfg, output_dir)``.
+
+``setup`` (data, memory plan, model, optimizer, resume) is apart from ``loop`` (the steps), as torchtune's recipes
+do; the task (``tasks/``) supplies the data and the losses of a micro-batch, and nothing here tests its name.
+
+One optimizer step = ``gradient_accumulation_steps`` micro-steps of ``batch_size`` items (pairs, examples).
+Micro-batch g of the whole run is fixed by (seed, g) alone, so a run's data position is its step number and a
+resumed run sees exactly the items an uninterrupted one would. Each micro-step's loss is ``sum(item losses) /
+(weight of the step's items)`` (tasks/base.py), so the same effective batch gives the same update however it is
+split into micro-steps.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .artifacts import RunDir
+from .config import Config, ConfigError, dump_yaml
+from .memory import available_memory_gb, choose_plan, current_memory_mb, peak_memory_mb, reset_peak_memory
+from .model import checkpointed_layers, device, load_model, load_tokenizer, save_adapter, trainable_parameters
+from .tasks import task_class
+
+log = logging.getLogger("lowrank_pref")
+
+
+class TrainingStopped(RuntimeError):
+    """The run stopped itself with a plain message (e.g. repeated non-finite losses)."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data order
+
+@dataclass
+class Schedule:
+    """Which items make micro-batch g of the run: a pure function of (seed, g), so resume is exact.
+
+    Fixed count: ``batch_size`` items a micro-batch, the epoch's items shuffled by seed. Token budget (``sizes``
+    given): each epoch's shuffled items are cut into windows, sorted by length inside a window and packed greedily so
+    a micro-batch's padded size (items x its longest item) stays within ``token_budget``; the batches are then
+    shuffled. Short items travel many to a batch, long ones few, and rows of a batch have similar lengths.
+    """
+    n_items: int
+    batch_size: int
+    accum: int
+    seed: int
+    sizes: list[int] | None = None
+    token_budget: int | None = None
+    _epochs: dict = field(default_factory=dict, repr=False)
+    _counts: dict = field(default_factory=dict, repr=False)
+
+    def epoch_batches(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._epochs:
+            rng = random.Random(self.seed * 1_000_003 + epoch)
+            order = list(range(self.n_items))
+            rng.shuffle(order)
+            if not self.token_budget:
+                batches = [order[k:k + self.batch_size] for k in range(0, self.n_items, self.batch_size)]
+            else:
+                batches = []
+                window = 64 * max(1, self.token_budget // max(1, max(self.sizes)))
+                for start in range(0, self.n_items, window):
+                    current, longest = [], 0
+                    for i in sorted(order[start:start + window], key=lambda i: self.sizes[i]):
+                        longest_with = max(longest, self.sizes[i])
+                        if current and longest_with * (len(current) + 1) > self.token_budget:
+                            batches.append(current)
+                            current, longest_with = [], self.sizes[i]
+                        current.append(i)
+                        longest = longest_with
+                    if current:
+                        batches.append(current)
+                rng.shuffle(batches)
+            self._epochs = {epoch: batches}  # one epoch at a time is all a run needs
+        return self._epochs[epoch]
+
+    def epoch_count(self, epoch: int) -> int:
+        """Micro-batches in an epoch (remembered, so finding an epoch doesn't rebuild the ones before it)."""
+        if not self.token_budget:
+            return math.ceil(self.n_items / self.batch_size)
+        if epoch not in self._counts:
+            self._counts[epoch] = len(self.epoch_batches(epoch))
+        return self._counts[epoch]
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.epoch_count(0)
+
+    def micro_batch(self, g: int) -> list[int]:
+        """Pair indices of the run's g-th micro-batch (0-based), epochs one after another."""
+        epoch = 0
+        while g >= self.epoch_count(epoch):
+            g -= self.epoch_count(epoch)
+            epoch += 1
+        return self.epoch_batches(epoch)[g]
+
+    def step_batches(self, step: int) -> list[list[int]]:
+        """Micro-batches of optimizer step ``step`` (1-based)."""
+        return [self.micro_batch(g) for g in range((step - 1) * self.accum, step * self.accum)]
+
+    def total_steps(self, cfg: Config) -> int:
+        if cfg.max_steps:
+            return cfg.max_steps
+        full, part = divmod(cfg.num_epochs, 1)
+        micro = sum(self.epoch_count(e) for e in range(int(full)))
+        micro += math.ceil(part * self.epoch_count(int(full))) if part else 0
+        return max(1, math.ceil(micro / self.accum))
+
+
+def largest_micro_step(task, schedule: Schedule, items: list) -> tuple[int, int]:
+    """(padded tokens through the model, answer tokens) of the first epoch's largest micro-batch."""
+    return max(task.micro_step_tokens([items[i] for i in batch]) for batch in schedule.epoch_batches(0))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Optimizer, schedule, checkpoints
+
+def make_optimizer(cfg: Config, params):
+    choice = cfg.optimizer
+    if choice == "auto":
+        choice = "paged_adamw_8bit" if device().type == "cuda" else "adamw_torch"
+    if choice == "adamw_torch":
+        return torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if choice == "paged_adamw_8bit" else bnb.optim.AdamW8bit
+    return cls(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run: RunDir, cfg: Config, model, optimizer, scheduler, step: int, counters: dict) -> Path:
+    tmp = run.new_checkpoint_dir(step)
+    model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"], safe_serialization=True)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    # written last: a checkpoint without state.json is incomplete and never picked up
+    state = {"step": step, "micro_batches_done": step * cfg.gradient_accumulation_steps, **counters}
+    (tmp / "state.json").write_text(json.dumps(state))
+    return run.commit_checkpoint(tmp, step, cfg.save_total_limit)
+
+
+def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
+    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    if getattr(result, "unexpected_keys", None):
+        raise RuntimeError(f"checkpoint {path} does not match this model: {result.unexpected_keys[:3]}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))  # python's RNG state is a plain tuple
+    return json.loads((path / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Stop, progress, metrics
+
+class _StopFlag:
+    """SIGTERM (the app's Stop button) ends the run after the current step, with a checkpoint."""
+
+    def __init__(self):
+        self.set = False
+
+    def __call__(self, signum, frame):
+        self.set = True
+
+
+def _progress(total: int, initial: int):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc="train", unit="step", file=sys.stderr, dynamic_ncols=True,
+                disable=os.environ.get("LOWRANK_PREF_PROGRESS", "1") == "0", mininterval=1.0)
+
+
+class _Window:
+    """Metric sums, weight, tokens and time since the last logged step."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.weight = self.items = self.tokens = 0
+        self.seconds = 0.0
+
+    def add(self, sums: dict, weight: float, items: int, tokens: int, seconds: float) -> None:
+        for k, v in sums.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+        self.weight += weight
+        self.items += items
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def record(self, unit: str) -> dict:
+        out = {k: v / max(self.weight, 1) for k, v in self.sums.items()}
+        out["tokens_per_second"] = self.tokens / max(self.seconds, 1e-9)
+        out[f"{unit}_per_second"] = self.items / max(self.seconds, 1e-9)
+        return out
+
+
+def evaluate(task, model, items: list, batch_size: int) -> dict:
+    """Eval metrics over ``items``: each summed metric divided by the items' weight, as in training."""
+    was_training = model.training
+    model.eval()
+    totals: dict[str, float] = {}
+    with torch.no_grad():
+        for i in range(0, len(items), batch_size):
+            _, sums, _ = task.losses(model, items[i:i + batch_size])
+            for k, v in sums.items():
+                totals[k] = totals.get(k, 0.0) + float(v)
+    model.train(was_training)
+    weight = sum(task.weight(item) for item in items)
+    record = {f"eval_{k}": v / weight for k, v in totals.items()}
+    task.derived(record, prefix="eval_")
+    return record
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The run
+
+def train(cfg: Config, output_dir: str | os.PathLike, *, resume: bool = False) -> dict:
+    """Run a whole training job into ``output_dir``; returns the last logged metrics (train and eval)."""
+    run = RunDir(output_dir).create()
+    handler = logging.FileHandler(run.log)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    stop = _StopFlag()
+    previous = signal.signal(signal.SIGTERM, stop) if _main_thread() else None
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    try:
+        with logging_redirect_tqdm(loggers=[logging.root]):
+            shell = Shell(cfg, run, stop)
+            shell.setup(resume)
+            return shell.loop()
+    except BaseException as e:
+        state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
+        run.write_status(state=state, message=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+class Shell:
+    """One run: ``setup`` loads everything and restores a checkpoint; ``loop`` trains to the end or a stop."""
+
+    def __init__(self, cfg: Config, run: RunDir, stop: _StopFlag):
+        self.cfg, self.run, self.stop = cfg, run, stop
+        self.task = task_class(cfg.task)(cfg)
+        self.started = time.time()
+
+    def setup(self, resume: bool) -> None:
+        cfg, run, task = self.cfg, self.run, self.task
+        checkpoint = run.latest_checkpoint() if resume else None
+        if resume and checkpoint is None and run.read_metrics():
+            log.info("no checkpoint in %s yet: starting from step 0", run.path)
+            run.truncate_metrics(0)  # the earlier lines will be logged again
+        if not resume and (run.metrics.exists() or run.checkpoints()):
+            raise ConfigError(f"output_dir '{run.path}' already holds a run; use --resume to continue it, or choose "
+                              "another --output-dir")
+        run.write_status(state="running", pid=os.getpid(), step=checkpoint[0] if checkpoint else 0, message="",
+                         task=cfg.task, started=self.started)
+        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+
+        # the data before the model: bad data fails in seconds, not after a multi-GB load
+        self.tokenizer = load_tokenizer(cfg)
+        self.data = data = task.load_data(self.tokenizer)
+        log.info("%s", data.report.summary())
+        if data.eval_report:
+            log.info("eval %s", data.eval_report.summary())
+        log.info("train %s: %d, eval %s: %d", task.unit, len(data.train), task.unit, len(data.eval))
+        run.data_report.write_text(json.dumps({
+            "train": data.report.as_dict(), "examples": data.examples,
+            "eval": data.eval_report.as_dict() if data.eval_report else None,
+            "train_pairs": len(data.train), "eval_pairs": len(data.eval), "unit": task.unit}, indent=1))
+
+        # the memory plan from the largest micro-step this run will take
+        self.schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
+                                 sizes=[task.size(item) for item in data.train], token_budget=cfg.token_budget)
+        tokens, answers = largest_micro_step(task, self.schedule, data.train)
+        plan = choose_plan(cfg, cfg.memory_limit_gb or available_memory_gb(), gpu=device().type == "cuda",
+                           tokens=tokens, answer_tokens=answers)
+        log.info("gradient checkpointing: %s (%s)", plan.describe(), plan.why)
+        self.model, loaded = load_model(cfg, self.tokenizer, plan, keep_reference=task.uses_reference)
+        run.write_status(gradient_checkpointing=plan.checkpointing, checkpointed_layers=checkpointed_layers(self.model),
+                         checkpoint_offload=plan.offload)
+        reference = task.reference(loaded)
+        if reference:
+            log.info("reference: %s%s", reference, {
+                "base": " (the base model, adapters disabled)",
+                "adapter": f" (the starting adapter {cfg.adapter}, frozen)",
+                "none": f" ({cfg.loss_type} is reference-free)"}[reference])
+        self.params = trainable_parameters(self.model)
+        log.info("trainable parameters: %s", f"{sum(p.numel() for p in self.params):,}")
+        header = f"# resolved config of this run; repeat it with: python -m lowrank_pref.run --config {run.config}\n"
+        run.config.write_text(header + (f"reference: {reference}\n" if reference else "") + dump_yaml(cfg))
+
+        # optimizer and schedule; a checkpoint restores both with the adapter and the RNG
+        from transformers import get_scheduler
+
+        self.total = total = self.schedule.total_steps(cfg)
+        self.optimizer = make_optimizer(cfg, self.params)
+        self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
+                                       num_warmup_steps=round(cfg.warmup_ratio * total), num_training_steps=total)
+        self.counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0}
+        self.start = 0
+        if checkpoint:
+            self.start, path = checkpoint
+            state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
+            self.counters.update({k: v for k, v in state.items() if k in self.counters})
+            run.truncate_metrics(self.start)
+            log.info("resumed from %s (step %d of %d)", path.name, self.start, total)
+        run.write_status(state="running", step=self.start, total_steps=total, reference=reference)
+        run.write_status(**task.setup(self.model, self.tokenizer, data))
+        self.model.train()
+        reset_peak_memory()  # peaks from here on are training's, not loading's
+        self.loaded_mb = current_memory_mb()
+        log.info("memory with the model loaded: %.0f MB", self.loaded_mb)
+
+    def loop(self) -> dict:
+        cfg, run, task, total = self.cfg, self.run, self.task, self.total
+        eval_every = cfg.eval_steps or max(1, total // 4)
+        save_every = cfg.save_steps or max(1, total // 4)
+        window, last = _Window(), {}
+        bar = _progress(total, self.start)
+        for step in range(self.start + 1, total + 1):
+            t0 = time.perf_counter()
+            # the step's micro-batches are a pure function of (seed, step), so a resumed run sees the same data
+            batches = [[self.data.train[i] for i in idx] for idx in self.schedule.step_batches(step)]
+            weight = sum(task.weight(item) for batch in batches for item in batch)
+            lr = self.scheduler.get_last_lr()[0]
+            # forward and backward each micro-batch, its loss scaled to its share of the step's mean
+            sums, tokens, finite = self.accumulate(batches, weight)
+            # clip, then step; a non-finite loss or gradient skips the step (too many in a row stop the run)
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
+            self.update(step, finite and bool(torch.isfinite(grad_norm)), finite)
+            self.scheduler.step()
+            if finite:
+                window.add(sums, weight, sum(map(len, batches)), tokens, time.perf_counter() - t0)
+            bar.update(1)
+            if finite:
+                bar.set_postfix(loss=f"{sums['loss'] / weight:.4f}", refresh=False)
+            # log the window's means, evaluate and checkpoint on their schedules (and always at the end)
+            if step % cfg.logging_steps == 0 or step == total:
+                record = {"step": step, "epoch": round(step * cfg.gradient_accumulation_steps
+                                                       / self.schedule.batches_per_epoch, 4), **window.record(task.unit),
+                          "learning_rate": lr, "grad_norm": float(grad_norm), "peak_memory_mb": peak_memory_mb(),
+                          "loaded_memory_mb": self.loaded_mb, "nonfinite_steps": self.counters["nonfinite_steps"]}
+                task.derived(record)
+                run.append_metrics(record)
+                last.update(record)
+                window = _Window()
+            if self.data.eval and (step % eval_every == 0 or step == total):
+                record = {"step": step, **evaluate(task, self.model, self.data.eval,
+                                                   cfg.eval_batch_size or cfg.batch_size)}
+                run.append_metrics(record)
+                last.update(record)
+                log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step"))
+            run.write_status(step=step)
+            if (step % save_every == 0 and step < total) or self.stop.set:
+                save_checkpoint(run, cfg, self.model, self.optimizer, self.scheduler, step, self.counters)
+                task.checkpoint()
+            # SIGTERM (the app's Stop): the checkpoint above is written; end here, resumable
+            if self.stop.set and step < total:
+                bar.close()
+                run.write_status(state="stopped", step=step, message=f"stopped at step {step}; resume with --resume")
+                log.info("stopped at step %d (checkpoint written); resume with --resume", step)
+                return last
+        bar.close()
+        return self.finish(last)
+
+    def accumulate(self, batches: list[list], weight: float) -> tuple[dict, int, bool]:
+        """Backward over the step's micro-batches. Returns the metric sums, the real tokens, and False at the first
+        non-finite loss (whose backward is skipped)."""
+        sums: dict[str, float] = {}
+        tokens = 0
+        for items in batches:
+            losses, batch_sums, t = self.task.losses(self.model, items)
+            loss = losses.sum() / weight
+            if not torch.isfinite(loss):
+                return sums, tokens, False
+            loss.backward()
+            tokens += t
+            for k, v in batch_sums.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+        return sums, tokens, True
+
+    def update(self, step: int, ok: bool, finite_loss: bool) -> None:
+        """The optimizer step, or a skipped one counted in ``nonfinite_steps``."""
+        c = self.counters
+        if ok:
+            c["nonfinite_in_a_row"] = 0
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return
+        c["nonfinite_steps"] += 1
+        c["nonfinite_in_a_row"] += 1
+        log.warning("step %d: non-finite %s, step skipped (%d so far)", step, "gradient" if finite_loss else "loss",
+                    c["nonfinite_steps"])
+        self.optimizer.zero_grad(set_to_none=True)
+        if c["nonfinite_in_a_row"] >= self.cfg.max_nonfinite_steps:
+            raise TrainingStopped(
+                f"stopped at step {step}: {c['nonfinite_in_a_row']} steps in a row had a non-finite loss "
+                "or gradient. With fp16 this is overflow: use dtype=bf16 (or fp32); otherwise lower "
+                "learning_rate or beta")
+
+    def finish(self, last: dict) -> dict:
+        """The adapter, written whole or not at all, and the final status."""
+        run = self.run
+        run.write_status(**self.task.finish())
+        tmp = run.path / f".adapter.tmp-{os.getpid()}"
+        save_adapter(self.model, self.tokenizer, tmp)
+        if run.adapter.exists():
+            import shutil
+            shutil.rmtree(run.adapter)
+        os.replace(tmp, run.adapter)
+        summary = {k: v for k, v in last.items() if k.startswith("eval_")}
+        run.write_status(state="completed", step=self.total, message="", seconds=round(time.time() - self.started, 1),
+                         final=summary)
+        log.info("done in %.0fs: adapter in %s", time.time() - self.started, run.adapter)
+        return last

@@ -1,0 +1,91 @@
+"""The contract between the run shell and a task.
+
+The shell calls, in order: ``Task.validate(cfg)`` (with the config, before anything loads), ``load_data(tokenizer)``,
+``size``/``weight``/``micro_step_tokens`` (batching and the memory plan), ``reference(kind)`` and ``setup(model,
+data)`` once the model is loaded, then ``losses(model, items)`` for every micro-batch of training and eval,
+``checkpoint()`` beside each checkpoint, ``derived(record)`` on each logged record, and ``finish()`` at the end.
+
+Reductions are the shell's: a step's loss is ``sum(losses of its items) / sum(weight of its items)`` over all its
+micro-batches, so the same effective batch gives the same update however it is split, and a logged metric is its
+summed value over the window divided by the window's weight. A pair task weighs each pair 1 (metrics are per pair); a
+token task weighs each example by its answer tokens (loss and accuracy are per token).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..config import Config, ConfigError
+
+
+@dataclass
+class TaskData:
+    """What ``load_data`` returns: items to train and evaluate on, the data reports, and examples for the app."""
+    train: list
+    eval: list
+    report: Any  # data.DataReport
+    eval_report: Any | None
+    examples: list[dict]
+
+
+class Task:
+    name = ""
+    head = "lm"  # "lm": a causal LM scored through its LM head; "score": a one-output classifier (reward models)
+    unit = "pairs"  # what one item is, in logs and in the speed metric ("<unit>_per_second")
+    sequences_per_item = 2  # rows through the model per item, for the memory model's worst case
+    shared_prompt = False  # whether items can go through as one [prompt | chosen | rejected] row
+    uses_reference = False  # whether it reads the frozen reference (then a starting adapter is loaded twice)
+    plots: list[tuple[str, dict[str, str]]] = []  # (title, {metric key: series label}) for the app's curves
+    accuracy_key = ""  # the metric the app's diagnostics read as "how often it prefers the right answer"
+
+    def __init__(self, cfg: Config):
+        self.cfg = cfg
+
+    @classmethod
+    def validate(cls, cfg: Config) -> None:
+        """Cross-field checks that concern this task; raise ConfigError naming the key and the fix."""
+        if cfg.rpo_alpha and cls.name != "dpo":
+            raise ConfigError(f"rpo_alpha applies to the dpo task only; remove it for task={cls.name}")
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def load_data(self, tokenizer) -> TaskData:
+        raise NotImplementedError
+
+    def size(self, item) -> int:
+        """Tokens of an item through the model (token-budget batches, the memory plan)."""
+        return item.num_tokens
+
+    def weight(self, item) -> float:
+        """The item's share of a step's loss and of the logged metrics."""
+        return 1.0
+
+    def micro_step_tokens(self, items: list) -> tuple[int, int]:
+        """(padded tokens through the model, answer tokens through the LM head) of a micro-batch."""
+        raise NotImplementedError
+
+    # -- the model -------------------------------------------------------------------------------------------------
+    def reference(self, loaded: str) -> str | None:
+        """What the frozen reference is for this run (``loaded``: "base" or "adapter", as the model was loaded), or
+        None when the task has no reference."""
+        return loaded if self.uses_reference else None
+
+    def setup(self, model, tokenizer, data: TaskData) -> dict:
+        """After the model loads: choose layouts, open caches. Returns facts for status.json."""
+        return {}
+
+    def losses(self, model, items: list) -> tuple[Any, dict, int]:
+        """Per-item losses (B,) with grad, the metric sums over these items, and the real tokens processed."""
+        raise NotImplementedError
+
+    # -- bookkeeping -----------------------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        """Persist what the task keeps beside a checkpoint (e.g. the reference cache)."""
+
+    def finish(self) -> dict:
+        """At the end of the run: facts for status.json."""
+        return {}
+
+    def derived(self, record: dict, prefix: str = "") -> None:
+        """Add metrics computed from the logged ones (e.g. perplexity from the loss) to ``record`` in place; eval
+        records carry ``prefix`` "eval_" on every key."""

@@ -1,0 +1,93 @@
+"""DPO and its variants: the policy (adapters on) against the frozen reference (adapters off, or the starting
+adapter frozen), on preference pairs.
+
+The loss is ``losses.LOSSES[loss_type]``; its implicit rewards ``beta * (log pi - log pi_ref)`` are logged as
+``rewards/chosen``, ``rewards/rejected``, their margin and how often chosen wins (``rewards/accuracies``). Reference
+log-probs come from the on-disk cache when known (refcache.py), else from one no-grad pass before the policy's.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..logps import sequence_logps, shared_sequence_logps
+from ..losses import LOSSES, preference_loss
+from ..model import autocast, reference_mode
+from ..refcache import RefCache
+from .pairs import PairTask
+
+log = logging.getLogger("lowrank_pref")
+
+
+class DpoTask(PairTask):
+    name = "dpo"
+    plots = [("Loss", {"loss": "train", "eval_loss": "eval"}),
+             ("Rewards", {"rewards/chosen": "chosen", "rewards/rejected": "rejected", "rewards/margins": "margin",
+                          "eval_rewards/margins": "eval margin"}),
+             ("Accuracy", {"rewards/accuracies": "train", "eval_rewards/accuracies": "eval"}),
+             ("Log-probs", {"logps/chosen": "chosen", "logps/rejected": "rejected",
+                            "eval_logps/chosen": "eval chosen", "eval_logps/rejected": "eval rejected"})]
+    accuracy_key = "rewards/accuracies"
+
+    @property
+    def uses_reference(self) -> bool:
+        return LOSSES[self.cfg.loss_type].needs_reference
+
+    def reference(self, loaded: str) -> str:
+        return loaded if self.uses_reference else "none"
+
+    def score(self, model, batch: dict, shared: bool) -> torch.Tensor:
+        return (shared_sequence_logps if shared else sequence_logps)(model, batch)[0]
+
+    def setup(self, model, tokenizer, data) -> dict:
+        facts = super().setup(model, tokenizer, data)
+        self.ref_cache = None
+        if self.uses_reference and self.cfg.reference_cache:
+            self.ref_cache = RefCache.for_config(self.cfg)
+            log.info("reference log-probs cache: %s (%d pairs known)", self.ref_cache.path, len(self.ref_cache))
+        return facts
+
+    def losses(self, model, pairs: list):
+        cfg = self.cfg
+        batch, tokens = self.batch(pairs)
+        logps_of = shared_sequence_logps if self.shared else sequence_logps
+        n = len(pairs)
+        ref_c = ref_r = None
+        with autocast(cfg):
+            if self.uses_reference:
+                ref = self.ref_cache.get(pairs) if self.ref_cache is not None else None
+                if ref is None:
+                    with reference_mode(model):  # first, so its activations are gone before the policy graph is built
+                        ref, _ = logps_of(model, batch, cfg.logprob_chunk_size)
+                    if self.ref_cache is not None:
+                        self.ref_cache.put(pairs, ref)
+                ref = ref.to(next(model.parameters()).device)
+                ref_c, ref_r = ref[:n], ref[n:]
+            logps, lengths = logps_of(model, batch, cfg.logprob_chunk_size)
+        pc, pr, lc, lr = logps[:n], logps[n:], lengths[:n], lengths[n:]
+        losses, cr, rr = preference_loss(cfg.loss_type, pc, pr, ref_c, ref_r, chosen_lengths=lc, rejected_lengths=lr,
+                                         beta=cfg.beta, label_smoothing=cfg.label_smoothing,
+                                         simpo_gamma=cfg.simpo_gamma)
+        if cfg.rpo_alpha:  # RPO: an SFT term on the chosen answer, per token
+            losses = losses + cfg.rpo_alpha * (-pc / lc.clamp(min=1))
+        sums = {"loss": losses.detach().sum(), "rewards/chosen": cr.sum(), "rewards/rejected": rr.sum(),
+                "rewards/accuracies": (cr > rr).float().sum(), "rewards/margins": (cr - rr).sum(),
+                "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}
+        return losses, sums, tokens
+
+    def checkpoint(self) -> None:
+        if self.ref_cache is not None:
+            self.ref_cache.save()
+
+    def finish(self) -> dict:
+        if self.ref_cache is None:
+            return {}
+        self.ref_cache.save()
+        log.info("reference log-probs: %d pairs read from the cache, %d computed", self.ref_cache.hits,
+                 self.ref_cache.misses)
+        return {"reference_cache": {"read": self.ref_cache.hits, "computed": self.ref_cache.misses}}
+
+
+TASK = DpoTask
