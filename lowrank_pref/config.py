@@ -36,6 +36,7 @@ def _f(default, help: str, *, choices=None, min=None, max=None, min_exclusive=Fa
 
 
 LOSS_TYPES = tuple(LOSSES)
+COLUMN_ROLES = ("prompt", "chosen", "rejected", "margin", "system", "completion", "label", "messages", "text")
 
 
 @dataclass
@@ -52,7 +53,8 @@ class LoraSettings:
 @dataclass
 class DataSettings:
     columns: dict = _f(None, "Map our names to your columns, e.g. data.columns.prompt=question "
-                             "(keys: prompt, chosen, rejected, margin, system).", factory=dict)
+                             "(keys: prompt, chosen, rejected, margin, system, completion, label, messages, text).",
+                       factory=dict)
     on_bad_rows: str = _f("skip", "What to do with rows that can't be used: skip them (counted and reported) "
                                   "or error (stop at the first).", choices=("skip", "error"))
     eval_fraction: float = _f(0.05, "Share of the data held out for eval when no eval dataset is given.",
@@ -60,6 +62,23 @@ class DataSettings:
     eval_max_pairs: int = _f(256, "At most this many held-out pairs are split off for eval.", min=1)
     max_pairs: int | None = _f(None, "Use at most this many training pairs (after shuffling with the seed).", min=1)
     chat_template: str | None = _f(None, "A Jinja chat template to use instead of the tokenizer's own.")
+
+
+@dataclass
+class SftSettings:
+    source: str = _f("auto", "sft task: auto reads conversations (messages), prompt/completion or text rows, and the "
+                             "chosen answers of preference data; chosen insists on preference data.",
+                     choices=("auto", "chosen"))
+    completion_only: bool = _f(True, "sft task: loss on the answers (assistant turns) only; false also trains on "
+                                     "the prompts.")
+
+
+@dataclass
+class KtoSettings:
+    desirable_weight: float = _f(1.0, "kto task: weight of the thumbs-up (desirable) rows' loss; raise it when they "
+                                      "are fewer (the run's log suggests values).", min=0.0, min_exclusive=True)
+    undesirable_weight: float = _f(1.0, "kto task: weight of the thumbs-down (undesirable) rows' loss.", min=0.0,
+                                   min_exclusive=True)
 
 
 @dataclass
@@ -111,8 +130,10 @@ class Config:
                                         "grouped by length) instead of batch_size pairs: many short pairs or few long "
                                         "ones, little padding.", min=8)
     lora: LoraSettings = field(default_factory=LoraSettings)
+    sft: SftSettings = field(default_factory=SftSettings)
+    kto: KtoSettings = field(default_factory=KtoSettings)
     # the objective
-    beta: float = _f(0.1, "DPO temperature: higher keeps the policy closer to the reference.", min=0.0,
+    beta: float = _f(0.1, "DPO / KTO temperature: higher keeps the policy closer to the reference.", min=0.0,
                      min_exclusive=True)
     loss_type: str = _f("sigmoid", "Preference loss (dpo task). simpo and orpo need no reference pass.",
                         choices=LOSS_TYPES)
@@ -282,7 +303,7 @@ def set_key(cfg: Config, key: str, raw: Any) -> None:
     key = key.strip().replace("-", "_")
     parts = key.split(".")
     if len(parts) == 3 and parts[:2] == ["data", "columns"]:
-        allowed = ("prompt", "chosen", "rejected", "margin", "system")
+        allowed = COLUMN_ROLES
         if parts[2] not in allowed:
             raise ConfigError(f"unknown column role '{parts[2]}' in '{key}'; roles are {', '.join(allowed)}")
         cfg.data.columns[parts[2]] = str(raw)

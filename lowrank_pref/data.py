@@ -15,6 +15,7 @@ counted with the reason, or refused at the first one (``data.on_bad_rows=error``
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 from collections import Counter
@@ -349,39 +350,47 @@ def ensure_chat_template(tokenizer, override: str | None = None) -> None:
 
 def render(pair: dict, tokenizer) -> tuple[str, str, str, bool]:
     """Text of prompt, chosen and rejected as the model sees them; the flag says a chat template was applied."""
-    prompt = pair["prompt"]
+    prompt, (chosen, rejected), templated = render_answers(pair["prompt"], {"chosen": pair["chosen"],
+                                                                           "rejected": pair["rejected"]}, tokenizer)
+    return prompt, chosen, rejected, templated
+
+
+def render_answers(prompt, answers: dict, tokenizer) -> tuple[str, list[str], bool]:
+    """Text of a prompt and of each answer after it (``answers``: column name -> answer), as the model sees them;
+    the flag says a chat template was applied (message lists). Each answer's text is what the template adds after
+    the rendered prompt, so the answer tokens are exactly the ones that carry loss."""
     if isinstance(prompt, str):
-        return prompt, pair["chosen"], pair["rejected"], False
+        return prompt, list(answers.values()), False
     prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    answers = []
-    for side in ("chosen", "rejected"):
-        full = tokenizer.apply_chat_template(prompt + pair[side], tokenize=False)
+    out = []
+    for side, answer in answers.items():
+        full = tokenizer.apply_chat_template(prompt + answer, tokenize=False)
         if not full.startswith(prompt_text):
             raise RowError(side, "the chat template renders prompt + answer so that it does not start with the "
                                  "rendered prompt; set data.chat_template to a template that appends answers")
-        answers.append(full[len(prompt_text):])
-    return prompt_text, answers[0], answers[1], True
+        out.append(full[len(prompt_text):])
+    return prompt_text, out, True
 
 
 def tokenize_rendered(tokenizer, texts: list[tuple[str, str, str, bool]]) -> list[tuple[list, list, list]]:
-    """Batched tokenization: prompts keep the tokenizer's special tokens unless a template already wrote them;
-    plain-text answers get the eos token appended so the model learns to stop."""
+    """:func:`tokenize_answers` for (prompt, chosen, rejected, templated) texts."""
+    return [(p, c, r) for p, (c, r) in tokenize_answers(tokenizer, [(t[0], [t[1], t[2]], t[3]) for t in texts])]
+
+
+def tokenize_answers(tokenizer, texts: list[tuple[str, list[str], bool]]) -> list[tuple[list, list[list]]]:
+    """Batched tokenization of (prompt, answers, templated): prompts keep the tokenizer's special tokens unless a
+    template already wrote them; plain-text answers get the eos token appended so the model learns to stop."""
     def ids(strings, special):
         return tokenizer(strings, add_special_tokens=special)["input_ids"] if strings else []
 
-    templated = [t[3] for t in texts]
-    plain_prompts = ids([t[0] for t in texts if not t[3]], True)
-    tmpl_prompts = ids([t[0] for t in texts if t[3]], False)
-    chosen = ids([t[1] for t in texts], False)
-    rejected = ids([t[2] for t in texts], False)
+    plain_prompts = iter(ids([t[0] for t in texts if not t[2]], True))
+    tmpl_prompts = iter(ids([t[0] for t in texts if t[2]], False))
+    answers = iter(ids([a for t in texts for a in t[1]], False))
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
-    out, ip, it = [], iter(plain_prompts), iter(tmpl_prompts)
-    for i, tm in enumerate(templated):
-        p = next(it) if tm else next(ip)
-        c, r = list(chosen[i]), list(rejected[i])
-        if not tm:
-            c, r = c + eos, r + eos
-        out.append((list(p), c, r))
+    out = []
+    for _, answer_texts, templated in texts:
+        prompt = list(next(tmpl_prompts) if templated else next(plain_prompts))
+        out.append((prompt, [list(next(answers)) + ([] if templated else eos) for _ in answer_texts]))
     return out
 
 
@@ -455,31 +464,42 @@ def prepare(rows: list[dict], tokenizer, *, source: str, columns: dict, max_leng
 
 
 def load_preference_data(cfg, tokenizer) -> PreferenceData:
-    """The whole data path for a run: train pairs, eval pairs (given or held out), reports."""
+    """The whole data path for a pair run: train pairs, eval pairs (given or held out), reports."""
+    return load_task_data(cfg, tokenizer, functools.partial(
+        prepare, columns=cfg.data.columns, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        on_bad_rows=cfg.data.on_bad_rows), unit="pairs")
+
+
+def load_task_data(cfg, tokenizer, prepare_rows, unit: str) -> PreferenceData:
+    """Any task's data path: rows -> ``prepare_rows(rows, tokenizer, source=...)`` -> (items, report, examples),
+    for the training data and a given eval dataset; else part of the training rows is held out for eval. Items that
+    came from the same source row (KTO's desirable and undesirable halves of a pair) stay on the same side."""
     ensure_chat_template(tokenizer, cfg.data.chat_template)
-    common = dict(columns=cfg.data.columns, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                  on_bad_rows=cfg.data.on_bad_rows)
     source = cfg.dataset
     rows = load_rows(source, cfg.dataset_split, cfg.trust_remote_code)
-    train, report, examples = prepare(rows, tokenizer, source=source, **common)
+    train, report, examples = prepare_rows(rows, tokenizer, source=source)
     if not train:
-        raise DataError(f"{source}: no usable pairs.\n{report.summary()}")
-    eval_pairs, eval_report = [], None
+        raise DataError(f"{source}: no usable {unit}.\n{report.summary()}")
+    eval_items, eval_report = [], None
     if cfg.eval_dataset or cfg.eval_split:
         eval_source = cfg.eval_dataset or source
         eval_rows = load_rows(eval_source, cfg.eval_split or "train", cfg.trust_remote_code)
-        eval_pairs, eval_report, _ = prepare(eval_rows, tokenizer, source=eval_source, **common)
+        eval_items, eval_report, _ = prepare_rows(eval_rows, tokenizer, source=eval_source)
+    groups: dict[int, list[int]] = {}
+    for i, item in enumerate(train):
+        groups.setdefault(item.row, []).append(i)
+    keys = list(groups)
     rng = random.Random(cfg.seed)
-    order = list(range(len(train)))
+    order = list(range(len(keys)))
     rng.shuffle(order)
-    if not eval_pairs and cfg.data.eval_fraction > 0 and len(train) >= 4:
-        n_eval = min(cfg.data.eval_max_pairs, max(1, round(len(train) * cfg.data.eval_fraction)))
-        eval_pairs = [train[i] for i in sorted(order[:n_eval])]
+    if not eval_items and cfg.data.eval_fraction > 0 and len(keys) >= 4:
+        n_eval = min(cfg.data.eval_max_pairs, max(1, round(len(keys) * cfg.data.eval_fraction)))
+        eval_items = [train[i] for k in sorted(order[:n_eval]) for i in groups[keys[k]]]
         order = order[n_eval:]
-    train = [train[i] for i in sorted(order)]
+    train = [train[i] for k in sorted(order) for i in groups[keys[k]]]
     if cfg.data.max_pairs:
         train = train[: cfg.data.max_pairs]
-    return PreferenceData(train, eval_pairs, report, eval_report, examples)
+    return PreferenceData(train, eval_items, report, eval_report, examples)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -499,22 +519,23 @@ def collate(pairs: list[Pair], pad_id: int) -> dict[str, torch.Tensor]:
 
     ``completion_mask[i, t]`` is 1 where token t of row i is an answer token (the ones that carry loss).
     """
-    seqs, masks = [], []
-    for side in ("chosen_ids", "rejected_ids"):
-        for p in pairs:
-            answer = getattr(p, side)
-            seqs.append(p.prompt_ids + answer)
-            masks.append([0] * len(p.prompt_ids) + [1] * len(answer))
-    width = max(map(len, seqs))
-    input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    completion_mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, m) in enumerate(zip(seqs, masks)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        attention_mask[i, : len(s)] = 1
-        completion_mask[i, : len(s)] = torch.tensor(m)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask,
-            "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
+    rows = [(p.prompt_ids + getattr(p, side), [0] * len(p.prompt_ids) + [1] * len(getattr(p, side)))
+            for side in ("chosen_ids", "rejected_ids") for p in pairs]
+    return {**collate_rows(rows, pad_id), "margin": torch.tensor([p.margin for p in pairs], dtype=torch.float32)}
+
+
+def collate_rows(rows: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """(token ids, loss mask) rows -> right-padded ``input_ids``, ``attention_mask``, ``completion_mask`` (N, T), as
+    ``logps.sequence_logps`` reads them."""
+    width = max(len(ids) for ids, _ in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    completion_mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (ids, mask) in enumerate(rows):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        attention_mask[i, : len(ids)] = 1
+        completion_mask[i, : len(ids)] = torch.tensor(mask)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "completion_mask": completion_mask}
 
 
 def collate_shared(pairs: list[Pair], pad_id: int) -> dict:

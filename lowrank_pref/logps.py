@@ -31,8 +31,17 @@ def _log_softmax(hidden: Tensor, weight: Tensor, softcap: float | None) -> tuple
     return logits.log_softmax(-1), capped
 
 
-def _chunk_logps(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None) -> Tensor:
-    return _log_softmax(hidden, weight, softcap)[0].gather(1, targets[:, None]).squeeze(1)
+def _chunk_logps(hidden: Tensor, weight: Tensor, targets: Tensor, softcap: float | None,
+                 hits: list | None = None) -> Tensor:
+    logp = _log_softmax(hidden, weight, softcap)[0]
+    if hits is not None:
+        hits.append(_argmax_hits(logp, targets))
+    return logp.gather(1, targets[:, None]).squeeze(1)
+
+
+def _argmax_hits(logp: Tensor, targets: Tensor) -> Tensor:
+    """Whether each row's target is its most likely token (token accuracy), without grad."""
+    return (logp.detach().argmax(-1) == targets)
 
 
 def auto_chunk_size(vocab_size: int) -> int:
@@ -41,23 +50,29 @@ def auto_chunk_size(vocab_size: int) -> int:
 
 
 def selected_token_logps(hidden: Tensor, weight: Tensor, targets: Tensor, *, chunk_size: int | None = None,
-                         softcap: float | None = None) -> Tensor:
+                         softcap: float | None = None, hits: list | None = None) -> Tensor:
     """log p(target_i | hidden_i) for M selected positions: ``hidden`` (M, d), ``weight`` (V, d), ``targets`` (M,).
 
     Full-vocabulary logits exist for at most ``chunk_size`` rows at a time, and the graph holds (M, d) tensors, never
     (M, V) logits. With a frozen ``weight`` (the LM head) and grad wanted for ``hidden``, the gradient is formed in
     the forward pass (:class:`_FrozenHeadLogps`); a trainable ``weight`` takes checkpointed chunks, recomputed in
-    backward. Returns fp32 (M,).
+    backward. Returns fp32 (M,). ``hits``: a list that gets, per chunk, whether each target is the most likely
+    token (bool), read off the logits the chunk computes anyway.
     """
     chunk_size = chunk_size or auto_chunk_size(weight.shape[0])
     grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     if grad and not weight.requires_grad:
-        return _FrozenHeadLogps.apply(hidden, weight, targets, chunk_size, softcap)
+        return _FrozenHeadLogps.apply(hidden, weight, targets, chunk_size, softcap, hits)
     # a trainable head: each chunk checkpointed, its logits recomputed in backward
     chunk = (functools.partial(torch.utils.checkpoint.checkpoint, _chunk_logps, use_reentrant=False) if grad
              else _chunk_logps)
-    return _cat([chunk(hidden[i:i + chunk_size], weight, targets[i:i + chunk_size], softcap)
-                 for i in range(0, hidden.shape[0], chunk_size)], hidden)
+    out = _cat([chunk(hidden[i:i + chunk_size], weight, targets[i:i + chunk_size], softcap)
+                for i in range(0, hidden.shape[0], chunk_size)], hidden)
+    if hits is not None:  # a checkpointed chunk's logits are gone: one more no-grad pass over the head
+        with torch.no_grad():
+            for i in range(0, hidden.shape[0], chunk_size):
+                _chunk_logps(hidden[i:i + chunk_size], weight, targets[i:i + chunk_size], softcap, hits)
+    return out
 
 
 def _cat(chunks: list[Tensor], hidden: Tensor) -> Tensor:
@@ -77,12 +92,14 @@ class _FrozenHeadLogps(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, softcap):
+    def forward(ctx, hidden, weight, targets, chunk_size, softcap, hits=None):
         out, grads = [], []
         for start in range(0, hidden.shape[0], chunk_size):
             t = targets[start:start + chunk_size, None]
             logp, capped = _log_softmax(hidden[start:start + chunk_size], weight, softcap)
             out.append(logp.gather(1, t).squeeze(1))
+            if hits is not None:
+                hits.append(_argmax_hits(logp, t[:, 0]))
             d = logp.exp_().neg_()  # -softmax, in logp's memory
             d.scatter_add_(1, t, torch.ones_like(t, dtype=d.dtype))  # + onehot(target)
             if capped is not None:
@@ -94,7 +111,7 @@ class _FrozenHeadLogps(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad_hidden,) = ctx.saved_tensors
-        return grad_out[:, None].to(grad_hidden.dtype) * grad_hidden, None, None, None, None
+        return grad_out[:, None].to(grad_hidden.dtype) * grad_hidden, None, None, None, None, None
 
 
 
@@ -118,8 +135,9 @@ def _decoder_and_head(model):
     return decoder, head, softcap
 
 
-def sequence_logps(model, batch: dict, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of log pi(y_t | x, y_<t) over the answer tokens of each row, and the answer lengths.
+def sequence_logps(model, batch: dict, chunk_size: int | None = None, *, with_hits: bool = False) -> tuple:
+    """Sum of log pi(y_t | x, y_<t) over the answer tokens of each row, and the answer lengths (with ``with_hits``
+    also each row's count of answer tokens that are the model's most likely next token).
 
     ``batch``: ``input_ids``, ``attention_mask``, ``completion_mask`` (N, T), as ``data.collate`` makes them.
     Returns (logps (N,) fp32, lengths (N,) float). Position t's hidden state predicts token t + 1, so the hidden
@@ -132,19 +150,25 @@ def sequence_logps(model, batch: dict, chunk_size: int | None = None) -> tuple[t
                      use_cache=False).last_hidden_state
     mask = batch["completion_mask"][:, 1:].to(dev).bool()
     return _row_logps(head, softcap, hidden[:, :-1][mask], input_ids[:, 1:][mask], mask.nonzero()[:, 0],
-                      mask.shape[0], chunk_size)
+                      mask.shape[0], chunk_size, with_hits)
 
 
-def _row_logps(head, softcap, selected, targets, rows, n_rows: int, chunk_size):
-    """Sum of log p(target | hidden) per row over the selected positions, and each row's count of them."""
+def _row_logps(head, softcap, selected, targets, rows, n_rows: int, chunk_size, with_hits: bool = False):
+    """Sum of log p(target | hidden) per row over the selected positions, and each row's count of them (and of
+    its hits, with ``with_hits``)."""
     if head.bias is not None:  # rare (e.g. some GPT-2 variants): fold the bias into an extra input column
         selected = torch.cat([selected, selected.new_ones(selected.shape[0], 1)], dim=1)
         weight = torch.cat([head.weight, head.bias[:, None]], dim=1)
     else:
         weight = head.weight
-    token_logps = selected_token_logps(selected, weight, targets, chunk_size=chunk_size, softcap=softcap)
+    hits = [] if with_hits else None
+    token_logps = selected_token_logps(selected, weight, targets, chunk_size=chunk_size, softcap=softcap, hits=hits)
     logps = torch.zeros(n_rows, dtype=torch.float32, device=selected.device).index_add(0, rows, token_logps)
-    return logps, torch.bincount(rows, minlength=n_rows).float()
+    lengths = torch.bincount(rows, minlength=n_rows).float()
+    if not with_hits:
+        return logps, lengths
+    hit = torch.cat(hits) if hits else rows.new_zeros(0, dtype=torch.bool)
+    return logps, lengths, torch.bincount(rows, weights=hit.float(), minlength=n_rows)
 
 
 def shared_sequence_logps(model, batch: dict, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

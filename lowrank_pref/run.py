@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .config import Config, ConfigError, all_keys, build_config, field_help, list_presets, parse_override
+from .tasks import TASKS
 
 USER_ERROR, INTERNAL_ERROR = 2, 1
 
@@ -30,13 +31,13 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m lowrank_pref.run", description="QLoRA DPO and reward modelling on one GPU (or CPU).",
+    p = _Parser(prog="python -m lowrank_pref.run", description="QLoRA SFT, DPO, KTO and reward modelling on one GPU (or CPU).",
                 epilog="Any config key can be given as key=value, e.g. lora.r=16 beta=0.05 learning_rate=5e-6")
     p.add_argument("--preset", help="preset name (see --list-presets) or a .yaml path; default: tiny")
     p.add_argument("--config", help="a YAML config file (applied after the preset)")
     p.add_argument("--model", help="hub id or local folder of the base model")
     p.add_argument("--dataset", help="local file/folder or hub dataset id")
-    p.add_argument("--task", choices=("dpo", "reward"))
+    p.add_argument("--task", choices=tuple(TASKS), help="; ".join(f"{k}: {v}" for k, (_, v) in TASKS.items()))
     p.add_argument("--output-dir", help="run folder (default: runs/<task>-<time>)")
     p.add_argument("--max-steps", help="stop after N optimizer steps")
     p.add_argument("--save-steps", help="checkpoint every N steps")
