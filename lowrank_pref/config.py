@@ -125,7 +125,8 @@ class Config:
                                      "beta or the loss type skip the reference forward.")
     patches: bool = _f(True, "Our overrides of PEFT / bitsandbytes / transformers internals (fused LoRA add, split "
                              "shared-prompt attention, 16-bit tables, ...), each only on the library versions it was "
-                             "tested on; false runs the libraries' own code paths everywhere.")
+                             "tested on; false runs the libraries' own code paths, except where those give wrong "
+                             "results (the CPU 4-bit kernel pin).")
     token_budget: int | None = _f(None, "Pack each micro-step to about this many tokens (pairs x longest pair, pairs "
                                         "grouped by length) instead of batch_size pairs: many short pairs or few long "
                                         "ones, little padding.", min=8)

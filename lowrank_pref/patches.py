@@ -2,8 +2,9 @@
 
 Each one is a named contract with the library versions it was written and tested against (:data:`PATCHES`). Outside
 those versions it is skipped with one log line and the library's own path runs; ``patches=false`` turns them all off
-(tests/test_patches.py shows the same numbers either way). Like PEFT's ``LoraVariant``, the internals these touch are
-private and prone to change, so the version ranges are the honest stability note.
+but the fixes (``Patch.fix``: where the library's own path gives wrong results), and tests/test_patches.py shows the
+same numbers either way. Like PEFT's ``LoraVariant``, the internals these touch are private and prone to change, so
+the version ranges are the honest stability note.
 """
 
 from __future__ import annotations
@@ -22,12 +23,14 @@ log = logging.getLogger("lowrank_pref")
 
 @dataclass(frozen=True)
 class Patch:
-    """One override: what it changes, in which library, and the versions it was tested on (``low <= v < high``)."""
+    """One override: what it changes, in which library, and the versions it was tested on (``low <= v < high``).
+    ``fix``: the library's own path gives wrong results where this one applies, so ``patches=false`` keeps it."""
     fn: Callable
     library: str
     low: str
     high: str
     what: str
+    fix: bool = False
 
     def skip_reason(self) -> str | None:
         """Why this override must not run with the installed library (None: it may)."""
@@ -46,11 +49,12 @@ _skipped_said: set[str] = set()
 
 
 def apply_patch(name: str, cfg, *args):
-    """Run override ``name`` on ``args`` when ``cfg.patches`` is on and the library is a tested version; else do
-    nothing (the library's own path runs) and return None. A version skip is logged once per process."""
-    if not getattr(cfg, "patches", True):
-        return None
+    """Run override ``name`` on ``args`` when ``cfg.patches`` is on (or it is a fix) and the library is a tested
+    version; else do nothing (the library's own path runs) and return None. A version skip is logged once per
+    process."""
     patch = PATCHES[name]
+    if not (getattr(cfg, "patches", True) or patch.fix):
+        return None
     reason = patch.skip_reason()
     if reason:
         if name not in _skipped_said:
@@ -103,8 +107,11 @@ def pin_cpu_4bit_kernel(model) -> None:
     bitsandbytes (0.50, CPUs with AVX512-bf16) repacks a Linear4bit's weights the first time it runs in eval mode
     without grad (our reference pass) and every later forward, training ones included, then uses the packed bf16
     kernel; saving a state dict unpacks them again, and the round trip is not exact. So policy and reference would
-    use different kernels, and a run that wrote checkpoints would drift from one resumed from them. Keeping the
-    unpacked kernel makes reference == base and resume exact (tests/test_cli.py, tests/test_model.py).
+    use different kernels, and a run that wrote checkpoints would drift from one resumed from them. Worse, the
+    packed kernel has no autograd: after the first reference pass the 4-bit layers pass no gradient to their input,
+    and every LoRA weight below the last layer gets a wrong one (20-70% off on the tiny model). So this is a fix,
+    kept with ``patches=false``. Keeping the unpacked kernel makes reference == base, resume exact and the gradients
+    right (tests/test_cli.py, tests/test_model.py, tests/test_patches.py).
     """
     import bitsandbytes as bnb
 
@@ -270,7 +277,7 @@ PATCHES: dict[str, Patch] = {
     "no_input_grads": Patch(no_input_grads, "transformers", "5.0", "6.0",
                             "no input-embedding grad hooks under non-reentrant checkpointing"),
     "pin_cpu_4bit_kernel": Patch(pin_cpu_4bit_kernel, "bitsandbytes", "0.50", "0.51",
-                                 "one CPU 4-bit kernel for policy, reference and resume"),
+                                 "one CPU 4-bit kernel for policy, reference and resume", fix=True),
     "embeddings_in": Patch(embeddings_in, "peft", "0.21", "0.22",
                            "16-bit embedding tables under autocast instead of prepare_model_for_kbit_training's fp32"),
     "shared_prompt_sdpa": Patch(use_shared_prompt_sdpa, "transformers", "5.0", "6.0",
