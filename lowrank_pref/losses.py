@@ -10,6 +10,7 @@ References:
 - Robust DPO, Chowdhury et al. 2024 (arXiv 2403.00409), eq. 9. Hinge: SLiC, Zhao et al. 2023.
 - BCO (pairwise), NCA, SPPO (hard), APO: as in TRL 1.16's DPOTrainer.
 - SimPO, Meng et al. 2024 (arXiv 2405.14734), eq. 6. ORPO, Hong et al. 2024 (arXiv 2403.07691), eq. 6-7.
+- KTO, Ethayarajh et al. 2024 (arXiv 2402.01306), eq. 7-8, with the reference point estimated as TRL's KTOTrainer.
 - Reward modelling: Bradley-Terry, Ouyang et al. 2022 eq. 1; margin as in Llama 2; centring as TRL's RewardTrainer.
 """
 
@@ -198,3 +199,24 @@ def reward_loss(chosen_scores: Tensor, rejected_scores: Tensor, *, margin: Tenso
     if center_rewards_coefficient:
         losses = losses + center_rewards_coefficient * (chosen_scores + rejected_scores) ** 2
     return losses
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KTO: unpaired desirable / undesirable answers
+
+def kto_loss(policy_logps: Tensor, reference_logps: Tensor, policy_kl_logps: Tensor, reference_kl_logps: Tensor,
+             desirable: Tensor, *, beta: float = 0.1, desirable_weight: float = 1.0,
+             undesirable_weight: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-example KTO loss (KTO eq. 7-8), the implicit rewards ``beta * (log pi - log pi_ref)`` (detached), and the
+    reference point z0.
+
+    ``policy_logps``/``reference_logps`` (B,): each example's answer; ``desirable`` (B,) bool: thumbs up. z0 is the
+    KL(pi || pi_ref) estimate ``mean(policy_kl_logps - reference_kl_logps)`` over mismatched (prompt, another
+    example's answer) pairs of the batch, detached and clamped at 0:
+    ``lambda_D (1 - sigmoid(beta (r - z0)))`` for desirable answers, ``lambda_U (1 - sigmoid(beta (z0 - r)))`` for
+    undesirable ones, r the log-ratio. Returns (losses (B,), rewards (B,), z0 ())."""
+    z0 = (policy_kl_logps - reference_kl_logps).mean().detach().clamp(min=0)
+    logratios = policy_logps - reference_logps
+    losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
+                         undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))))
+    return losses, beta * logratios.detach(), z0
