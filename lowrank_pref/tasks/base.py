@@ -38,6 +38,7 @@ class Task:
     uses_reference = False  # whether it reads the frozen reference (then a starting adapter is loaded twice)
     plots: list[tuple[str, dict[str, str]]] = []  # (title, {metric key: series label}) for the app's curves
     accuracy_key = ""  # the metric the app's diagnostics read as "how often it prefers the right answer"
+    reads_loss_type = False  # whether loss_type (losses.LOSSES) chooses its loss
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -45,8 +46,12 @@ class Task:
     @classmethod
     def validate(cls, cfg: Config) -> None:
         """Cross-field checks that concern this task; raise ConfigError naming the key and the fix."""
-        if cfg.rpo_alpha and cls.name != "dpo":
-            raise ConfigError(f"rpo_alpha applies to the dpo task only; remove it for task={cls.name}")
+        if not cls.reads_loss_type:
+            if cfg.loss_type != "sigmoid":
+                raise ConfigError(f"loss_type applies to the dpo task only; the {cls.name} task has its own loss "
+                                  "(leave loss_type at sigmoid)")
+            if cfg.rpo_alpha:
+                raise ConfigError(f"rpo_alpha applies to the dpo task only; remove it for task={cls.name}")
 
     # -- data ------------------------------------------------------------------------------------------------------
     def load_data(self, tokenizer) -> TaskData:

@@ -30,6 +30,7 @@ class DpoTask(PairTask):
              ("Log-probs", {"logps/chosen": "chosen", "logps/rejected": "rejected",
                             "eval_logps/chosen": "eval chosen", "eval_logps/rejected": "eval rejected"})]
     accuracy_key = "rewards/accuracies"
+    reads_loss_type = True
 
     @property
     def uses_reference(self) -> bool:

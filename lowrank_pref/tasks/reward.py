@@ -27,9 +27,6 @@ class RewardTask(PairTask):
     @classmethod
     def validate(cls, cfg) -> None:
         super().validate(cfg)
-        if cfg.loss_type != "sigmoid":
-            raise ConfigError("loss_type applies to the dpo task only; the reward task uses the Bradley-Terry loss "
-                              "(leave loss_type at sigmoid)")
         if cfg.adapter:
             raise ConfigError("adapter: starting from an adapter is for the dpo task; a reward model starts fresh")
 
