@@ -45,13 +45,28 @@ def read_yaml_text(text):
     return yaml.safe_load(text)
 
 
+def test_every_task_has_a_preset_per_gpu_size():
+    from lowrank_pref.tasks import TASKS
+
+    names = set(list_presets())
+    for task in TASKS:
+        assert {f"{gb}gb-{task}" for gb in (6, 8, 12, 16, 24)} <= names, task
+        assert task == "dpo" or f"tiny-{task}" in names, task  # tiny itself is dpo
+
+
 @pytest.mark.parametrize("name", sorted(list_presets()))
 def test_every_preset_loads_and_validates(name):
+    from lowrank_pref.tasks import TASKS
+
     cfg = build_config(name)
-    assert cfg.task in ("dpo", "reward")
+    assert cfg.task in TASKS
     first = read_yaml_text(open(f"presets/{name}.yaml").read())
     assert first, "preset is empty"
-    if name != "tiny":
+    if name.startswith("tiny"):
+        assert name == "tiny" or name == f"tiny-{cfg.task}"
+        assert cfg.model == "builtin:tiny" and cfg.dataset.startswith("builtin:")
+    else:
+        assert name.endswith(f"gb-{cfg.task}")
         card = int(name.split("gb")[0])
         assert cfg.quantization == "4bit"
         # the estimate (offline: the architectures are known) leaves room on the card
