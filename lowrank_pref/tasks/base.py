@@ -13,10 +13,13 @@ token task weighs each example by its answer tokens (loss and accuracy are per t
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
 from ..config import Config, ConfigError
+
+log = logging.getLogger("lowrank_pref")
 
 
 @dataclass
@@ -42,6 +45,7 @@ class Task:
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
+        self.ref_cache = None  # a refcache.RefCache, when the task keeps reference log-probs on disk
 
     @classmethod
     def validate(cls, cfg: Config) -> None:
@@ -85,11 +89,18 @@ class Task:
 
     # -- bookkeeping -----------------------------------------------------------------------------------------------
     def checkpoint(self) -> None:
-        """Persist what the task keeps beside a checkpoint (e.g. the reference cache)."""
+        """Persist what the task keeps beside a checkpoint: the reference cache."""
+        if self.ref_cache is not None:
+            self.ref_cache.save()
 
     def finish(self) -> dict:
-        """At the end of the run: facts for status.json."""
-        return {}
+        """At the end of the run: facts for status.json (how much the reference cache saved)."""
+        if self.ref_cache is None:
+            return {}
+        self.ref_cache.save()
+        log.info("reference log-probs: %d %s read from the cache, %d computed", self.ref_cache.hits, self.unit,
+                 self.ref_cache.misses)
+        return {"reference_cache": {"read": self.ref_cache.hits, "computed": self.ref_cache.misses}}
 
     def derived(self, record: dict, prefix: str = "") -> None:
         """Add metrics computed from the logged ones (e.g. perplexity from the loss) to ``record`` in place; eval

@@ -44,7 +44,6 @@ class DpoTask(PairTask):
 
     def setup(self, model, tokenizer, data) -> dict:
         facts = super().setup(model, tokenizer, data)
-        self.ref_cache = None
         if self.uses_reference and self.cfg.reference_cache:
             self.ref_cache = RefCache.for_config(self.cfg)
             log.info("reference log-probs cache: %s (%d pairs known)", self.ref_cache.path, len(self.ref_cache))
@@ -77,18 +76,6 @@ class DpoTask(PairTask):
                 "rewards/accuracies": (cr > rr).float().sum(), "rewards/margins": (cr - rr).sum(),
                 "logps/chosen": pc.detach().sum(), "logps/rejected": pr.detach().sum()}
         return losses, sums, tokens
-
-    def checkpoint(self) -> None:
-        if self.ref_cache is not None:
-            self.ref_cache.save()
-
-    def finish(self) -> dict:
-        if self.ref_cache is None:
-            return {}
-        self.ref_cache.save()
-        log.info("reference log-probs: %d pairs read from the cache, %d computed", self.ref_cache.hits,
-                 self.ref_cache.misses)
-        return {"reference_cache": {"read": self.ref_cache.hits, "computed": self.ref_cache.misses}}
 
 
 TASK = DpoTask

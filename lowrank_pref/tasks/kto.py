@@ -223,15 +223,5 @@ class KtoTask(Task):
         if f"{prefix}rewards/chosen" in record and f"{prefix}rewards/rejected" in record:
             record[f"{prefix}rewards/margins"] = record[f"{prefix}rewards/chosen"] - record[f"{prefix}rewards/rejected"]
 
-    def checkpoint(self) -> None:
-        if self.ref_cache is not None:
-            self.ref_cache.save()
-
-    def finish(self) -> dict:
-        if self.ref_cache is None:
-            return {}
-        self.ref_cache.save()
-        return {"reference_cache": {"read": self.ref_cache.hits, "computed": self.ref_cache.misses}}
-
 
 TASK = KtoTask
