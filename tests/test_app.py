@@ -25,8 +25,8 @@ def _dpo_metrics(n, loss=0.5, margin=0.5, chosen=lambda s: -40.0, rejected=lambd
 
 
 def test_diagnostics_name_each_known_failure():
-    levels = lambda ms, **kw: {lvl for lvl, _ in diagnose(ms, **kw)}  # noqa: E731
-    text = lambda ms, **kw: " ".join(t for _, t in diagnose(ms, **kw))  # noqa: E731
+    levels = lambda ms, **kw: {lvl for lvl, _ in diagnose(ms, **{"task": "dpo", **kw})}  # noqa: E731
+    text = lambda ms, **kw: " ".join(t for _, t in diagnose(ms, **{"task": "dpo", **kw}))  # noqa: E731
     assert levels(_dpo_metrics(10)) == {"ok"}
     assert "policy still equals the reference" in text(_dpo_metrics(10, loss=LN2, margin=0.0))
     falling = _dpo_metrics(12, chosen=lambda s: -40 - s, rejected=lambda s: -50 - 2 * s)
@@ -39,6 +39,21 @@ def test_diagnostics_name_each_known_failure():
     assert levels(learning, total_steps=10) == {"ok"}
     reward_flat = [{"step": s, "loss": LN2, "accuracy": 0.5} for s in range(1, 8)]
     assert "scores chosen and rejected alike" in text(reward_flat, task="reward")
+
+
+def test_task_rules_come_from_the_task_and_shared_rules_from_diagnostics():
+    from lowrank_pref.tasks import task_class
+    from lowrank_pref.tasks.base import Task
+
+    flat = _dpo_metrics(10, loss=LN2, margin=0.0)
+    assert task_class("dpo").diagnose(flat) and Task.diagnose(flat) == []
+    # no task (one this install lacks): only the shared rules, which still see a non-finite step
+    assert [lvl for lvl, _ in diagnose(flat)] == ["ok"]
+    assert [lvl for lvl, _ in diagnose(_dpo_metrics(4, nonfinite_steps=1))] == ["error"]
+    # the eval-accuracy rule reads the task's accuracy_key: the reward task's is "accuracy"
+    stuck = [{"step": s, "loss": 0.3, "accuracy": 0.9} for s in range(1, 9)] + [
+        {"step": 4, "eval_accuracy": 0.5}, {"step": 8, "eval_accuracy": 0.49}]
+    assert "stuck near 0.5" in " ".join(t for _, t in diagnose(stuck, "reward", total_steps=8))
 
 
 def test_preset_suggested_from_the_card():
