@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, write_pairs
-from lowrank_pref.config import build_config
+from lowrank_pref.artifacts import RunDir
+from lowrank_pref.config import build_config, dump_yaml
 from lowrank_pref.diagnostics import LN2, diagnose
 from lowrank_pref.run import parser, resolve
 from lowrank_pref.ui import KEYS, cli_command, config_from_form, form_values, suggest_preset
@@ -102,6 +103,42 @@ def test_uploads_are_kept_by_content_so_a_runs_data_never_changes(tmp_path):
     script.write_text("print(1)\n")
     with pytest.raises(UserError, match="upload a .jsonl"):
         store_upload(str(script), tmp_path / "uploads")
+
+
+# ---- runs one after another ---------------------------------------------------------------------------------------
+
+def test_a_follow_up_waits_for_the_first_run_to_complete(tmp_path):
+    from lowrank_pref.runs import THEN, RunManager
+
+    manager = RunManager(tmp_path / "runs")
+    for state in ("failed", "stopped"):
+        run = RunDir(manager.root / f"first-{state}").create()
+        run.write_status(state=state, task="dpo", then_task="dpo")
+        (run.path / THEN).write_text(dump_yaml(build_config("tiny")))
+    assert manager.poll() == []
+    assert {r["name"]: r["then"] for r in manager.runs()} == {"first-failed": "dpo", "first-stopped": "dpo"}
+
+
+def test_a_follow_up_starts_from_the_first_runs_adapter(tmp_path):
+    """A real tiny dpo run, then a dpo run queued behind it: started by a poll once the first completes, by any
+    manager on the folder (an app restarted meanwhile), once; its reference is the first run's adapter."""
+    from lowrank_pref.runs import THEN, RunManager
+
+    manager = RunManager(tmp_path / "runs")
+    first = manager.start(build_config("tiny", overrides={"max_steps": 3}),
+                          then=build_config("tiny", overrides={"max_steps": 2}))
+    assert (manager.root / first / THEN).is_file() and manager.poll() == []  # queued while the first trains
+    assert {r["name"]: r["then"] for r in manager.runs()} == {first: "dpo"}
+    assert manager.wait(first, timeout=240) == "completed"
+
+    restarted = RunManager(manager.root)
+    second, = restarted.poll()
+    assert restarted.poll() == [] and manager.poll() == []  # started once, whoever polls
+    listed = {r["name"]: r for r in restarted.runs()}
+    assert listed[first]["then_run"] == second and listed[second]["after"] == first and not listed[first]["then"]
+    assert restarted.wait(second, timeout=240) == "completed"
+    log = (manager.root / second / "train.log").read_text()
+    assert f"reference: adapter (the starting adapter {manager.root / first / 'adapter'}, frozen)" in log
 
 
 # ---- the launched app ---------------------------------------------------------------------------------------------
