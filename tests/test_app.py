@@ -1,8 +1,10 @@
-"""The Gradio app: its pieces directly, then the whole thing through gradio_client against a launched app."""
+"""The Gradio app: its pieces and handlers called directly (no browser, no server), the run manager's chains, then
+the whole thing through gradio_client against a launched app."""
 
 from __future__ import annotations
 
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -14,7 +16,15 @@ from lowrank_pref.artifacts import RunDir
 from lowrank_pref.config import build_config, dump_yaml
 from lowrank_pref.diagnostics import LN2, diagnose
 from lowrank_pref.run import parser, resolve
-from lowrank_pref.ui import KEYS, cli_command, config_from_form, form_values, suggest_preset
+from lowrank_pref.tasks import task_class
+from lowrank_pref.ui import KEYS, AppState, UserError, cli_command, config_from_form, form_values, suggest_preset
+from lowrank_pref.ui import data as data_tab
+from lowrank_pref.ui import export as export_tab
+from lowrank_pref.ui import setup as setup_tab
+from lowrank_pref.ui import train as train_tab
+from lowrank_pref.ui import tryit as try_tab
+
+CPU = {"gpu": None, "memory_gb": 16.0}
 
 
 # ---- pieces -------------------------------------------------------------------------------------------------------
@@ -89,7 +99,7 @@ def test_the_shown_command_repeats_the_form():
 
 
 def test_uploads_are_kept_by_content_so_a_runs_data_never_changes(tmp_path):
-    from lowrank_pref.ui import UserError, store_upload
+    from lowrank_pref.ui import store_upload
 
     first = tmp_path / "in" / "pairs.jsonl"
     first.parent.mkdir()
@@ -103,6 +113,107 @@ def test_uploads_are_kept_by_content_so_a_runs_data_never_changes(tmp_path):
     script.write_text("print(1)\n")
     with pytest.raises(UserError, match="upload a .jsonl"):
         store_upload(str(script), tmp_path / "uploads")
+
+
+# ---- handlers, called directly -------------------------------------------------------------------------------
+
+def _form(max_steps=None, **changes):
+    values = form_values(build_config("tiny"))
+    if max_steps:
+        values[KEYS.index("max_steps")] = max_steps
+    for key, value in changes.items():
+        values[KEYS.index(key)] = value
+    return values
+
+
+def _fake_run(root: Path, name: str, task: str, metrics: list[dict], **status) -> RunDir:
+    """A run folder as a run leaves it, without training one."""
+    run = RunDir(root / name).create()
+    run.config.write_text(f"reference: base\n{dump_yaml(build_config('tiny', overrides={'task': task}))}")
+    run.write_status(task=task, **status)
+    for m in metrics:
+        run.append_metrics(m)
+    return run
+
+
+def test_setup_handlers_fill_the_form_and_show_the_command(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    *values, estimate, command, yaml_text = setup_tab.preset_changed(app, "tiny")
+    assert values == form_values(build_config("tiny")) and len(values) == len(KEYS)
+    assert estimate.startswith("Estimated peak memory") and command == "python -m lowrank_pref.run --preset tiny"
+    estimate, command, yaml_text = setup_tab.settings_changed(app, "tiny", "/somewhere/mine.jsonl", *_form(beta=0.2))
+    assert "beta=0.2" in command and "'dataset=<uploaded: mine.jsonl>'" in command and "mine.jsonl" in yaml_text
+    # the form is three named rows, and the task radio offers the tasks this install has
+    assert KEYS == [k for row in (setup_tab.WHAT_ROW, setup_tab.OBJECTIVE_ROW, setup_tab.SIZE_ROW) for k, _ in row]
+    assert {"dpo", "reward"} <= set(setup_tab.ready_tasks())
+
+
+def test_doctor_handler_reads_an_upload(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    data = write_pairs(tmp_path / "mine.jsonl", n=20)
+    report, hist, examples = data_tab.check_data(app, "tiny", str(data), *_form())
+    assert "usable pairs:** 20" in report and int(hist["pairs"].sum()) == 20 and 'class="lp-loss"' in examples
+    assert list(app.uploads.iterdir())  # the upload is kept with the runs
+
+
+def test_train_tab_plots_come_from_the_runs_task(tmp_path, monkeypatch):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    dpo, reward = task_class("dpo"), task_class("reward")
+    slots = train_tab.plot_slots()
+    assert slots == max(len(dpo.plots), len(reward.plots))
+    _fake_run(app.manager.root, "r1", "reward", [{"step": 1, "loss": 0.6, "accuracy": 0.7, "margin": 0.2}],
+              state="completed", step=1, total_steps=1)
+    layout = train_tab.plot_layout(app, "r1")
+    assert [u.get("title") for u in layout] == [title for title, _ in reward.plots]
+    progress, *frames, diagnostics, log = train_tab.refresh(app, "r1")
+    assert len(frames) == slots and set(frames[1]["series"]) == {"train"}  # the reward task's accuracy plot
+    assert "completed" in progress and "train accuracy 0.70" in diagnostics
+
+    # a task with fewer plots than there are slots: the rest are hidden; one with more: more slots
+    monkeypatch.setattr(reward, "plots", reward.plots[:3])
+    assert [u["visible"] for u in train_tab.plot_layout(app, "r1")] == [True, True, True, False][:slots]
+    monkeypatch.setattr(dpo, "plots", dpo.plots + [("Grad norm", {"grad_norm": "norm"})])
+    assert train_tab.plot_slots() == len(dpo.plots) and len(train_tab.refresh(app, "r1")) == len(dpo.plots) + 3
+    # nothing selected, or a folder removed under the page: every slot hidden, a plain line
+    assert not any(u["visible"] for u in train_tab.plot_layout(app, None))
+    assert train_tab.refresh(app, "gone")[-2] == "no run named 'gone' in " + str(app.manager.root)
+
+
+def test_eta_reads_the_speed_of_the_runs_unit(tmp_path, monkeypatch):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    metrics = [{"step": 10, "loss": 0.5, "pairs_per_second": 16.0, "examples_per_second": 8.0}]
+    run = _fake_run(app.manager.root, "d1", "dpo", metrics, state="running", pid=os.getpid(), step=10,
+                    total_steps=60)
+    # tiny: 8 pairs a step at 16 pairs/s = 0.5 s/step, 50 steps to go
+    assert "0.5 s/step · ETA 0m 25s" in train_tab.progress_html(run, metrics, "running", "dpo")
+    monkeypatch.setattr(task_class("dpo"), "unit", "examples")  # a task counted in examples: 8 / 8 per second
+    assert "1 s/step · ETA 0m 50s" in train_tab.progress_html(run, metrics, "running", "dpo")
+
+
+def test_try_it_offers_what_the_runs_head_does(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    _fake_run(app.manager.root, "d1", "dpo", [], state="completed")
+    _fake_run(app.manager.root, "r1", "reward", [], state="completed")
+    assert [u["visible"] for u in try_tab.try_layout(app, "d1")] == [True, False]
+    assert [u["visible"] for u in try_tab.try_layout(app, "r1")] == [False, True]
+    assert [u["visible"] for u in try_tab.try_layout(app, None)] == [True, True]
+    with pytest.raises(UserError, match="dpo run that generates answers: use 'Generate'"):
+        try_tab.score(app, "d1", "q", "a", "b")
+    with pytest.raises(UserError, match="reward run that scores answers: use 'Score A and B'"):
+        try_tab.generate(app, "r1", "q", False)
+    with pytest.raises(UserError, match="select a run"):
+        try_tab.generate(app, None, "q", False)
+
+
+def test_export_handlers_refuse_plainly(tmp_path):
+    from lowrank_pref.config import ConfigError
+
+    app = AppState(tmp_path / "runs", hw=CPU)
+    _fake_run(app.manager.root, "d1", "dpo", [], state="running", pid=os.getpid())
+    with pytest.raises(UserError, match="user/name"):
+        export_tab.push(app, "d1", "no-slash", "hf_x")
+    with pytest.raises(ConfigError, match="no adapter yet"):
+        export_tab.export_zip(app, "d1")
 
 
 # ---- runs one after another ---------------------------------------------------------------------------------------
@@ -161,15 +272,6 @@ def app(tmp_path_factory):
         manager.stop()
         manager.wait(manager.active() or "", timeout=60)
     demo.close()
-
-
-def _form(max_steps=None, **changes):
-    values = form_values(build_config("tiny"))
-    if max_steps:
-        values[KEYS.index("max_steps")] = max_steps
-    for key, value in changes.items():
-        values[KEYS.index(key)] = value
-    return values
 
 
 def _wait(predicate, timeout=120, every=0.3):
@@ -271,7 +373,7 @@ def test_train_watch_stop_resume_try_and_export(app):
 
     with pytest.raises(AppError, match="push to 'me/tiny-dpo' failed"):  # offline: the real call fails plainly
         client.predict(run, "me/tiny-dpo", "hf_fake", api_name="/push")
-    with pytest.raises(AppError, match="DPO policy"):
+    with pytest.raises(AppError, match="dpo run that generates answers"):
         client.predict(run, "q", "a", "b", api_name="/score")
 
 
