@@ -3,6 +3,7 @@ the whole thing through gradio_client against a launched app."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -25,6 +26,7 @@ from lowrank_pref.ui import train as train_tab
 from lowrank_pref.ui import tryit as try_tab
 
 CPU = {"gpu": None, "memory_gb": 16.0}
+HAS_SFT = importlib.util.find_spec("lowrank_pref.tasks.sft") is not None
 
 
 # ---- pieces -------------------------------------------------------------------------------------------------------
@@ -141,11 +143,20 @@ def test_setup_handlers_fill_the_form_and_show_the_command(tmp_path):
     *values, estimate, command, yaml_text = setup_tab.preset_changed(app, "tiny")
     assert values == form_values(build_config("tiny")) and len(values) == len(KEYS)
     assert estimate.startswith("Estimated peak memory") and command == "python -m lowrank_pref.run --preset tiny"
-    estimate, command, yaml_text = setup_tab.settings_changed(app, "tiny", "/somewhere/mine.jsonl", *_form(beta=0.2))
+    estimate, command, yaml_text = setup_tab.settings_changed(app, "tiny", "/somewhere/mine.jsonl", False,
+                                                              *_form(beta=0.2))
     assert "beta=0.2" in command and "'dataset=<uploaded: mine.jsonl>'" in command and "mine.jsonl" in yaml_text
     # the form is three named rows, and the task radio offers the tasks this install has
     assert KEYS == [k for row in (setup_tab.WHAT_ROW, setup_tab.OBJECTIVE_ROW, setup_tab.SIZE_ROW) for k, _ in row]
     assert {"dpo", "reward"} <= set(setup_tab.ready_tasks())
+
+
+def test_sft_first_is_refused_plainly_where_it_cannot_apply(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    # a reward model starts from the base (and, before the sft task lands, there is no SFT task at all)
+    with pytest.raises(UserError, match="SFT first"):
+        train_tab.start(app, "tiny", None, True, *_form(task="reward"))
+    assert app.manager.runs() == []
 
 
 def test_doctor_handler_reads_an_upload(tmp_path):
@@ -216,6 +227,18 @@ def test_export_handlers_refuse_plainly(tmp_path):
         export_tab.export_zip(app, "d1")
 
 
+def test_the_run_list_follows_a_chain_once(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    _fake_run(app.manager.root, "sft-1", "dpo", [], state="completed", then_run="dpo-2")
+    _fake_run(app.manager.root, "dpo-2", "dpo", [], state="stopped", after="sft-1")
+    update, followed = train_tab.follow(app, "sft-1", [])
+    assert update["value"] == "dpo-2" and followed == ["dpo-2"]
+    labels = dict((v, label) for label, v in update["choices"])
+    assert "then dpo-2" in labels["sft-1"] and "after sft-1" in labels["dpo-2"]
+    update, followed = train_tab.follow(app, "sft-1", followed)  # the user went back to the SFT run: stay there
+    assert "value" not in update and followed == ["dpo-2"]
+
+
 # ---- runs one after another ---------------------------------------------------------------------------------------
 
 def test_a_follow_up_waits_for_the_first_run_to_complete(tmp_path):
@@ -250,6 +273,26 @@ def test_a_follow_up_starts_from_the_first_runs_adapter(tmp_path):
     assert restarted.wait(second, timeout=240) == "completed"
     log = (manager.root / second / "train.log").read_text()
     assert f"reference: adapter (the starting adapter {manager.root / first / 'adapter'}, frozen)" in log
+
+
+@pytest.mark.skipif(not HAS_SFT, reason="SFT first needs the sft task (tasks/sft.py): enable once it has landed")
+def test_sft_first_then_dpo_from_the_sft_adapter(tmp_path):
+    """The whole chain through the app's handlers: Start with SFT first runs SFT on the chosen answers, the page's
+    refresh starts the DPO run from its adapter, and the run list shows both."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    message, update = train_tab.start(app, "tiny", None, True, *_form(max_steps=4))
+    sft = update["value"]
+    assert sft.startswith("sft-") and "SFT on the chosen answers" in message
+    assert "source: chosen" in (app.manager.root / sft / "request.yaml").read_text()
+    assert app.manager.wait(sft, timeout=300) == "completed"
+    train_tab.refresh(app, sft)  # the page's refresh starts what is due
+    dpo = app.manager.follow_up(sft)
+    assert dpo and dpo.startswith("dpo-")
+    update, _ = train_tab.follow(app, sft, [])
+    assert update["value"] == dpo and {sft, dpo} <= {v for _, v in update["choices"]}
+    assert app.manager.wait(dpo, timeout=300) == "completed"
+    log = (app.manager.root / dpo / "train.log").read_text()
+    assert f"reference: adapter (the starting adapter {app.manager.root / sft / 'adapter'}, frozen)" in log
 
 
 # ---- the launched app ---------------------------------------------------------------------------------------------
@@ -309,13 +352,13 @@ def test_doctor_and_start_refuse_bad_data_plainly(app, tmp_path):
     with pytest.raises(AppError, match=r"broken.jsonl.*line 2"):
         client.predict("tiny", handle_file(str(broken)), *_form(), api_name="/doctor")
     with pytest.raises(AppError, match=r"broken.jsonl.*line 2"):
-        client.predict("tiny", handle_file(str(broken)), *_form(), api_name="/start")
+        client.predict("tiny", handle_file(str(broken)), False, *_form(), api_name="/start")
     code = tmp_path / "evil.py"
     code.write_text("import os\n")
     with pytest.raises(AppError, match="Invalid file type.*jsonl"):  # refused by the upload box itself
         client.predict("tiny", handle_file(str(code)), *_form(), api_name="/doctor")
     with pytest.raises(AppError, match="learning_rate"):
-        client.predict("tiny", None, *_form(learning_rate=-1.0), api_name="/start")
+        client.predict("tiny", None, False, *_form(learning_rate=-1.0), api_name="/start")
     assert app[0].manager.active() is None
 
 
@@ -323,13 +366,13 @@ def test_train_watch_stop_resume_try_and_export(app):
     from gradio_client.exceptions import AppError
 
     demo, client = app
-    message, update = client.predict("tiny", None, *_form(max_steps=150), api_name="/start")
+    message, update = client.predict("tiny", None, False, *_form(max_steps=150), api_name="/start")
     run = update["value"]  # the run list, updated and set to the new run
     assert f"Started **{run}**" in message and run in [value for _, value in update["choices"]]
 
     # a second start, from this or any other tab, is refused while the first trains
     with pytest.raises(AppError, match="is training"):
-        client.predict("tiny", None, *_form(), api_name="/start")
+        client.predict("tiny", None, False, *_form(), api_name="/start")
 
     def metrics_arrived():
         progress, loss, *_, diagnostics, log = client.predict(run, api_name="/refresh")
@@ -352,7 +395,7 @@ def test_train_watch_stop_resume_try_and_export(app):
     assert listed[run]["state"] == "stopped" and listed[run]["resumable"]
     restarted.resume(run)
     with pytest.raises(AppError, match="is training"):  # the first app sees the resumed run too
-        client.predict("tiny", None, *_form(), api_name="/start")
+        client.predict("tiny", None, False, *_form(), api_name="/start")
     assert restarted.wait(run, timeout=180) == "completed"
     progress, *plots, diagnostics, log = client.predict(run, api_name="/refresh")
     assert "completed" in progress and "150 / 150" in progress
@@ -379,7 +422,7 @@ def test_train_watch_stop_resume_try_and_export(app):
 
 def test_reward_run_scores_answers(app):
     demo, client = app
-    _, update = client.predict("tiny", None, *_form(task="reward", max_steps=40), api_name="/start")
+    _, update = client.predict("tiny", None, False, *_form(task="reward", max_steps=40), api_name="/start")
     run = update["value"]
     assert demo.manager.wait(run, timeout=180) == "completed"
     text = client.predict(run, "What is the best way to sleep better?",

@@ -1,7 +1,8 @@
 """The Setup tab: a preset, the settings that matter, the memory estimate, and the command that repeats it all.
 
 The form is three named rows of config keys; each value goes into the config exactly as the CLI's ``key=value``
-would (:func:`config_from_form`), so the command shown repeats the run.
+would (:func:`config_from_form`), so the command shown repeats the run. "SFT first" turns one run into two: an SFT
+run on the chosen answers, then the run asked for, started from the SFT adapter (:func:`sft_first_config`).
 """
 
 from __future__ import annotations
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..config import LOSS_TYPES, Config, build_config, dump_yaml, field_help, list_presets, to_dict
-from ..tasks import TASKS
+from ..config import (LOSS_TYPES, Config, apply_mapping, build_config, dump_yaml, field_help, list_presets, to_dict,
+                      validate)
+from ..tasks import TASKS, task_class
 from .common import AppState, UserError, event, ready_tasks
 
 # The form, row by row: (config key, label). Everything else stays as the preset has it.
@@ -26,6 +28,16 @@ SIZE_ROW = [("lora.r", "LoRA rank"), ("lora.alpha", "LoRA alpha"), ("max_length"
             ("gradient_accumulation_steps", "Gradient accumulation steps")]
 KEYS = [key for row in (WHAT_ROW, OBJECTIVE_ROW, SIZE_ROW) for key, _ in row]  # the order handlers take values in
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+
+SFT_TASK = "sft"  # what "SFT first" trains before the run asked for
+# What the SFT step takes from the form when it has a preset of its own: the model and the data it sees, so its
+# adapter fits the run that follows; how to train (learning rate, steps, LoRA) stays the SFT preset's.
+SFT_CARRIES = ("model", "revision", "trust_remote_code", "dataset", "dataset_split", "eval_dataset", "eval_split",
+               "data", "max_length", "max_prompt_length", "quantization", "dtype", "attn_implementation",
+               "memory_limit_gb")
+# Without an SFT preset, the SFT step is the form's run with these left as the preset has them: they belong to the
+# preference objective, which the SFT task may refuse.
+OBJECTIVE_KEYS = ("loss_type", "beta", "label_smoothing", "simpo_gamma", "rpo_alpha", "center_rewards_coefficient")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -81,6 +93,46 @@ def store_upload(path: str, uploads_dir: Path) -> Path:
     return dest.resolve()
 
 
+def sft_first_config(preset: str, cfg: Config) -> Config:
+    """The SFT run that goes before ``cfg`` when "SFT first" is ticked: the same model and data, the chosen answers
+    as SFT targets (``sft.source=chosen``). It uses the SFT preset of the same size when there is one (``12gb-dpo``
+    -> ``12gb-sft``: SFT wants other learning rates than DPO), else the form's own settings. The run after it starts
+    from its adapter, which is then also its frozen reference."""
+    if SFT_TASK not in ready_tasks():
+        raise UserError(f"SFT first needs the {SFT_TASK} task, which this version does not have")
+    if cfg.task == SFT_TASK:
+        raise UserError("SFT first: this run is SFT already; untick SFT first")
+    head = task_class(cfg.task).head
+    if head != "lm":
+        raise UserError(f"SFT first: a {cfg.task} run trains a {head} head from the base model, not from an SFT "
+                        "adapter; untick SFT first")
+    own = sft_preset(preset, cfg)
+    mine = to_dict(cfg)
+    if own != preset:
+        d = to_dict(build_config(own))
+        d.update({k: mine[k] for k in SFT_CARRIES})
+    else:
+        d = {**mine, **{k: to_dict(build_config(preset))[k] for k in OBJECTIVE_KEYS}}
+    d.update(task=SFT_TASK, sft={"source": "chosen"}, output_dir=None)
+    sft = _config(d, "SFT first (the SFT run)")
+    # the run asked for must accept the adapter the SFT run will write: check it now, not after the SFT run
+    _config({**mine, "adapter": "sft-first/adapter", "output_dir": None}, f"SFT first (the {cfg.task} run)")
+    return sft
+
+
+def _config(mapping: dict, source: str) -> Config:
+    cfg = Config()
+    apply_mapping(cfg, mapping, source=source)
+    validate(cfg)
+    return cfg
+
+
+def sft_preset(preset: str, cfg: Config) -> str:
+    """The preset an SFT-first step starts from: the SFT preset of the same size if there is one, else ``preset``."""
+    own = preset.replace(f"-{cfg.task}", f"-{SFT_TASK}")
+    return own if own != preset and own in list_presets() else preset
+
+
 def cli_command(preset: str, cfg: Config) -> str:
     """The terminal command that repeats this run."""
     base = to_dict(build_config(preset))
@@ -97,6 +149,14 @@ def cli_command(preset: str, cfg: Config) -> str:
 
     diff(base, mine)
     return " ".join(parts)
+
+
+def chain_command(preset: str, cfg: Config) -> str:
+    """The two commands of an SFT-first run: the SFT run into a folder, then the run asked for from its adapter."""
+    sft = sft_first_config(preset, cfg)
+    folder = f"runs/{SFT_TASK}-first"
+    return (f"{cli_command(sft_preset(preset, cfg), sft)} --output-dir {folder} &&\n"
+            f"{cli_command(preset, cfg)} adapter={folder}/adapter")
 
 
 def memory_line(cfg: Config, hw: dict) -> str:
@@ -128,12 +188,13 @@ def preset_changed(app: AppState, preset: str) -> list:
     return [*form_values(cfg), memory_line(cfg, app.hw), cli_command(preset, cfg), dump_yaml(cfg)]
 
 
-def settings_changed(app: AppState, preset: str, upload: str | None, *values) -> tuple[str, str, str]:
+def settings_changed(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> tuple[str, str, str]:
     """Any change in the form: the estimate, the command and the resolved YAML, for what Start would run."""
     cfg = config_from_form(preset, None, list(values))
     if upload:
         cfg.dataset = f"<uploaded: {Path(upload).name}>"
-    return memory_line(cfg, app.hw), cli_command(preset, cfg), dump_yaml(cfg)
+    command = chain_command(preset, cfg) if sft_first else cli_command(preset, cfg)
+    return memory_line(cfg, app.hw), command, dump_yaml(cfg)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -141,9 +202,10 @@ def settings_changed(app: AppState, preset: str, upload: str | None, *values) ->
 
 @dataclass
 class SetupTab:
-    """The components other tabs read: the preset and the form (in :data:`KEYS` order)."""
+    """The components other tabs read: the preset, the form (in :data:`KEYS` order) and the SFT-first box."""
     preset: gr.Dropdown
     inputs: dict
+    sft_first: gr.Checkbox
     summary: list  # estimate, command, resolved YAML: what a settings change updates
 
     @property
@@ -177,14 +239,17 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupT
         with gr.Row():
             for key, label in row:
                 inputs[key] = _field(key, label, cfg0)
+    sft_first = gr.Checkbox(label="SFT first", value=False, visible=SFT_TASK in ready_tasks(),
+                            info="Train an SFT adapter on the chosen answers first, then this run from it (the SFT "
+                                 "adapter is then also the frozen reference). Two runs, one after the other.")
     estimate = gr.Markdown(memory_line(cfg0, app.hw))
     with gr.Accordion("Repeat this in a terminal", open=False):
         command = gr.Code(cli_command(preset_name, cfg0), language="shell", label="Command")
         yaml_box = gr.Code(dump_yaml(cfg0), language="yaml", label="Resolved config")
-    tab = SetupTab(preset, inputs, [estimate, command, yaml_box])
+    tab = SetupTab(preset, inputs, sft_first, [estimate, command, yaml_box])
 
     preset.change(event(preset_changed, app), preset, [*tab.form, *tab.summary], api_name="preset")
-    for comp in [*tab.form, upload]:
-        comp.change(event(settings_changed, app), [preset, upload, *tab.form], tab.summary,
+    for comp in [*tab.form, sft_first, upload]:
+        comp.change(event(settings_changed, app), [preset, upload, sft_first, *tab.form], tab.summary,
                     api_name=False, show_progress="hidden")
     return tab

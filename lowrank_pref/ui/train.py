@@ -20,7 +20,7 @@ from ..diagnostics import diagnose
 from ..runs import tail
 from ..tasks import task_class
 from .common import AppState, UserError, event, ready_tasks, run_list, task_of
-from .setup import SetupTab, config_from_form
+from .setup import SetupTab, config_from_form, sft_first_config
 
 PLOTS_PER_ROW = 2
 
@@ -77,9 +77,11 @@ def progress_html(run: RunDir, metrics: list[dict], state: str, task: str | None
         except (ConfigError, OSError):
             pass  # no config.yaml yet (the run is still loading): no ETA this time
     message = html.escape(status.get("message") or "")
+    then = status.get("then_run")
+    after = f" · then <b>{html.escape(then)}</b>" if then else ""
     return (f'<div class="lp-progress"><div class="lp-bar" style="width:{pct:.1f}%"></div></div>'
             f'<div class="lp-status">{html.escape(run.path.name)} · <b class="lp-state">{state}</b> · step {step}'
-            f' / {total or "?"}{eta}{" · " + message if message else ""}</div>')
+            f' / {total or "?"}{eta}{" · " + message if message else ""}{after}</div>')
 
 
 def diagnostics_md(metrics: list[dict], task: str | None, total: int | None) -> str:
@@ -90,12 +92,17 @@ def diagnostics_md(metrics: list[dict], task: str | None, total: int | None) -> 
 # ----------------------------------------------------------------------------------------------------------------
 # Handlers: plain values in, plain values out (the run list is a dropdown update: its choices and value)
 
-def start(app: AppState, preset: str, upload: str | None, *values) -> tuple[str, dict]:
-    """Start the form's run; refused while a run trains."""
+def start(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> tuple[str, dict]:
+    """Start the form's run (after an SFT run on the same data, with SFT first); refused while a run trains."""
     from ..data import load_rows
 
     cfg = config_from_form(preset, upload, list(values), app.uploads)
     load_rows(cfg.dataset, cfg.dataset_split, cfg.trust_remote_code)  # unreadable data: say so now
+    if sft_first:
+        sft = sft_first_config(preset, cfg)
+        run = app.manager.start(sft, then=cfg)
+        return (f"Started **{run}**: SFT on the chosen answers. The {cfg.task} run starts from its adapter when it "
+                "completes.", run_list(app, run))
     run = app.manager.start(cfg)
     return f"Started **{run}**. The curves appear after the first steps.", run_list(app, run)
 
@@ -114,7 +121,7 @@ def resume(app: AppState, name: str | None) -> tuple[str, dict]:
 
 def refresh(app: AppState, name: str | None) -> list:
     """What the page shows of the selected run: progress, one frame per plot slot, diagnostics, the log's tail.
-    Each refresh also starts a follow-up run that is due (runs.RunManager.poll)."""
+    Each refresh also starts a follow-up run that is due (SFT first)."""
     app.manager.poll()
     empty = plot_frames([], None)
     if not name:
@@ -128,6 +135,20 @@ def refresh(app: AppState, name: str | None) -> list:
     return [progress_html(run, metrics, state, task), *plot_frames(metrics, task),
             diagnostics_md(metrics, task, status.get("total_steps")),
             tail(run.log) or tail(run.path / "console.log")]
+
+
+def follow(app: AppState, name: str | None, followed: list) -> tuple[dict, list]:
+    """Select a follow-up run (SFT first, then DPO) in the list once, when it has started; a run the user goes back
+    to afterwards stays selected. ``followed``: the follow-ups this page has switched to."""
+    if not name:
+        return gr.update(), followed
+    try:
+        then = app.manager.follow_up(name)
+    except ConfigError:
+        return gr.update(), followed
+    if not then or then in followed:
+        return gr.update(), followed
+    return run_list(app, then), [*followed, then]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -162,8 +183,9 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTa
     diagnostics = gr.Markdown()
     log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True)
     timer = gr.Timer(2.0)
+    followed = gr.State([])
 
-    start_btn.click(event(start, app), [setup.preset, upload, *setup.form], [message, run],
+    start_btn.click(event(start, app), [setup.preset, upload, setup.sft_first, *setup.form], [message, run],
                     api_name="start")
     stop_btn.click(event(stop, app), run, [message, run], api_name="stop")
     resume_btn.click(event(resume, app), run, [message, run], api_name="resume")
@@ -171,5 +193,6 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTa
     shown = [progress, *plots, diagnostics, log_tail]
     run.change(event(plot_layout, app), run, plots, api_name=False, show_progress="hidden").then(
         event(refresh, app), run, shown, api_name=False, show_progress="hidden")
-    timer.tick(event(refresh, app), run, shown, api_name="refresh", show_progress="hidden")
+    timer.tick(event(refresh, app), run, shown, api_name="refresh", show_progress="hidden").then(
+        event(follow, app), [run, followed], [run, followed], api_name=False, show_progress="hidden")
     return TrainTab(run, plots)
