@@ -1,8 +1,11 @@
-"""The Gradio app: its pieces directly, then the whole thing through gradio_client against a launched app."""
+"""The Gradio app: its pieces and handlers called directly (no browser, no server), the run manager's chains, then
+the whole thing through gradio_client against a launched app."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import time
 import zipfile
 from pathlib import Path
@@ -10,10 +13,20 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, write_pairs
-from lowrank_pref.config import build_config
+from lowrank_pref.artifacts import RunDir
+from lowrank_pref.config import build_config, dump_yaml
 from lowrank_pref.diagnostics import LN2, diagnose
 from lowrank_pref.run import parser, resolve
-from lowrank_pref.ui import KEYS, cli_command, config_from_form, form_values, suggest_preset
+from lowrank_pref.tasks import task_class
+from lowrank_pref.ui import KEYS, AppState, UserError, cli_command, config_from_form, form_values, suggest_preset
+from lowrank_pref.ui import data as data_tab
+from lowrank_pref.ui import export as export_tab
+from lowrank_pref.ui import setup as setup_tab
+from lowrank_pref.ui import train as train_tab
+from lowrank_pref.ui import tryit as try_tab
+
+CPU = {"gpu": None, "memory_gb": 16.0}
+HAS_SFT = importlib.util.find_spec("lowrank_pref.tasks.sft") is not None
 
 
 # ---- pieces -------------------------------------------------------------------------------------------------------
@@ -25,8 +38,8 @@ def _dpo_metrics(n, loss=0.5, margin=0.5, chosen=lambda s: -40.0, rejected=lambd
 
 
 def test_diagnostics_name_each_known_failure():
-    levels = lambda ms, **kw: {lvl for lvl, _ in diagnose(ms, **kw)}  # noqa: E731
-    text = lambda ms, **kw: " ".join(t for _, t in diagnose(ms, **kw))  # noqa: E731
+    levels = lambda ms, **kw: {lvl for lvl, _ in diagnose(ms, **{"task": "dpo", **kw})}  # noqa: E731
+    text = lambda ms, **kw: " ".join(t for _, t in diagnose(ms, **{"task": "dpo", **kw}))  # noqa: E731
     assert levels(_dpo_metrics(10)) == {"ok"}
     assert "policy still equals the reference" in text(_dpo_metrics(10, loss=LN2, margin=0.0))
     falling = _dpo_metrics(12, chosen=lambda s: -40 - s, rejected=lambda s: -50 - 2 * s)
@@ -39,6 +52,21 @@ def test_diagnostics_name_each_known_failure():
     assert levels(learning, total_steps=10) == {"ok"}
     reward_flat = [{"step": s, "loss": LN2, "accuracy": 0.5} for s in range(1, 8)]
     assert "scores chosen and rejected alike" in text(reward_flat, task="reward")
+
+
+def test_task_rules_come_from_the_task_and_shared_rules_from_diagnostics():
+    from lowrank_pref.tasks import task_class
+    from lowrank_pref.tasks.base import Task
+
+    flat = _dpo_metrics(10, loss=LN2, margin=0.0)
+    assert task_class("dpo").diagnose(flat) and Task.diagnose(flat) == []
+    # no task (one this install lacks): only the shared rules, which still see a non-finite step
+    assert [lvl for lvl, _ in diagnose(flat)] == ["ok"]
+    assert [lvl for lvl, _ in diagnose(_dpo_metrics(4, nonfinite_steps=1))] == ["error"]
+    # the eval-accuracy rule reads the task's accuracy_key: the reward task's is "accuracy"
+    stuck = [{"step": s, "loss": 0.3, "accuracy": 0.9} for s in range(1, 9)] + [
+        {"step": 4, "eval_accuracy": 0.5}, {"step": 8, "eval_accuracy": 0.49}]
+    assert "stuck near 0.5" in " ".join(t for _, t in diagnose(stuck, "reward", total_steps=8))
 
 
 def test_preset_suggested_from_the_card():
@@ -73,7 +101,7 @@ def test_the_shown_command_repeats_the_form():
 
 
 def test_uploads_are_kept_by_content_so_a_runs_data_never_changes(tmp_path):
-    from lowrank_pref.ui import UserError, store_upload
+    from lowrank_pref.ui import store_upload
 
     first = tmp_path / "in" / "pairs.jsonl"
     first.parent.mkdir()
@@ -87,6 +115,184 @@ def test_uploads_are_kept_by_content_so_a_runs_data_never_changes(tmp_path):
     script.write_text("print(1)\n")
     with pytest.raises(UserError, match="upload a .jsonl"):
         store_upload(str(script), tmp_path / "uploads")
+
+
+# ---- handlers, called directly -------------------------------------------------------------------------------
+
+def _form(max_steps=None, **changes):
+    values = form_values(build_config("tiny"))
+    if max_steps:
+        values[KEYS.index("max_steps")] = max_steps
+    for key, value in changes.items():
+        values[KEYS.index(key)] = value
+    return values
+
+
+def _fake_run(root: Path, name: str, task: str, metrics: list[dict], **status) -> RunDir:
+    """A run folder as a run leaves it, without training one."""
+    run = RunDir(root / name).create()
+    run.config.write_text(f"reference: base\n{dump_yaml(build_config('tiny', overrides={'task': task}))}")
+    run.write_status(task=task, **status)
+    for m in metrics:
+        run.append_metrics(m)
+    return run
+
+
+def test_setup_handlers_fill_the_form_and_show_the_command(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    *values, estimate, command, yaml_text = setup_tab.preset_changed(app, "tiny")
+    assert values == form_values(build_config("tiny")) and len(values) == len(KEYS)
+    assert estimate.startswith("Estimated peak memory") and command == "python -m lowrank_pref.run --preset tiny"
+    estimate, command, yaml_text = setup_tab.settings_changed(app, "tiny", "/somewhere/mine.jsonl", False,
+                                                              *_form(beta=0.2))
+    assert "beta=0.2" in command and "'dataset=<uploaded: mine.jsonl>'" in command and "mine.jsonl" in yaml_text
+    # the form is three named rows, and the task radio offers the tasks this install has
+    assert KEYS == [k for row in (setup_tab.WHAT_ROW, setup_tab.OBJECTIVE_ROW, setup_tab.SIZE_ROW) for k, _ in row]
+    assert {"dpo", "reward"} <= set(setup_tab.ready_tasks())
+
+
+def test_sft_first_is_refused_plainly_where_it_cannot_apply(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    # a reward model starts from the base (and, before the sft task lands, there is no SFT task at all)
+    with pytest.raises(UserError, match="SFT first"):
+        train_tab.start(app, "tiny", None, True, *_form(task="reward"))
+    assert app.manager.runs() == []
+
+
+def test_doctor_handler_reads_an_upload(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    data = write_pairs(tmp_path / "mine.jsonl", n=20)
+    report, hist, examples = data_tab.check_data(app, "tiny", str(data), *_form())
+    assert "usable pairs:** 20" in report and int(hist["pairs"].sum()) == 20 and 'class="lp-loss"' in examples
+    assert list(app.uploads.iterdir())  # the upload is kept with the runs
+
+
+def test_train_tab_plots_come_from_the_runs_task(tmp_path, monkeypatch):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    dpo, reward = task_class("dpo"), task_class("reward")
+    slots = train_tab.plot_slots()
+    assert slots == max(len(dpo.plots), len(reward.plots))
+    _fake_run(app.manager.root, "r1", "reward", [{"step": 1, "loss": 0.6, "accuracy": 0.7, "margin": 0.2}],
+              state="completed", step=1, total_steps=1)
+    layout = train_tab.plot_layout(app, "r1")
+    assert [u.get("title") for u in layout] == [title for title, _ in reward.plots]
+    progress, *frames, diagnostics, log = train_tab.refresh(app, "r1")
+    assert len(frames) == slots and set(frames[1]["series"]) == {"train"}  # the reward task's accuracy plot
+    assert "completed" in progress and "train accuracy 0.70" in diagnostics
+
+    # a task with fewer plots than there are slots: the rest are hidden; one with more: more slots
+    monkeypatch.setattr(reward, "plots", reward.plots[:3])
+    assert [u["visible"] for u in train_tab.plot_layout(app, "r1")] == [True, True, True, False][:slots]
+    monkeypatch.setattr(dpo, "plots", dpo.plots + [("Grad norm", {"grad_norm": "norm"})])
+    assert train_tab.plot_slots() == len(dpo.plots) and len(train_tab.refresh(app, "r1")) == len(dpo.plots) + 3
+    # nothing selected, or a folder removed under the page: every slot hidden, a plain line
+    assert not any(u["visible"] for u in train_tab.plot_layout(app, None))
+    assert train_tab.refresh(app, "gone")[-2] == "no run named 'gone' in " + str(app.manager.root)
+
+
+def test_eta_reads_the_speed_of_the_runs_unit(tmp_path, monkeypatch):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    metrics = [{"step": 10, "loss": 0.5, "pairs_per_second": 16.0, "examples_per_second": 8.0}]
+    run = _fake_run(app.manager.root, "d1", "dpo", metrics, state="running", pid=os.getpid(), step=10,
+                    total_steps=60)
+    # tiny: 8 pairs a step at 16 pairs/s = 0.5 s/step, 50 steps to go
+    assert "0.5 s/step · ETA 0m 25s" in train_tab.progress_html(run, metrics, "running", "dpo")
+    monkeypatch.setattr(task_class("dpo"), "unit", "examples")  # a task counted in examples: 8 / 8 per second
+    assert "1 s/step · ETA 0m 50s" in train_tab.progress_html(run, metrics, "running", "dpo")
+
+
+def test_try_it_offers_what_the_runs_head_does(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    _fake_run(app.manager.root, "d1", "dpo", [], state="completed")
+    _fake_run(app.manager.root, "r1", "reward", [], state="completed")
+    assert [u["visible"] for u in try_tab.try_layout(app, "d1")] == [True, False]
+    assert [u["visible"] for u in try_tab.try_layout(app, "r1")] == [False, True]
+    assert [u["visible"] for u in try_tab.try_layout(app, None)] == [True, True]
+    with pytest.raises(UserError, match="dpo run that generates answers: use 'Generate'"):
+        try_tab.score(app, "d1", "q", "a", "b")
+    with pytest.raises(UserError, match="reward run that scores answers: use 'Score A and B'"):
+        try_tab.generate(app, "r1", "q", False)
+    with pytest.raises(UserError, match="select a run"):
+        try_tab.generate(app, None, "q", False)
+
+
+def test_export_handlers_refuse_plainly(tmp_path):
+    from lowrank_pref.config import ConfigError
+
+    app = AppState(tmp_path / "runs", hw=CPU)
+    _fake_run(app.manager.root, "d1", "dpo", [], state="running", pid=os.getpid())
+    with pytest.raises(UserError, match="user/name"):
+        export_tab.push(app, "d1", "no-slash", "hf_x")
+    with pytest.raises(ConfigError, match="no adapter yet"):
+        export_tab.export_zip(app, "d1")
+
+
+def test_the_run_list_follows_a_chain_once(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    _fake_run(app.manager.root, "sft-1", "dpo", [], state="completed", then_run="dpo-2")
+    _fake_run(app.manager.root, "dpo-2", "dpo", [], state="stopped", after="sft-1")
+    update, followed = train_tab.follow(app, "sft-1", [])
+    assert update["value"] == "dpo-2" and followed == ["dpo-2"]
+    labels = dict((v, label) for label, v in update["choices"])
+    assert "then dpo-2" in labels["sft-1"] and "after sft-1" in labels["dpo-2"]
+    update, followed = train_tab.follow(app, "sft-1", followed)  # the user went back to the SFT run: stay there
+    assert "value" not in update and followed == ["dpo-2"]
+
+
+# ---- runs one after another ---------------------------------------------------------------------------------------
+
+def test_a_follow_up_waits_for_the_first_run_to_complete(tmp_path):
+    from lowrank_pref.runs import THEN, RunManager
+
+    manager = RunManager(tmp_path / "runs")
+    for state in ("failed", "stopped"):
+        run = RunDir(manager.root / f"first-{state}").create()
+        run.write_status(state=state, task="dpo", then_task="dpo")
+        (run.path / THEN).write_text(dump_yaml(build_config("tiny")))
+    assert manager.poll() == []
+    assert {r["name"]: r["then"] for r in manager.runs()} == {"first-failed": "dpo", "first-stopped": "dpo"}
+
+
+def test_a_follow_up_starts_from_the_first_runs_adapter(tmp_path):
+    """A real tiny dpo run, then a dpo run queued behind it: started by a poll once the first completes, by any
+    manager on the folder (an app restarted meanwhile), once; its reference is the first run's adapter."""
+    from lowrank_pref.runs import THEN, RunManager
+
+    manager = RunManager(tmp_path / "runs")
+    first = manager.start(build_config("tiny", overrides={"max_steps": 3}),
+                          then=build_config("tiny", overrides={"max_steps": 2}))
+    assert (manager.root / first / THEN).is_file() and manager.poll() == []  # queued while the first trains
+    assert {r["name"]: r["then"] for r in manager.runs()} == {first: "dpo"}
+    assert manager.wait(first, timeout=240) == "completed"
+
+    restarted = RunManager(manager.root)
+    second, = restarted.poll()
+    assert restarted.poll() == [] and manager.poll() == []  # started once, whoever polls
+    listed = {r["name"]: r for r in restarted.runs()}
+    assert listed[first]["then_run"] == second and listed[second]["after"] == first and not listed[first]["then"]
+    assert restarted.wait(second, timeout=240) == "completed"
+    log = (manager.root / second / "train.log").read_text()
+    assert f"reference: adapter (the starting adapter {manager.root / first / 'adapter'}, frozen)" in log
+
+
+@pytest.mark.skipif(not HAS_SFT, reason="SFT first needs the sft task (tasks/sft.py): enable once it has landed")
+def test_sft_first_then_dpo_from_the_sft_adapter(tmp_path):
+    """The whole chain through the app's handlers: Start with SFT first runs SFT on the chosen answers, the page's
+    refresh starts the DPO run from its adapter, and the run list shows both."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    message, update = train_tab.start(app, "tiny", None, True, *_form(max_steps=4))
+    sft = update["value"]
+    assert sft.startswith("sft-") and "SFT on the chosen answers" in message
+    assert "source: chosen" in (app.manager.root / sft / "request.yaml").read_text()
+    assert app.manager.wait(sft, timeout=300) == "completed"
+    train_tab.refresh(app, sft)  # the page's refresh starts what is due
+    dpo = app.manager.follow_up(sft)
+    assert dpo and dpo.startswith("dpo-")
+    update, _ = train_tab.follow(app, sft, [])
+    assert update["value"] == dpo and {sft, dpo} <= {v for _, v in update["choices"]}
+    assert app.manager.wait(dpo, timeout=300) == "completed"
+    log = (app.manager.root / dpo / "train.log").read_text()
+    assert f"reference: adapter (the starting adapter {app.manager.root / sft / 'adapter'}, frozen)" in log
 
 
 # ---- the launched app ---------------------------------------------------------------------------------------------
@@ -109,15 +315,6 @@ def app(tmp_path_factory):
         manager.stop()
         manager.wait(manager.active() or "", timeout=60)
     demo.close()
-
-
-def _form(max_steps=None, **changes):
-    values = form_values(build_config("tiny"))
-    if max_steps:
-        values[KEYS.index("max_steps")] = max_steps
-    for key, value in changes.items():
-        values[KEYS.index(key)] = value
-    return values
 
 
 def _wait(predicate, timeout=120, every=0.3):
@@ -155,13 +352,13 @@ def test_doctor_and_start_refuse_bad_data_plainly(app, tmp_path):
     with pytest.raises(AppError, match=r"broken.jsonl.*line 2"):
         client.predict("tiny", handle_file(str(broken)), *_form(), api_name="/doctor")
     with pytest.raises(AppError, match=r"broken.jsonl.*line 2"):
-        client.predict("tiny", handle_file(str(broken)), *_form(), api_name="/start")
+        client.predict("tiny", handle_file(str(broken)), False, *_form(), api_name="/start")
     code = tmp_path / "evil.py"
     code.write_text("import os\n")
     with pytest.raises(AppError, match="Invalid file type.*jsonl"):  # refused by the upload box itself
         client.predict("tiny", handle_file(str(code)), *_form(), api_name="/doctor")
     with pytest.raises(AppError, match="learning_rate"):
-        client.predict("tiny", None, *_form(learning_rate=-1.0), api_name="/start")
+        client.predict("tiny", None, False, *_form(learning_rate=-1.0), api_name="/start")
     assert app[0].manager.active() is None
 
 
@@ -169,13 +366,13 @@ def test_train_watch_stop_resume_try_and_export(app):
     from gradio_client.exceptions import AppError
 
     demo, client = app
-    message, update = client.predict("tiny", None, *_form(max_steps=150), api_name="/start")
+    message, update = client.predict("tiny", None, False, *_form(max_steps=150), api_name="/start")
     run = update["value"]  # the run list, updated and set to the new run
     assert f"Started **{run}**" in message and run in [value for _, value in update["choices"]]
 
     # a second start, from this or any other tab, is refused while the first trains
     with pytest.raises(AppError, match="is training"):
-        client.predict("tiny", None, *_form(), api_name="/start")
+        client.predict("tiny", None, False, *_form(), api_name="/start")
 
     def metrics_arrived():
         progress, loss, *_, diagnostics, log = client.predict(run, api_name="/refresh")
@@ -198,7 +395,7 @@ def test_train_watch_stop_resume_try_and_export(app):
     assert listed[run]["state"] == "stopped" and listed[run]["resumable"]
     restarted.resume(run)
     with pytest.raises(AppError, match="is training"):  # the first app sees the resumed run too
-        client.predict("tiny", None, *_form(), api_name="/start")
+        client.predict("tiny", None, False, *_form(), api_name="/start")
     assert restarted.wait(run, timeout=180) == "completed"
     progress, *plots, diagnostics, log = client.predict(run, api_name="/refresh")
     assert "completed" in progress and "150 / 150" in progress
@@ -219,13 +416,13 @@ def test_train_watch_stop_resume_try_and_export(app):
 
     with pytest.raises(AppError, match="push to 'me/tiny-dpo' failed"):  # offline: the real call fails plainly
         client.predict(run, "me/tiny-dpo", "hf_fake", api_name="/push")
-    with pytest.raises(AppError, match="DPO policy"):
+    with pytest.raises(AppError, match="dpo run that generates answers"):
         client.predict(run, "q", "a", "b", api_name="/score")
 
 
 def test_reward_run_scores_answers(app):
     demo, client = app
-    _, update = client.predict("tiny", None, *_form(task="reward", max_steps=40), api_name="/start")
+    _, update = client.predict("tiny", None, False, *_form(task="reward", max_steps=40), api_name="/start")
     run = update["value"]
     assert demo.manager.wait(run, timeout=180) == "completed"
     text = client.predict(run, "What is the best way to sleep better?",

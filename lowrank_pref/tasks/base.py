@@ -105,3 +105,10 @@ class Task:
     def derived(self, record: dict, prefix: str = "") -> None:
         """Add metrics computed from the logged ones (e.g. perplexity from the loss) to ``record`` in place; eval
         records carry ``prefix`` "eval_" on every key."""
+
+    @classmethod
+    def diagnose(cls, metrics: list[dict]) -> list[tuple[str, str]]:
+        """This task's own reading of its curves, beside the shared rules in ``diagnostics.py``: (level, message)
+        pairs, level ``warn`` or ``error``, one per known way a run of this task goes wrong. ``metrics``: the records
+        of metrics.jsonl, train and eval (eval keys carry ``eval_``)."""
+        return []

@@ -45,5 +45,18 @@ class RewardTask(PairTask):
         sums = {"loss": losses.detach().sum(), "accuracy": (d > 0).float().sum(), "margin": d.sum()}
         return losses, sums, tokens
 
+    @classmethod
+    def diagnose(cls, metrics: list[dict]) -> list[tuple[str, str]]:
+        """A reward model that scores chosen and rejected alike (loss at log 2, accuracy at chance)."""
+        from ..diagnostics import LN2, series
+
+        loss = series(metrics, "loss")
+        accs = [v for _, v in series(metrics, "accuracy")[-3:]]
+        if len(loss) >= 5 and all(abs(v - LN2) < 0.003 for _, v in loss[-3:]) and accs and all(
+                abs(a - 0.5) < 0.1 for a in accs):
+            return [("warn", "The loss sits at 0.693 (= log 2): the reward model scores chosen and rejected alike. "
+                             "Raise the learning rate or check the data.")]
+        return []
+
 
 TASK = RewardTask

@@ -1,0 +1,198 @@
+"""The Train tab: start, stop, resume; the run list; the progress line with its ETA, the curves, the diagnostics and
+the log of the selected run.
+
+The curves are the run's task's (``Task.plots``): the tab has as many plot slots as the task with the most plots,
+and a run's task decides which are shown and what they are called. Nothing here knows a task by name.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+
+import gradio as gr
+import pandas as pd
+
+from ..artifacts import RunDir
+from ..config import ConfigError, build_config
+from ..diagnostics import diagnose
+from ..runs import tail
+from ..tasks import task_class
+from .common import AppState, UserError, event, ready_tasks, run_list, task_of
+from .setup import SetupTab, config_from_form, sft_first_config
+
+PLOTS_PER_ROW = 2
+
+
+def plot_slots() -> int:
+    """Plot slots on the page: enough for the task with the most plots."""
+    return max(len(task_class(t).plots) for t in ready_tasks())
+
+
+def plot_frames(metrics: list[dict], task: str | None, slots: int | None = None) -> list[pd.DataFrame | None]:
+    """One long-format frame (step, value, series) per plot of the task, then None for the unused slots; None also
+    for a plot with nothing yet. (Gradio 6 draws no lines in a plot whose first value was an empty frame, so a plot
+    starts empty, not with an empty frame.)"""
+    frames = []
+    for _, series in task_class(task).plots if task else []:
+        rows = [{"step": m["step"], "value": m[k], "series": name} for m in metrics for k, name in series.items()
+                if isinstance(m.get(k), (int, float))]
+        frames.append(pd.DataFrame(rows) if rows else None)
+    slots = plot_slots() if slots is None else slots
+    return (frames + [None] * slots)[:slots]
+
+
+def plot_layout(app: AppState, name: str | None) -> list[dict]:
+    """For another run in the list: each slot emptied, titled with the run's task's plot or hidden. (Emptied first,
+    so each plot is drawn afresh with its own series.)"""
+    try:
+        task = task_of(app.manager.run_dir(name)) if name else None
+    except ConfigError:  # a run folder removed under the page: nothing to show
+        task = None
+    titles = [title for title, _ in task_class(task).plots] if task else []
+    return [gr.update(value=None, title=titles[i], visible=True) if i < len(titles) else
+            gr.update(value=None, visible=False) for i in range(plot_slots())]
+
+
+def speed_key(task: str | None) -> str:
+    """The metric a task's speed is logged as: items of its unit per second."""
+    return f"{task_class(task).unit if task else 'pairs'}_per_second"
+
+
+def progress_html(run: RunDir, metrics: list[dict], state: str, task: str | None = None) -> str:
+    """The progress bar and one status line: run, state, step, seconds per step and ETA while it trains."""
+    status = run.read_status()
+    step, total = status.get("step", 0) or 0, status.get("total_steps") or 0
+    pct = 100 * step / total if total else 0
+    eta = ""
+    key = speed_key(task)
+    speed = [m for m in metrics if m.get(key)]
+    if state == "running" and speed and total:
+        try:
+            cfg = build_config(config_file=str(run.config))
+            per_step = cfg.batch_size * cfg.gradient_accumulation_steps / speed[-1][key]
+            left = (total - step) * per_step
+            eta = f" · {per_step:.2g} s/step · ETA {int(left // 60)}m {int(left % 60):02d}s"
+        except (ConfigError, OSError):
+            pass  # no config.yaml yet (the run is still loading): no ETA this time
+    message = html.escape(status.get("message") or "")
+    then = status.get("then_run")
+    after = f" · then <b>{html.escape(then)}</b>" if then else ""
+    return (f'<div class="lp-progress"><div class="lp-bar" style="width:{pct:.1f}%"></div></div>'
+            f'<div class="lp-status">{html.escape(run.path.name)} · <b class="lp-state">{state}</b> · step {step}'
+            f' / {total or "?"}{eta}{" · " + message if message else ""}{after}</div>')
+
+
+def diagnostics_md(metrics: list[dict], task: str | None, total: int | None) -> str:
+    icon = {"ok": "✅", "warn": "⚠️", "error": "⛔"}
+    return "\n\n".join(f"{icon[level]} {text}" for level, text in diagnose(metrics, task, total))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Handlers: plain values in, plain values out (the run list is a dropdown update: its choices and value)
+
+def start(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> tuple[str, dict]:
+    """Start the form's run (after an SFT run on the same data, with SFT first); refused while a run trains."""
+    from ..data import load_rows
+
+    cfg = config_from_form(preset, upload, list(values), app.uploads)
+    load_rows(cfg.dataset, cfg.dataset_split, cfg.trust_remote_code)  # unreadable data: say so now
+    if sft_first:
+        sft = sft_first_config(preset, cfg)
+        run = app.manager.start(sft, then=cfg)
+        return (f"Started **{run}**: SFT on the chosen answers. The {cfg.task} run starts from its adapter when it "
+                "completes.", run_list(app, run))
+    run = app.manager.start(cfg)
+    return f"Started **{run}**. The curves appear after the first steps.", run_list(app, run)
+
+
+def stop(app: AppState, name: str | None) -> tuple[str, dict]:
+    stopped = app.manager.stop(name or None)
+    return f"Stopping **{stopped}**: it finishes the current step and writes a checkpoint.", run_list(app, name)
+
+
+def resume(app: AppState, name: str | None) -> tuple[str, dict]:
+    if not name:
+        raise UserError("select a run to resume")
+    app.manager.resume(name)
+    return f"Resuming **{name}** from its last checkpoint.", run_list(app, name)
+
+
+def refresh(app: AppState, name: str | None) -> list:
+    """What the page shows of the selected run: progress, one frame per plot slot, diagnostics, the log's tail.
+    Each refresh also starts a follow-up run that is due (SFT first)."""
+    app.manager.poll()
+    empty = plot_frames([], None)
+    if not name:
+        return ["", *empty, "No run selected. Start one, or pick one from the list.", ""]
+    try:
+        run = app.manager.run_dir(name)
+    except ConfigError as e:
+        return ["", *empty, str(e), ""]
+    state, metrics, status = run.state(), run.read_metrics(), run.read_status()
+    task = task_of(run)
+    return [progress_html(run, metrics, state, task), *plot_frames(metrics, task),
+            diagnostics_md(metrics, task, status.get("total_steps")),
+            tail(run.log) or tail(run.path / "console.log")]
+
+
+def follow(app: AppState, name: str | None, followed: list) -> tuple[dict, list]:
+    """Select a follow-up run (SFT first, then DPO) in the list once, when it has started; a run the user goes back
+    to afterwards stays selected. ``followed``: the follow-ups this page has switched to."""
+    if not name:
+        return gr.update(), followed
+    try:
+        then = app.manager.follow_up(name)
+    except ConfigError:
+        return gr.update(), followed
+    if not then or then in followed:
+        return gr.update(), followed
+    return run_list(app, then), [*followed, then]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The tab
+
+@dataclass
+class TrainTab:
+    run: gr.Dropdown  # the selected run: the Try it and Export tabs act on it
+    plots: list
+
+
+def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTab:
+    """Build the Train tab inside the current ``gr.Tab``; Start reads Setup's form and the Data tab's upload."""
+    with gr.Row():
+        start_btn = gr.Button("Start training", variant="primary")
+        stop_btn = gr.Button("Stop (writes a checkpoint)", variant="stop")
+        resume_btn = gr.Button("Resume selected run")
+    with gr.Row():
+        run = gr.Dropdown(label="Run", choices=[], interactive=True, scale=4)
+        list_btn = gr.Button("Refresh list", scale=1)
+    message = gr.Markdown()
+    progress = gr.HTML()
+    plots = []
+    slots = plot_slots()
+    first = build_config(setup.preset.value).task  # titles until a run is selected: the preset's task's
+    titles = [title for title, _ in task_class(first).plots]
+    for row in range(math.ceil(slots / PLOTS_PER_ROW)):
+        with gr.Row():
+            for i in range(row * PLOTS_PER_ROW, min(slots, (row + 1) * PLOTS_PER_ROW)):
+                plots.append(gr.LinePlot(x="step", y="value", color="series", height=240,
+                                         title=titles[i] if i < len(titles) else "", visible=i < len(titles)))
+    diagnostics = gr.Markdown()
+    log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True)
+    timer = gr.Timer(2.0)
+    followed = gr.State([])
+
+    start_btn.click(event(start, app), [setup.preset, upload, setup.sft_first, *setup.form], [message, run],
+                    api_name="start")
+    stop_btn.click(event(stop, app), run, [message, run], api_name="stop")
+    resume_btn.click(event(resume, app), run, [message, run], api_name="resume")
+    list_btn.click(event(run_list, app), run, run, api_name="runs")
+    shown = [progress, *plots, diagnostics, log_tail]
+    run.change(event(plot_layout, app), run, plots, api_name=False, show_progress="hidden").then(
+        event(refresh, app), run, shown, api_name=False, show_progress="hidden")
+    timer.tick(event(refresh, app), run, shown, api_name="refresh", show_progress="hidden").then(
+        event(follow, app), [run, followed], [run, followed], api_name=False, show_progress="hidden")
+    return TrainTab(run, plots)
