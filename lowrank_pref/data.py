@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -167,7 +168,7 @@ def load_rows(source: str, split: str = "train", trust_remote_code: bool = False
                     raise
                 return _read_json_rows(path)  # mixed types across rows: validate them one by one
         elif path.is_dir():
-            if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+            if any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json", "state.json")):
                 ds = datasets.load_from_disk(str(path))
                 if isinstance(ds, datasets.DatasetDict):
                     ds = _pick_split(ds, split, str(path))
@@ -470,6 +471,17 @@ def load_preference_data(cfg, tokenizer) -> PreferenceData:
         on_bad_rows=cfg.data.on_bad_rows), unit="pairs")
 
 
+def has_named_splits(source: str) -> bool:
+    """Whether ``dataset_split``/``eval_split`` choose anything in ``source``: a hub dataset or a saved DatasetDict
+    folder has named splits; a local file or a folder of files is one split, whatever the names say."""
+    path = Path(resolve_dataset(source)).expanduser()
+    if path.is_file():
+        return False
+    if path.is_dir():
+        return (path / "dataset_dict.json").is_file()
+    return True
+
+
 def load_task_data(cfg, tokenizer, prepare_rows, unit: str) -> PreferenceData:
     """Any task's data path: rows -> ``prepare_rows(rows, tokenizer, source=...)`` -> (items, report, examples),
     for the training data and a given eval dataset; else part of the training rows is held out for eval. Items that
@@ -481,7 +493,13 @@ def load_task_data(cfg, tokenizer, prepare_rows, unit: str) -> PreferenceData:
     if not train:
         raise DataError(f"{source}: no usable {unit}.\n{report.summary()}")
     eval_items, eval_report = [], None
-    if cfg.eval_dataset or cfg.eval_split:
+    if cfg.eval_split and not cfg.eval_dataset and not has_named_splits(source):
+        # a local file (or folder of files) is one split: "its" eval split would be the training rows again
+        logging.getLogger("lowrank_pref").warning(
+            "eval_split=%s does not apply to %s, which has no named splits: holding out data.eval_fraction of it "
+            "for eval instead (set eval_dataset to a separate eval file, or eval_split=null to silence this)",
+            cfg.eval_split, source)
+    elif cfg.eval_dataset or cfg.eval_split:
         eval_source = cfg.eval_dataset or source
         eval_rows = load_rows(eval_source, cfg.eval_split or "train", cfg.trust_remote_code)
         eval_items, eval_report, _ = prepare_rows(eval_rows, tokenizer, source=eval_source)

@@ -141,13 +141,12 @@ def small_model(tokenizer, tmp_path_factory):
 
 
 def largest_step(cfg):
-    """(tokens, answer tokens) of the run's largest micro-step, as train() plans its memory by."""
-    from lowrank_pref.data import load_preference_data
-    from lowrank_pref.model import load_tokenizer
+    """(tokens, answer tokens) of the run's largest micro-step, as the run shell plans its memory by."""
     from lowrank_pref.loop import Schedule, largest_micro_step
+    from lowrank_pref.model import load_tokenizer
     from lowrank_pref.tasks import task_class
 
-    tok = load_tokenizer(cfg)
-    pairs = load_preference_data(cfg, tok).train
-    schedule = Schedule(len(pairs), cfg.batch_size, 1, cfg.seed, sizes=[p.num_tokens for p in pairs])
-    return largest_micro_step(task_class(cfg.task)(cfg), schedule, pairs)
+    task = task_class(cfg.task)(cfg)
+    items = task.load_data(load_tokenizer(cfg)).train
+    schedule = Schedule(len(items), cfg.batch_size, 1, cfg.seed, sizes=[task.size(i) for i in items])
+    return largest_micro_step(task, schedule, items)

@@ -191,6 +191,30 @@ def test_eval_split_is_held_out_and_disjoint(tmp_path, tokenizer, pairs_file):
     assert len(data2.eval) == 80 and len(data2.train) == 80
 
 
+def test_eval_split_of_a_local_file_is_not_the_training_rows(tmp_path, tokenizer, pairs_file, caplog):
+    """A GPU preset names the hub dataset's eval split; with a local file in its place (one split only) that split
+    would be the whole file again, so eval would run on the training rows. The run holds out rows instead, and says
+    so. A saved DatasetDict folder keeps its named splits."""
+    cfg = build_config("12gb-dpo", overrides={"model": "builtin:tiny", "dataset": str(pairs_file),
+                                              "data.eval_fraction": "0.25", "max_length": 96,
+                                              "max_prompt_length": 32})
+    assert cfg.eval_split == "test_prefs"
+    with caplog.at_level("WARNING", logger="lowrank_pref"):
+        data = load_preference_data(cfg, tokenizer)
+    assert len(data.eval) == 20 and len(data.train) == 60
+    assert not {p.row for p in data.eval} & {p.row for p in data.train}
+    assert "eval_split=test_prefs does not apply to" in caplog.text
+    import datasets
+
+    rows = [json.loads(line) for line in pairs_file.read_text().splitlines()]
+    folder = tmp_path / "dd"
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows[:60]),
+                          "test_prefs": datasets.Dataset.from_list(rows[60:])}).save_to_disk(str(folder))
+    cfg.dataset, cfg.dataset_split = str(folder), "train"
+    data = load_preference_data(cfg, tokenizer)
+    assert len(data.train) == 60 and len(data.eval) == 20
+
+
 def test_collate_pads_right_with_pad_id(tokenizer):
     pairs, _, _ = _prep([{"prompt": "Q", "chosen": "A much longer answer here.", "rejected": "No."}], tokenizer)
     batch = collate(pairs, tokenizer.pad_token_id)
