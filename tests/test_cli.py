@@ -157,10 +157,25 @@ def test_same_effective_batch_same_update_whatever_the_split(tmp_path, tiny_mode
 ])
 def test_bad_input_is_one_plain_message_and_exit_2(tmp_path, args, needle):
     res = run_cli(*args, "--output-dir", str(tmp_path / "o"))
+    _assert_one_plain_error(res, needle)
+
+
+def _assert_one_plain_error(res, needle):
     assert res.returncode == 2, (res.returncode, res.stderr)
-    assert needle in res.stderr
-    assert "Traceback" not in res.stderr
-    assert len([line for line in res.stderr.splitlines() if line.startswith("error:")]) == 1, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("empty.jsonl", b"", "the file is empty"),  # was 'internal error: StopIteration', exit 1
+    ("pairs.csv", "prompt,chosen,rejected\nQ,Caf\u00e9,Bad\n".encode("latin-1"), "line 2 is not UTF-8 text"),
+], ids=["empty.jsonl", "latin1.csv"])
+def test_malformed_data_file_is_one_plain_message_naming_it(tmp_path, name, content, needle):
+    data = tmp_path / name
+    data.write_bytes(content)
+    res = run_cli("--dataset", str(data), "--output-dir", str(tmp_path / "o"))
+    _assert_one_plain_error(res, f"error: {data}: {needle}")
 
 
 def test_overrides_anywhere_on_the_line():
