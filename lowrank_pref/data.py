@@ -109,43 +109,164 @@ class DataReport:
 # ----------------------------------------------------------------------------------------------------------------
 # Loading rows
 
-def _json_diagnose(path: Path) -> None:
-    """Re-read a JSON/JSONL file with the standard parser to name the line that breaks it."""
-    text = path.read_text(encoding="utf-8", errors="replace")
-    if path.suffix == ".json" and text.lstrip().startswith(("[", "{")):
+# What a file of each kind must hold, for messages that say how to fix one
+FILE_SHAPES = {".jsonl": "one JSON object per line, with prompt, chosen and rejected keys",
+               ".json": "a list of JSON objects with prompt, chosen and rejected keys (or one object per line)",
+               ".csv": "a header line naming the columns (e.g. prompt,chosen,rejected) and one row per pair; fields "
+                       "holding commas, quotes or line breaks go in double quotes",
+               ".parquet": "a table with prompt, chosen and rejected columns"}
+
+
+def _json_kind(value: Any) -> str:
+    """A parsed value's name in JSON's own terms (users know their file, not Python's types)."""
+    kinds = {dict: "object", list: "list", str: "string", bool: "true/false", type(None): "null"}
+    return kinds.get(type(value), "number")
+
+
+def _check_text(path: Path) -> None:
+    """Refuse by name what the readers would turn into a confusing error or a crash: an empty or whitespace-only
+    file (``datasets``' JSON reader raised a bare StopIteration), UTF-16/32 or other non-UTF-8 text (Arrow took the
+    bytes and failed only when rows were read back), binary data. Streams the file: a data file may not fit in memory.
+    A UTF-8 byte-order mark (Excel and Notepad write one) is fine: the readers drop it."""
+    import codecs
+
+    shape = FILE_SHAPES[path.suffix.lower()]
+    with open(path, "rb") as f:
+        head = f.read(4)
+        for mark, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+                           (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+            if head.startswith(mark):
+                raise DataError(f"{path}: the file is {name} text; save it as UTF-8 (e.g. your editor's Save As, "
+                                "encoding UTF-8)")
+        f.seek(len(codecs.BOM_UTF8) if head.startswith(codecs.BOM_UTF8) else 0)
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        blank, line = True, 1
+        while chunk := f.read(1 << 20):
+            nul = chunk.find(b"\0")
+            if nul >= 0:
+                at = line + chunk.count(b"\n", 0, nul)
+                raise DataError(f"{path}: line {at} holds a NUL byte, so this is not a text file (binary, compressed, "
+                                f"or UTF-16 without a byte-order mark). It needs to be UTF-8 text: {shape}")
+            pending = len(decoder.getstate()[0])  # bytes of a character cut by the previous chunk
+            try:
+                text = decoder.decode(chunk)
+            except UnicodeDecodeError as e:
+                at = line + chunk.count(b"\n", 0, max(e.start - pending, 0))
+                raise DataError(f"{path}: line {at} is not UTF-8 text (byte 0x{e.object[e.start]:02x}; Latin-1 or "
+                                "Windows-1252 perhaps); save the file as UTF-8") from None
+            blank = blank and not text.strip()
+            line += chunk.count(b"\n")
         try:
-            json.loads(text)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DataError(f"{path}: the file ends in the middle of a UTF-8 character (cut off?); save it again "
+                            "as UTF-8") from None
+    if blank:
+        what = "empty" if path.stat().st_size == 0 else "only whitespace"
+        raise DataError(f"{path}: the file is {what}; it needs {shape}")
+
+
+def _json_wrapper_key(value: Any) -> str | None:
+    """The key of a .json object that only wraps the rows, as in ``{"data": [{...}, ...]}`` (what ``datasets``
+    calls a field); None for an object that is itself one row."""
+    if isinstance(value, dict) and len(value) == 1:
+        key, rows = next(iter(value.items()))
+        if isinstance(rows, list) and rows and all(isinstance(r, dict) for r in rows):
+            return key
+    return None
+
+
+def _json_diagnose(path: Path) -> str | None:
+    """Re-read a JSON/JSONL file with the standard parser to name the line that breaks it, and the shapes that parse
+    but hold no rows (an empty list, a list of numbers: Arrow would read those as a 'text' column). Returns the key
+    of an object that wraps the rows (see :func:`_json_wrapper_key`)."""
+    _check_text(path)
+    text = path.read_text(encoding="utf-8-sig")
+    shape = FILE_SHAPES[path.suffix.lower()]
+    if path.suffix.lower() == ".json" and text.lstrip().startswith(("[", "{")):
+        try:
+            value = json.loads(text)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}") from None
-        return
+            if not (e.msg == "Extra data" and text.lstrip().startswith("{")):
+                raise DataError(f"{path}: invalid JSON at line {e.lineno}, column {e.colno}: {e.msg}. The file "
+                                f"needs to hold {shape}") from None
+            value = None  # JSON Lines in a file named .json: checked line by line below
+        if isinstance(value, list):
+            if not value:
+                raise DataError(f"{path}: the file holds an empty list; it needs {shape}")
+            bad = next((i for i, r in enumerate(value, 1) if not isinstance(r, dict)), None)
+            if bad:
+                raise DataError(f"{path}: item {bad} of the list is a JSON {_json_kind(value[bad - 1])}, not an "
+                                f"object; the file needs {shape}")
+            return None
+        if isinstance(value, dict):
+            if not value:
+                raise DataError(f"{path}: the file holds an empty object; it needs {shape}")
+            return _json_wrapper_key(value)
     for lineno, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
             value = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}); "
-                            "each line of a .jsonl file must be one JSON object") from None
+            hint = f"the file needs {shape}"
+            if path.suffix.lower() == ".jsonl" and text.lstrip().startswith(("[", "{")):
+                try:
+                    json.loads(text)
+                    hint = ("the file is one JSON document over several lines: name it .json, or put one object on "
+                            "each line")
+                except json.JSONDecodeError:
+                    pass
+            raise DataError(f"{path}: line {lineno} is not valid JSON ({e.msg} at column {e.colno}); {hint}") from None
         if not isinstance(value, dict):
-            raise DataError(f"{path}: line {lineno} is a JSON {type(value).__name__}, not an object with "
-                            "prompt/chosen/rejected keys")
+            raise DataError(f"{path}: line {lineno} is a JSON {_json_kind(value)}, not an object; the file needs "
+                            f"{shape}")
+    return None
 
 
-def _read_json_rows(path: Path) -> list[dict]:
-    """Plain-Python fallback for JSON files whose rows mix types (Arrow can't hold those; we report them per row)."""
-    _json_diagnose(path)
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json" and text.lstrip().startswith("["):
-        rows = json.loads(text)
-    elif path.suffix == ".json" and text.lstrip().startswith("{") and "\n{" not in text.strip():
-        obj = json.loads(text)
-        rows = next((v for v in obj.values() if isinstance(v, list)), [obj])
-    else:
-        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-    bad = [i for i, r in enumerate(rows, 1) if not isinstance(r, dict)]
-    if bad:
-        raise DataError(f"{path}: row {bad[0]} is not an object with prompt/chosen/rejected keys")
-    return rows
+def _read_json_rows(path: Path, field: str | None = None) -> list[dict]:
+    """Plain-Python fallback for JSON files whose rows mix types (Arrow can't hold those; we report them per row).
+    Runs after :func:`_json_diagnose`, so the file parses and every row is an object."""
+    text = path.read_text(encoding="utf-8-sig")
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("["):
+        return json.loads(text)
+    if path.suffix.lower() == ".json" and text.lstrip().startswith("{"):
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError:  # JSON Lines in a file named .json
+            pass
+        else:
+            return obj[field] if field else [obj]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def _load_file(path: Path) -> list[dict]:
+    """One local file's rows; every way a file can be malformed ends in a DataError that names it."""
+    import datasets
+
+    suffix = path.suffix.lower()
+    kind = LOCAL_KINDS.get(suffix)
+    if kind is None:
+        raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
+    name, field = {"json": "JSON", "csv": "CSV", "parquet": "Parquet"}[kind], None
+    if kind == "json":
+        field = _json_diagnose(path)
+    elif kind == "csv":
+        _check_text(path)
+    elif path.stat().st_size == 0:
+        raise DataError(f"{path}: the file is empty; it needs {FILE_SHAPES[suffix]}")
+    try:
+        ds = datasets.load_dataset(kind, data_files=str(path), split="train", **({"field": field} if field else {}))
+    except datasets.exceptions.DatasetGenerationError as e:
+        if kind == "json":
+            return _read_json_rows(path, field)  # mixed types across rows: validate them one by one
+        raise DataError(f"{path}: could not be read as {name} ({str(e.__cause__ or e).strip()}); the file needs "
+                        f"{FILE_SHAPES[suffix]}") from None
+    except ValueError as e:  # datasets' words for a file with no rows, Arrow's for a damaged Parquet file
+        reason = "the file has no rows" if "corresponds to no data" in str(e) else \
+            f"could not be read as {name} ({str(e).strip()})"
+        raise DataError(f"{path}: {reason}; it needs {FILE_SHAPES[suffix]}") from None
+    return ds.to_list()
 
 
 def load_rows(source: str, split: str = "train", trust_remote_code: bool = False) -> list[dict]:
@@ -156,17 +277,7 @@ def load_rows(source: str, split: str = "train", trust_remote_code: bool = False
     path = Path(source).expanduser()
     try:
         if path.is_file():
-            kind = LOCAL_KINDS.get(path.suffix.lower())
-            if kind is None:
-                raise DataError(f"{path}: unsupported file type '{path.suffix}'; use .jsonl, .json, .csv or .parquet")
-            if kind == "json":
-                _json_diagnose(path)
-            try:
-                ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-            except datasets.exceptions.DatasetGenerationError:
-                if kind != "json":
-                    raise
-                return _read_json_rows(path)  # mixed types across rows: validate them one by one
+            return _load_file(path)
         elif path.is_dir():
             if any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json", "state.json")):
                 ds = datasets.load_from_disk(str(path))
@@ -179,6 +290,9 @@ def load_rows(source: str, split: str = "train", trust_remote_code: bool = False
                 kinds = {LOCAL_KINDS[p.suffix.lower()] for p in files}
                 if len(kinds) > 1:
                     raise DataError(f"{path}: folder mixes file types ({', '.join(sorted(kinds))}); keep one kind")
+                for p in files:  # one empty or non-UTF-8 file would break the reader for all
+                    if p.suffix.lower() != ".parquet":
+                        _check_text(p)
                 ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
         elif path.suffix.lower() in LOCAL_KINDS or source.startswith((".", "/", "~")):
             raise DataError(f"dataset file '{source}' does not exist")

@@ -2,6 +2,7 @@
 
     python -m lowrank_pref.run --preset tiny --output-dir out
     python -m lowrank_pref.run --preset 24gb-dpo --dataset my_pairs.jsonl lora.r=32 beta=0.05
+    python -m lowrank_pref.run seed=3 --output-dir runs/a batch_size=4   # key=value anywhere on the line
     python -m lowrank_pref.run --output-dir out --resume          # continue a stopped or killed run
     python -m lowrank_pref.run --list-presets | --list-keys
 
@@ -24,6 +25,18 @@ USER_ERROR, INTERNAL_ERROR = 2, 1
 
 
 class _Parser(argparse.ArgumentParser):
+    def parse_args(self, args=None, namespace=None):
+        """Overrides go anywhere on the line, as people type them (``seed=3 --output-dir a batch_size=4``): plain
+        parse_args gives a ``nargs="*"`` positional only one run of words and calls the rest unrecognized. A word
+        that is neither an option nor key=value is refused here, before anything is loaded."""
+        ns = self.parse_intermixed_args(args, namespace)
+        for item in ns.overrides:
+            try:
+                parse_override(item)
+            except ConfigError as e:
+                self.error(str(e))
+        return ns
+
     def error(self, message):  # argparse's own exit code is 2 already; keep its message one line
         self.print_usage(sys.stderr)
         print(f"error: {message}", file=sys.stderr)

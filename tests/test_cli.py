@@ -16,6 +16,7 @@ from conftest import ROOT, run_cli, write_pairs
 from lowrank_pref.artifacts import read_metrics
 from lowrank_pref.config import build_config
 from lowrank_pref.data import collate, prepare
+from lowrank_pref.run import parser, resolve
 
 
 def _last_eval(metrics):
@@ -150,12 +151,45 @@ def test_same_effective_batch_same_update_whatever_the_split(tmp_path, tiny_mode
     (["--dataset", "missing.jsonl"], "dataset file 'missing.jsonl' does not exist"),
     (["--model", "./no-such-model"], "model folder './no-such-model' does not exist"),
     (["notakeyvalue"], "is not a key=value override"),
+    # overrides before, between and after options: the bad value is named, so the words were read as overrides
+    (["seed=3", "--max-steps", "2", "batch_size=two"], "'batch_size' must be a whole number"),
+    (["seed=3", "--max-steps", "2", "notakeyvalue"], "'notakeyvalue' is not a key=value override"),
 ])
 def test_bad_input_is_one_plain_message_and_exit_2(tmp_path, args, needle):
     res = run_cli(*args, "--output-dir", str(tmp_path / "o"))
+    _assert_one_plain_error(res, needle)
+
+
+def _assert_one_plain_error(res, needle):
     assert res.returncode == 2, (res.returncode, res.stderr)
-    assert needle in res.stderr
-    assert "Traceback" not in res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], res.stderr
+    assert "Traceback" not in res.stderr and "internal error" not in res.stderr
+
+
+@pytest.mark.parametrize("name,content,needle", [
+    ("empty.jsonl", b"", "the file is empty"),  # was 'internal error: StopIteration', exit 1
+    ("pairs.csv", "prompt,chosen,rejected\nQ,Caf\u00e9,Bad\n".encode("latin-1"), "line 2 is not UTF-8 text"),
+], ids=["empty.jsonl", "latin1.csv"])
+def test_malformed_data_file_is_one_plain_message_naming_it(tmp_path, name, content, needle):
+    data = tmp_path / name
+    data.write_bytes(content)
+    res = run_cli("--dataset", str(data), "--output-dir", str(tmp_path / "o"))
+    _assert_one_plain_error(res, f"error: {data}: {needle}")
+
+
+def test_overrides_anywhere_on_the_line():
+    args = parser().parse_args(["seed=3", "--output-dir", "runs/a", "lora.r=4", "--max-steps", "5", "beta=0.2",
+                                "--preset", "tiny", "batch_size=2"])
+    cfg = resolve(args)
+    assert (cfg.seed, cfg.lora.r, cfg.beta, cfg.batch_size) == (3, 4, 0.2, 2)
+    assert (cfg.output_dir, cfg.max_steps) == ("runs/a", 5)
+    assert parser().parse_args(["--list-keys", "seed=3"]).list_keys
+    assert parser().parse_args(["--output-dir", "o", "--resume", "seed=3"]).resume
+    for argv in (["--output-dir", "o", "oops"], ["seed=3", "--resume", "=1"]):
+        with pytest.raises(SystemExit) as e:
+            parser().parse_args(argv)
+        assert e.value.code == 2
 
 
 def test_bad_rows_refused_with_row_and_column(tmp_path):

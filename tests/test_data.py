@@ -1,6 +1,7 @@
 """Data formats, validation, truncation and batches."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -221,3 +222,109 @@ def test_collate_pads_right_with_pad_id(tokenizer):
     assert batch["input_ids"].shape[0] == 2
     short = batch["attention_mask"][1].sum()
     assert torch.all(batch["input_ids"][1, short:] == tokenizer.pad_token_id)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Malformed files: every one either loads (bad rows counted in the report) or is refused by a DataError naming the
+# file and what it needs; never another exception.
+
+GOOD = {"prompt": "How do I boil an egg?", "chosen": "Sure, happy to help!", "rejected": "No."}
+NESTED_NULLS = {"prompt": None, "chosen": {"x": None}, "rejected": [None]}
+HUGE = "a" * 3_000_000  # one 3 MB value: more than Arrow's JSON block and pandas' CSV buffer
+
+
+def _jsonl(*rows):
+    return "".join(json.dumps(r) + "\n" for r in rows).encode()
+
+
+def _csv(*lines):
+    return "".join(line + "\n" for line in lines).encode()
+
+
+BOM = "\ufeff".encode()
+# name -> (file bytes, expectation): ("error", pattern) or ("rows", rows loaded, usable pairs, summary snippet)
+MALFORMED = {
+    "empty.jsonl": (b"", ("error", "the file is empty; it needs one JSON object per line")),
+    "blank.jsonl": (b"  \n\t\n\n", ("error", "the file is only whitespace; it needs one JSON object per line")),
+    "bom.jsonl": (BOM + _jsonl(GOOD, GOOD), ("rows", 2, 2, None)),
+    "huge_value.jsonl": (json.dumps({**GOOD, "prompt": HUGE}).encode(), ("rows", 1, 1, "1 prompt(s) cut")),
+    "huge_garbage.jsonl": (HUGE.encode(), ("error", r"line 1 is not valid JSON \(Expecting value")),
+    "nested_nulls.jsonl": (_jsonl(GOOD, NESTED_NULLS), ("rows", 2, 1, "column 'prompt': is missing or null (rows 2)")),
+    "only_nested_nulls.jsonl": (_jsonl(NESTED_NULLS, NESTED_NULLS),
+                                ("rows", 2, 0, "column 'chosen': message 0 needs 'role' and 'content' keys")),
+    "mixed_types.jsonl": (_jsonl(GOOD, {**GOOD, "chosen": 5}),
+                          ("rows", 2, 1, "column 'chosen': must be text, got int (rows 2)")),
+    "pretty.jsonl": (json.dumps(GOOD, indent=2).encode(), ("error", "one JSON document over several lines: name it")),
+    "latin1.jsonl": (json.dumps({**GOOD, "chosen": "Caf\u00e9!"}, ensure_ascii=False).encode("latin-1"),
+                     ("error", r"line 1 is not UTF-8 text \(byte 0xe9.*save the file as UTF-8")),
+    "utf16.jsonl": (_jsonl(GOOD).decode().encode("utf-16"), ("error", "the file is UTF-16 text; save it as UTF-8")),
+    "empty.json": (b"", ("error", "the file is empty; it needs a list of JSON objects")),
+    "blank.json": (b"\n \n", ("error", "the file is only whitespace; it needs a list of JSON objects")),
+    "bom.json": (BOM + json.dumps([GOOD, GOOD]).encode(), ("rows", 2, 2, None)),
+    "huge_value.json": (json.dumps([{**GOOD, "chosen": HUGE}]).encode(), ("rows", 1, 1, "had answers cut")),
+    "nested_nulls.json": (json.dumps([GOOD, NESTED_NULLS]).encode(),
+                          ("rows", 2, 1, "column 'prompt': is missing or null (rows 2)")),
+    "mixed_types.json": (json.dumps([GOOD, {**GOOD, "chosen": 5}]).encode(),
+                         ("rows", 2, 1, "column 'chosen': must be text, got int (rows 2)")),
+    "one_object.json": (json.dumps(GOOD).encode(), ("rows", 1, 1, None)),
+    "wrapped_mixed.json": (json.dumps({"data": [GOOD, {**GOOD, "chosen": 5}]}).encode(),
+                           ("rows", 2, 1, "must be text, got int (rows 2)")),
+    "json_lines.json": (_jsonl(GOOD, GOOD), ("rows", 2, 2, None)),
+    "empty_list.json": (b"[]", ("error", "the file holds an empty list; it needs a list of JSON objects")),
+    "empty_object.json": (b"{}", ("error", "the file holds an empty object")),
+    "numbers.json": (b"[1, 2]", ("error", "item 1 of the list is a JSON number, not an object")),
+    "string.json": (b'"hello"', ("error", "line 1 is a JSON string, not an object")),
+    "cut_off.json": (json.dumps([GOOD, GOOD]).encode()[:-20], ("error", "invalid JSON at line 1, column")),
+    "empty.csv": (b"", ("error", "the file is empty; it needs a header line")),
+    "blank.csv": (b"\n  \n", ("error", "the file is only whitespace; it needs a header line")),
+    "bom.csv": (BOM + _csv("prompt,chosen,rejected", "Q,Good answer.,Bad."), ("rows", 1, 1, None)),
+    "huge_value.csv": (_csv("prompt,chosen,rejected", f"{HUGE},Good answer.,Bad."), ("rows", 1, 1, "1 prompt(s) cut")),
+    "header_only.csv": (_csv("prompt,chosen,rejected"), ("error", "the file has no rows; it needs a header line")),
+    "huge_garbage.csv": (HUGE.encode(), ("error", "the file has no rows")),  # one header cell, no rows
+    "empty_cells.csv": (_csv("prompt,chosen,rejected", "Q,Good answer.,Bad.", ",,"),
+                        ("rows", 2, 1, "column 'prompt': is missing or null (rows 2)")),
+    "mixed_types.csv": (_csv("prompt,chosen,rejected", "Q,Good answer.,Bad.", "Q,5,Bad."), ("rows", 2, 2, None)),
+    "ragged.csv": (_csv("prompt,chosen,rejected", "Q,Good,Bad", "Q,Good,Bad,more"),
+                   ("error", r"could not be read as CSV \(.*Expected 3 fields.*double quotes")),
+    "latin1.csv": (_csv("prompt,chosen,rejected", "Q,Caf\u00e9,Bad").decode().encode("latin-1"),
+                   ("error", r"line 2 is not UTF-8 text")),
+    "binary.csv": (bytes(range(256)) * 4, ("error", "holds a NUL byte, so this is not a text file")),
+    "empty.parquet": (b"", ("error", "the file is empty; it needs a table")),
+    "damaged.parquet": (b"PAR1 not really", ("error", "could not be read as Parquet")),
+}
+
+
+@pytest.mark.parametrize("name", list(MALFORMED))
+def test_malformed_file_loads_or_is_refused_by_name(tmp_path, tokenizer, name):
+    content, expect = MALFORMED[name]
+    path = tmp_path / name
+    path.write_bytes(content)
+    cfg = build_config("tiny", overrides={"dataset": str(path), "max_length": "64", "max_prompt_length": "32"})
+    if expect[0] == "error":
+        for load in (lambda: load_rows(str(path)), lambda: load_preference_data(cfg, tokenizer)):
+            with pytest.raises(DataError) as e:
+                load()
+            assert str(e.value).startswith(f"{path}: "), str(e.value)[:300]
+            assert re.search(expect[1], str(e.value)), str(e.value)[:300]
+        return
+    _, n_rows, usable, snippet = expect
+    rows = load_rows(str(path))
+    assert len(rows) == n_rows
+    assert set(rows[0]) == {"prompt", "chosen", "rejected"}  # a byte-order mark is not part of the first key
+    pairs, report, _ = _prep(rows, tokenizer, source=str(path))
+    assert report.total_rows == n_rows and report.usable == len(pairs) == usable
+    assert sum(report.dropped.values()) == n_rows - usable
+    if snippet:
+        assert snippet in report.summary(), report.summary()
+    if usable:
+        assert len(load_preference_data(cfg, tokenizer).train) == usable
+    else:
+        with pytest.raises(DataError, match=f"{re.escape(str(path))}: no usable pairs"):
+            load_preference_data(cfg, tokenizer)
+
+
+def test_one_malformed_file_in_a_folder_is_named(tmp_path):
+    (tmp_path / "a.jsonl").write_bytes(b"")
+    (tmp_path / "b.jsonl").write_text(json.dumps(GOOD) + "\n")
+    with pytest.raises(DataError, match=f"{re.escape(str(tmp_path / 'a.jsonl'))}: the file is empty"):
+        load_rows(str(tmp_path))
