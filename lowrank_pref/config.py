@@ -59,8 +59,8 @@ class DataSettings:
                                   "or error (stop at the first).", choices=("skip", "error"))
     eval_fraction: float = _f(0.05, "Share of the data held out for eval when no eval dataset is given.",
                               min=0.0, max=0.5)
-    eval_max_pairs: int = _f(256, "At most this many held-out pairs are split off for eval.", min=1)
-    max_pairs: int | None = _f(None, "Use at most this many training pairs (after shuffling with the seed).", min=1)
+    eval_max_pairs: int = _f(256, "At most this many held-out items (pairs, examples) are split off for eval.", min=1)
+    max_pairs: int | None = _f(None, "Use at most this many training items (pairs, examples) after shuffling with the seed.", min=1)
     chat_template: str | None = _f(None, "A Jinja chat template to use instead of the tokenizer's own.")
 
 
@@ -120,7 +120,7 @@ class Config:
                                     "a mask; auto checks on the first pairs that the model gives the same outputs "
                                     "this way, else falls back to two sequences per pair.",
                             choices=("auto", "on", "off"))
-    reference_cache: bool = _f(True, "DPO: keep reference log-probs on disk (by model, starting adapter and the "
+    reference_cache: bool = _f(True, "dpo and kto: keep reference log-probs on disk (by model, starting adapter and the "
                                      "pair's tokens), so later epochs, evals, resumed runs and runs that change only "
                                      "beta or the loss type skip the reference forward.")
     patches: bool = _f(True, "Our overrides of PEFT / bitsandbytes / transformers internals (fused LoRA add, split "
@@ -146,9 +146,9 @@ class Config:
     center_rewards_coefficient: float | None = _f(None, "Reward task: pull scores towards zero mean (TRL's "
                                                         "centring; 0.01 is typical).", min=0.0)
     # optimisation
-    batch_size: int = _f(1, "Pairs per micro-step.", min=1)
-    eval_batch_size: int | None = _f(None, "Pairs per eval micro-step (default: batch_size).", min=1)
-    gradient_accumulation_steps: int = _f(8, "Micro-steps per optimizer step: batch_size x this = pairs per step.",
+    batch_size: int = _f(1, "Items per micro-step: pairs (dpo, reward), examples (sft, kto).", min=1)
+    eval_batch_size: int | None = _f(None, "Items per eval micro-step (default: batch_size).", min=1)
+    gradient_accumulation_steps: int = _f(8, "Micro-steps per optimizer step: batch_size x this = items per step.",
                                           min=1)
     learning_rate: float = _f(5e-6, "Peak learning rate of the adapters.", min=0.0, min_exclusive=True)
     lr_scheduler_type: str = _f("cosine", "Schedule after warmup (transformers' names).",

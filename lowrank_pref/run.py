@@ -88,13 +88,13 @@ def resolve(args) -> Config:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    if args.list_presets:
-        for name, line in list_presets().items():
-            print(f"{name:14s} {line}")
-        return 0
-    if args.list_keys:
-        for key in all_keys():
-            print(f"{key:32s} {field_help(key)}")
+    if args.list_presets or args.list_keys:
+        lines = ([f"{name:14s} {line}" for name, line in list_presets().items()] if args.list_presets else
+                 [f"{key:32s} {field_help(key)}" for key in all_keys()])
+        try:
+            print("\n".join(lines), flush=True)
+        except BrokenPipeError:  # `| head` closed the pipe: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     quiet_libraries()
@@ -142,11 +142,15 @@ def quiet_libraries() -> None:
     """Keep the terminal for our own progress: the libraries' load bars and known-harmless warnings go."""
     import warnings
 
-    for noisy in ("httpx", "urllib3", "filelock", "datasets", "huggingface_hub", "bitsandbytes",
+    for noisy in ("httpx", "urllib3", "filelock", "huggingface_hub", "bitsandbytes",
                   "transformers.integrations.hub_kernels", "kernels"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
+    # datasets logs a reader's failure ("Failed to read file ...") before raising; data.load_rows turns the raise
+    # into the one plain message the user gets, so the log line would only say it twice
+    logging.getLogger("datasets").setLevel(logging.CRITICAL)
     # bitsandbytes' CPU 4-bit kernel has no registered autograd kernel, but its backward is right (tested in
-    # tests/test_model.py against a dense twin); transformers/peft deprecation notices are not for our users
+    # tests/test_model.py against a dense twin) as long as patches.pin_cpu_4bit_kernel keeps the packed kernel off;
+    # transformers/peft deprecation notices are not for our users
     warnings.filterwarnings("ignore", message=".*an autograd kernel was not registered.*")
     warnings.filterwarnings("ignore", message=".*is deprecated and will be removed in v6.*", category=FutureWarning)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
