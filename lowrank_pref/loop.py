@@ -369,25 +369,14 @@ class Shell:
             self.scheduler.step()
             if finite:
                 window.add(sums, weight, sum(map(len, batches)), tokens, time.perf_counter() - t0)
-            bar.update(1)
-            if finite:
                 bar.set_postfix(loss=f"{sums['loss'] / weight:.4f}", refresh=False)
+            bar.update(1)
             # log the window's means, evaluate and checkpoint on their schedules (and always at the end)
             if step % cfg.logging_steps == 0 or step == total:
-                record = {"step": step, "epoch": round(step * cfg.gradient_accumulation_steps
-                                                       / self.schedule.batches_per_epoch, 4), **window.record(task.unit),
-                          "learning_rate": lr, "grad_norm": float(grad_norm), "peak_memory_mb": peak_memory_mb(),
-                          "loaded_memory_mb": self.loaded_mb, "nonfinite_steps": self.counters["nonfinite_steps"]}
-                task.derived(record)
-                run.append_metrics(record)
-                last.update(record)
+                last.update(self.log_train(step, window, lr, float(grad_norm)))
                 window = _Window()
             if self.data.eval and (step % eval_every == 0 or step == total):
-                record = {"step": step, **evaluate(task, self.model, self.data.eval,
-                                                   cfg.eval_batch_size or cfg.batch_size)}
-                run.append_metrics(record)
-                last.update(record)
-                log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step"))
+                last.update(self.log_eval(step))
             run.write_status(step=step)
             if (step % save_every == 0 and step < total) or self.stop.set:
                 save_checkpoint(run, cfg, self.model, self.optimizer, self.scheduler, step, self.counters)
@@ -400,6 +389,25 @@ class Shell:
                 return last
         bar.close()
         return self.finish(last)
+
+    def log_train(self, step: int, window: _Window, lr: float, grad_norm: float) -> dict:
+        """The window's means and the run's vitals, one line of metrics.jsonl."""
+        record = {"step": step, "epoch": round(step * self.cfg.gradient_accumulation_steps
+                                               / self.schedule.batches_per_epoch, 4),
+                  **window.record(self.task.unit), "learning_rate": lr, "grad_norm": grad_norm,
+                  "peak_memory_mb": peak_memory_mb(), "loaded_memory_mb": self.loaded_mb,
+                  "nonfinite_steps": self.counters["nonfinite_steps"]}
+        self.task.derived(record)
+        self.run.append_metrics(record)
+        return record
+
+    def log_eval(self, step: int) -> dict:
+        """Eval metrics over the held-out items, one line of metrics.jsonl and one of the log."""
+        record = {"step": step, **evaluate(self.task, self.model, self.data.eval,
+                                           self.cfg.eval_batch_size or self.cfg.batch_size)}
+        self.run.append_metrics(record)
+        log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step"))
+        return record
 
     def accumulate(self, batches: list[list], weight: float) -> tuple[dict, int, bool]:
         """Backward over the step's micro-batches. Returns the metric sums, the real tokens, and False at the first
