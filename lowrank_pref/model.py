@@ -238,18 +238,36 @@ def lora_config(cfg: Config):
                       task_type="SEQ_CLS" if task_class(cfg.task).head == "score" else "CAUSAL_LM")
 
 
+def _starting_adapter(cfg: Config) -> str:
+    """Where ``cfg.adapter`` is (a local folder, else a hub id), checked: a local one must be a PEFT adapter folder
+    made for this task's kind of head (a reward model's SEQ_CLS adapter, with its score head, under a causal-LM task
+    would be attached by PEFT anyway, and train nonsense)."""
+    import json
+
+    path = Path(cfg.adapter).expanduser()
+    config = path / "adapter_config.json"
+    if cfg.adapter.startswith((".", "/", "~")) and not config.is_file():
+        raise ModelError(f"adapter '{cfg.adapter}' has no adapter_config.json (a PEFT adapter folder is needed)")
+    if not config.is_file():
+        return cfg.adapter  # a hub id: PEFT reads it, and says what is wrong with it
+    kind = json.loads(config.read_text()).get("task_type")
+    want = "SEQ_CLS" if task_class(cfg.task).head == "score" else "CAUSAL_LM"
+    if kind and kind != want:
+        made = "a reward model's (a score head)" if kind == "SEQ_CLS" else f"a {kind} adapter"
+        raise ModelError(f"adapter '{cfg.adapter}' is {made}, but task={cfg.task} starts from a {want} adapter "
+                         "(e.g. an sft run's adapter/); leave adapter unset to start from the base")
+    return str(path)
+
+
 def load_model(cfg: Config, tokenizer, plan: MemoryPlan | None = None, *, keep_reference: bool = True):
     """The PeftModel to train (checkpointing as ``plan`` says, see load_base). Returns (model, reference_kind) with
     reference_kind 'base' or 'adapter'. ``keep_reference``: a starting adapter is loaded a second time, frozen, as
     the reference (tasks that read no reference skip that copy)."""
     from peft import PeftModel, get_peft_model
 
+    src = _starting_adapter(cfg) if cfg.adapter else None  # before the base loads (minutes for a large model)
     base = load_base(cfg, tokenizer, plan=plan)
-    if cfg.adapter:
-        path = Path(cfg.adapter).expanduser()
-        if cfg.adapter.startswith((".", "/", "~")) and not (path / "adapter_config.json").is_file():
-            raise ModelError(f"adapter '{cfg.adapter}' has no adapter_config.json (a PEFT adapter folder is needed)")
-        src = str(path) if path.exists() else cfg.adapter
+    if src:
         with _from_pretrained_errors("adapter", src):
             model = PeftModel.from_pretrained(base, src, adapter_name=POLICY, is_trainable=True)
             if keep_reference:  # the reference is the starting adapter, frozen: never silently the bare base

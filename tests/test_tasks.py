@@ -251,3 +251,16 @@ def test_kto_learns_from_unpaired_imbalanced_data(tmp_path, tiny_model_dir):
     assert last["eval_kl"] >= 0
     train = [m for m in read_metrics(out / "metrics.jsonl") if "loss" in m]
     assert train[-1]["loss"] < train[0]["loss"]
+
+
+def test_a_reward_models_adapter_is_refused_as_a_starting_policy(tmp_path, tiny_model_dir, pairs_file):
+    """PEFT would attach a SEQ_CLS adapter to a causal LM; the run refuses it, in one line, before the base loads."""
+    adapter = tmp_path / "reward-adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "task_type": "SEQ_CLS"}))
+    res = run_cli("--task", "dpo", "--model", str(tiny_model_dir), "--dataset", str(pairs_file), "--output-dir",
+                  str(tmp_path / "out"), f"adapter={adapter}")
+    assert res.returncode == 2, res.stderr
+    assert f"error: adapter '{adapter}' is a reward model's (a score head), but task=dpo" in res.stderr
+    assert "Traceback" not in res.stderr
+    assert "trainable parameters" not in (tmp_path / "out" / "train.log").read_text()  # refused before loading
