@@ -79,6 +79,7 @@ class DataReport:
     truncated_answers: int = 0  # pairs where truncation cut into an answer (where chosen and rejected differ)
     lengths: list = field(default_factory=list)  # longest of prompt+chosen, prompt+rejected, before truncation
     max_length: int = 0
+    unit: str = "pairs"  # what a usable row became: pairs, or examples (sft, kto)
 
     def drop(self, reason: str, row: int) -> None:
         self.dropped[reason] += 1
@@ -95,8 +96,9 @@ class DataReport:
             lines.append(f"  {self.truncated_prompts} prompt(s) cut from the left to max_prompt_length")
         if self.truncated_answers:
             share = self.truncated_answers / max(self.usable, 1)
-            lines.append(f"  {self.truncated_answers} pair(s) ({share:.0%}) had answers cut to max_length "
-                         f"({self.max_length}); the cut removes part of where chosen and rejected differ")
+            where = "; the cut removes part of where chosen and rejected differ" if self.unit == "pairs" else ""
+            lines.append(f"  {self.truncated_answers} {self.unit} ({share:.0%}) had answers cut to max_length "
+                         f"({self.max_length}){where}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:

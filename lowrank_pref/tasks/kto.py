@@ -76,7 +76,8 @@ def prepare_kto(rows: list[dict], tokenizer, *, source: str, cfg, n_examples: in
     """Validate, render and tokenize KTO rows. Returns usable examples, the report, and a few rendered examples."""
     rows = data_mod.apply_column_mapping(rows, cfg.data.columns, source)
     fmt, entries = unpaired_rows(rows, source)
-    report = DataReport(source=source, format=fmt, total_rows=len(rows), max_length=cfg.max_length)
+    report = DataReport(source=source, format=fmt, total_rows=len(rows), max_length=cfg.max_length,
+                        unit="examples")
     rendered, kept, failed = [], [], set()
     for i, a, b, c in entries:
         try:

@@ -109,7 +109,8 @@ def prepare_sft(rows: list[dict], tokenizer, *, source: str, cfg, n_examples: in
     rows = data_mod.apply_column_mapping(rows, cfg.data.columns, source)
     fmt = detect_sft_format(rows, source, cfg.sft.source)
     label = fmt if fmt in ("messages", "prompt_completion", "text") else f"{fmt} (chosen answers)"
-    report = DataReport(source=source, format=label, total_rows=len(rows), max_length=cfg.max_length)
+    report = DataReport(source=source, format=label, total_rows=len(rows), max_length=cfg.max_length,
+                        unit="examples")
     examples, shown = [], []
     for i, row in enumerate(rows, 1):
         try:
