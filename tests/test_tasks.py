@@ -264,3 +264,38 @@ def test_a_reward_models_adapter_is_refused_as_a_starting_policy(tmp_path, tiny_
     assert f"error: adapter '{adapter}' is a reward model's (a score head), but task=dpo" in res.stderr
     assert "Traceback" not in res.stderr
     assert "trainable parameters" not in (tmp_path / "out" / "train.log").read_text()  # refused before loading
+
+
+def test_sft_loss_and_token_accuracy_are_the_textbook_ones(tiny_model_dir, pairs_file):
+    """The task's per-token NLL and token accuracy on a micro-batch equal cross-entropy and argmax hits computed from
+    the model's full logits over the loss positions (the LM-head chunks and the frozen-head path change nothing)."""
+    import torch.nn.functional as F
+
+    from lowrank_pref.data import collate_rows
+    from lowrank_pref.model import load_model, load_tokenizer
+    from lowrank_pref.tasks import task_class
+
+    cfg = build_config("tiny", overrides={"task": "sft", "model": str(tiny_model_dir), "dataset": str(pairs_file),
+                                          "logprob_chunk_size": 7})
+    tok = load_tokenizer(cfg)
+    task = task_class("sft")(cfg)
+    items = task.load_data(tok).train[:5]
+    torch.manual_seed(0)
+    model, _ = load_model(cfg, tok, keep_reference=False)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)  # a policy that differs from the base
+    task.setup(model, tok, None)
+    losses, sums, _ = task.losses(model, items)
+    weight = sum(task.weight(e) for e in items)
+    batch = collate_rows([(e.input_ids, e.loss_mask) for e in items], tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+    mask = batch["completion_mask"][:, 1:].bool()
+    targets = batch["input_ids"][:, 1:][mask]
+    picked = logits[:, :-1][mask]
+    assert weight == mask.sum().item()
+    assert (losses.sum() / weight).item() == pytest.approx(F.cross_entropy(picked, targets).item(), rel=1e-5)
+    assert sums["token_accuracy"].item() == (picked.argmax(-1) == targets).sum().item()
+    losses.sum().backward()  # the gradient reaches the adapters through the frozen-head kernel
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lora_A" in n)
