@@ -76,7 +76,9 @@ def prepare_kto(rows: list[dict], tokenizer, *, source: str, cfg, n_examples: in
     """Validate, render and tokenize KTO rows. Returns usable examples, the report, and a few rendered examples."""
     rows = data_mod.apply_column_mapping(rows, cfg.data.columns, source)
     fmt, entries = unpaired_rows(rows, source)
-    report = DataReport(source=source, format=fmt, total_rows=len(rows), max_length=cfg.max_length)
+    report = DataReport(source=source, format=fmt, total_rows=len(rows), max_length=cfg.max_length,
+                        unit="examples", lengths_are="prompt + answer",
+                        answer_cut="each is judged desirable or undesirable on part of its answer")
     rendered, kept, failed = [], [], set()
     for i, a, b, c in entries:
         try:
@@ -111,8 +113,13 @@ def prepare_kto(rows: list[dict], tokenizer, *, source: str, cfg, n_examples: in
         report.truncated_answers += cut_a
         items.append(Completion(p2, a2, label, row=i))
         if len(shown) < n_examples:
+            side = {"name": "desirable" if label else "undesirable", "tokens": len(p2) + len(a2),
+                    "loss_tokens": len(a2), "pieces": data_mod.display_pieces(tokenizer, [
+                        (p[:len(p) - len(p2)], "cut"), (p2, "prompt"), (a2, "loss"), (a[len(a2):], "cut")])}
             shown.append({"row": i, "prompt": pt, "completion": at, "label": label, "prompt_tokens": len(p2),
-                          "completion_tokens": len(a2), "truncated": bool(cut_p or cut_a), "templated": templated})
+                          "completion_tokens": len(a2), "truncated": bool(cut_p or cut_a), "templated": templated,
+                          "note": f"prompt {len(p2)} tokens" + (" · chat template applied" if templated else ""),
+                          "sides": [side]})
     report.usable = len(items)
     return items, report, shown
 
@@ -154,16 +161,19 @@ class KtoTask(Task):
                               "needs batch_size >= 2 (with 1 the KL term equals the example's own reward); raise "
                               "batch_size")
 
+    def prepare_rows(self, rows: list[dict], tokenizer, source: str):
+        return prepare_kto(rows, tokenizer, source=source, cfg=self.cfg)
+
     def load_data(self, tokenizer) -> TaskData:
+        """The base's data path, then the balance of desirable and undesirable examples, with advice when off."""
         cfg = self.cfg
-        d = data_mod.load_task_data(cfg, tokenizer, lambda rows, tok, source: prepare_kto(
-            rows, tok, source=source, cfg=cfg), unit="examples")
+        d = super().load_data(tokenizer)
         n_d = sum(e.label for e in d.train)
         log.info("kto: %d desirable, %d undesirable training examples", n_d, len(d.train) - n_d)
         advice = weight_advice(n_d, len(d.train) - n_d, cfg.kto.desirable_weight, cfg.kto.undesirable_weight)
         if advice:
             log.warning("kto: %s", advice)
-        return TaskData(d.train, d.eval, d.report, d.eval_report, d.examples)
+        return d
 
     def micro_step_tokens(self, items: list) -> tuple[int, int]:
         return len(items) * max(e.num_tokens for e in items), sum(len(e.completion_ids) for e in items)
