@@ -119,8 +119,8 @@ def test_uploads_are_kept_by_content_so_a_runs_data_never_changes(tmp_path):
 
 # ---- handlers, called directly -------------------------------------------------------------------------------
 
-def _form(max_steps=None, **changes):
-    values = form_values(build_config("tiny"))
+def _form(max_steps=None, preset="tiny", **changes):
+    values = form_values(build_config(preset))
     if max_steps:
         values[KEYS.index("max_steps")] = max_steps
     for key, value in changes.items():
@@ -163,8 +163,30 @@ def test_doctor_handler_reads_an_upload(tmp_path):
     app = AppState(tmp_path / "runs", hw=CPU)
     data = write_pairs(tmp_path / "mine.jsonl", n=20)
     report, hist, examples = data_tab.check_data(app, "tiny", str(data), *_form())
-    assert "usable pairs:** 20" in report and int(hist["pairs"].sum()) == 20 and 'class="lp-loss"' in examples
+    assert "usable pairs:** 20" in report and 'class="lp-loss"' in examples
+    assert int(hist["value"]["count"].sum()) == 20
     assert list(app.uploads.iterdir())  # the upload is kept with the runs
+
+
+def test_doctor_reads_the_data_as_each_task_does(tmp_path):
+    """The same 240 pairs through each task's own data path: sft trains on one example per pair (the chosen
+    answer), kto on two (a thumbs-up and a thumbs-down); each is counted, titled and shown in its own words."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    report, hist, examples = data_tab.check_data(app, "tiny-sft", None, *_form(preset="tiny-sft"))
+    assert "**rows:** 240 · **usable examples:** 240" in report and "pairs" not in report
+    assert hist["title"] == "Tokens per example (prompt and answers)" and int(hist["value"]["count"].sum()) == 240
+    assert examples.count("<b>example</b>") == 3 and examples.count('class="lp-cut"') == 1  # the legend's
+    # answers cut by max_length: said in sft's words, and struck through in the examples
+    report, _, examples = data_tab.check_data(app, "tiny-sft", None, *_form(preset="tiny-sft", max_length=40,
+                                                                           max_prompt_length=20))
+    assert "the model never sees how those answers end" in report and examples.count('class="lp-cut"') > 1
+
+    report, hist, examples = data_tab.check_data(app, "tiny-kto", None, *_form(preset="tiny-kto"))
+    assert "**usable examples:** 480" in report and int(hist["value"]["count"].sum()) == 480
+    assert "<b>desirable</b>" in examples and "<b>undesirable</b>" in examples
+    report, _, _ = data_tab.check_data(app, "tiny-kto", None, *_form(preset="tiny-kto", max_length=40,
+                                                                      max_prompt_length=20))
+    assert "judged desirable or undesirable on part of its answer" in report
 
 
 def test_train_tab_plots_come_from_the_runs_task(tmp_path, monkeypatch):
@@ -339,7 +361,8 @@ def test_doctor_reports_an_uploaded_file(app, tmp_path):
     assert "usable pairs:** 30" in report and "rows:** 32" in report
     assert "Skipped 2 row(s)" in report and "rows 31" in report and "rows 32" in report
     assert "Thank you for asking" in examples and 'class="lp-loss"' in examples
-    assert sum(row[1] for row in hist["data"]) == 30  # the histogram counts every usable pair
+    assert hist["title"] == "Tokens per pair (prompt + longer answer)"  # the plot comes titled in the task's words
+    assert sum(row[1] for row in hist["value"]["data"]) == 30  # the histogram counts every usable pair
 
 
 def test_doctor_and_start_refuse_bad_data_plainly(app, tmp_path):
