@@ -146,9 +146,9 @@ class Config:
     center_rewards_coefficient: float | None = _f(None, "Reward task: pull scores towards zero mean (TRL's "
                                                         "centring; 0.01 is typical).", min=0.0)
     # optimisation
-    batch_size: int = _f(1, "Pairs per micro-step.", min=1)
-    eval_batch_size: int | None = _f(None, "Pairs per eval micro-step (default: batch_size).", min=1)
-    gradient_accumulation_steps: int = _f(8, "Micro-steps per optimizer step: batch_size x this = pairs per step.",
+    batch_size: int = _f(1, "Items per micro-step: pairs (dpo, reward) or examples (sft, kto).", min=1)
+    eval_batch_size: int | None = _f(None, "Items per eval micro-step (default: batch_size).", min=1)
+    gradient_accumulation_steps: int = _f(8, "Micro-steps per optimizer step: batch_size x this = items per step.",
                                           min=1)
     learning_rate: float = _f(5e-6, "Peak learning rate of the adapters.", min=0.0, min_exclusive=True)
     lr_scheduler_type: str = _f("cosine", "Schedule after warmup (transformers' names).",
@@ -159,7 +159,7 @@ class Config:
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 disables).", min=0.0)
     optimizer: str = _f("auto", "auto: paged 8-bit AdamW on GPU, torch AdamW on CPU.",
                         choices=("auto", "adamw_torch", "paged_adamw_8bit", "adamw_8bit"))
-    num_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps is set).", min=0.0,
+    num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", min=0.0,
                            min_exclusive=True)
     max_steps: int | None = _f(None, "Stop after this many optimizer steps.", min=1)
     seed: int = _f(42, "Seed for data order, adapter init and dropout.")

@@ -151,6 +151,34 @@ def test_setup_handlers_fill_the_form_and_show_the_command(tmp_path):
     assert {"dpo", "reward"} <= set(setup_tab.ready_tasks())
 
 
+def test_the_form_shows_and_reads_only_the_tasks_own_fields(tmp_path):
+    """Every task's objective keys are made once; the selected task's are shown, and only those override the
+    preset, so what was typed for one task never reaches another's run."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    keys = setup_tab.task_field_keys()
+    assert set(keys) == {k for t in setup_tab.ready_tasks() for k in task_class(t).fields} <= set(KEYS)
+    assert len(set(keys)) == len(keys)
+    shown = lambda task: [k for k, u in zip(keys, setup_tab.task_changed(app, task)) if u["visible"]]  # noqa: E731
+    assert shown("dpo") == ["loss_type", "beta", "rpo_alpha"]
+    assert shown("kto") == ["beta", "kto.desirable_weight", "kto.undesirable_weight"]
+    assert shown("sft") == ["sft.completion_only"] and shown("reward") == ["center_rewards_coefficient"]
+
+    # dpo values left in the hidden boxes: not read for kto (rpo_alpha and loss_type would refuse the run)
+    cfg = config_from_form("tiny", None, _form(task="kto", rpo_alpha=0.2, loss_type="ipo", beta=0.3,
+                                               **{"kto.desirable_weight": 1.5}))
+    assert (cfg.task, cfg.rpo_alpha, cfg.loss_type, cfg.beta, cfg.kto.desirable_weight) == ("kto", None, "sigmoid",
+                                                                                           0.3, 1.5)
+    cfg = config_from_form("tiny-sft", None, _form(preset="tiny-sft", beta=0.9, **{"sft.completion_only": False}))
+    assert cfg.sft.completion_only is False and cfg.beta == build_config("tiny-sft").beta
+    assert config_from_form("tiny", None, _form(rpo_alpha=0.2)).rpo_alpha == 0.2  # dpo's own: read
+    cfg = config_from_form("tiny-reward", None, _form(preset="tiny-reward", center_rewards_coefficient=0.01))
+    assert cfg.center_rewards_coefficient == 0.01
+    # the inputs: a checkbox for a switch, and hidden unless the preset's task has the key
+    sft_cfg = build_config("tiny-sft")
+    box = setup_tab._field("sft.completion_only", "x", sft_cfg)
+    assert box.__class__.__name__ == "Checkbox" and box.visible and not setup_tab._field("beta", "x", sft_cfg).visible
+
+
 def test_sft_first_is_refused_plainly_where_it_cannot_apply(tmp_path):
     app = AppState(tmp_path / "runs", hw=CPU)
     # a reward model starts from the base (and, before the sft task lands, there is no SFT task at all)

@@ -37,7 +37,7 @@ def test_upload_train_watch_stop_in_a_browser(tmp_path):
                                          env={**os.environ, "HOME": str(tmp_path)})
             page = browser.new_page(viewport={"width": 1280, "height": 1400})
             page.goto(f"http://127.0.0.1:{port}/")
-            expect(page.get_by_text("Align an open model to preference data")).to_be_visible(timeout=60_000)
+            expect(page.get_by_text("Fine-tune an open model on one GPU")).to_be_visible(timeout=60_000)
 
             # Setup: more steps than the run will get to, so it can be stopped
             steps = page.get_by_label("Max steps (0: use epochs)")

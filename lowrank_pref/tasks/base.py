@@ -44,6 +44,9 @@ class Task:
     plots: list[tuple[str, dict[str, str]]] = []  # (title, {metric key: series label}) for the app's curves
     accuracy_key = ""  # the metric the app's diagnostics read as "how often it prefers the right answer"
     reads_loss_type = False  # whether loss_type (losses.LOSSES) chooses its loss
+    # The config keys of this task's objective that the app's Setup form shows (only the selected task's are shown,
+    # and only those override the preset); how to train (learning rate, steps, sizes) is common to every task.
+    fields: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config):
         self.cfg = cfg

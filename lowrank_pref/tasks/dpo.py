@@ -31,6 +31,7 @@ class DpoTask(PairTask):
                             "eval_logps/chosen": "eval chosen", "eval_logps/rejected": "eval rejected"})]
     accuracy_key = "rewards/accuracies"
     reads_loss_type = True
+    fields = ("loss_type", "beta", "rpo_alpha")
 
     @property
     def uses_reference(self) -> bool:

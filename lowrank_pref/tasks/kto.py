@@ -151,7 +151,7 @@ class KtoTask(Task):
              ("KL (reference point)", {"kl": "train", "eval_kl": "eval"}),
              ("Log-probs", {"logps/chosen": "desirable", "logps/rejected": "undesirable",
                             "eval_logps/chosen": "eval desirable", "eval_logps/rejected": "eval undesirable"})]
-    accuracy_key = ""
+    fields = ("beta", "kto.desirable_weight", "kto.undesirable_weight")
 
     @classmethod
     def validate(cls, cfg) -> None:

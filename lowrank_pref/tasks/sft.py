@@ -183,6 +183,7 @@ class SftTask(Task):
              ("Perplexity", {"perplexity": "train", "eval_perplexity": "eval"}),
              ("Learning rate", {"learning_rate": "lr"})]
     accuracy_key = "token_accuracy"
+    fields = ("sft.completion_only",)
 
     @classmethod
     def validate(cls, cfg) -> None:
