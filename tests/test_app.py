@@ -69,6 +69,50 @@ def test_task_rules_come_from_the_task_and_shared_rules_from_diagnostics():
     assert "stuck near 0.5" in " ".join(t for _, t in diagnose(stuck, "reward", total_steps=8))
 
 
+def _sft_metrics(n, loss=lambda s: 3.0 - 0.1 * s, evals=()):
+    """Train records of ``n`` steps, then ``evals`` as (step, eval loss)."""
+    return [{"step": s, "loss": loss(s), "token_accuracy": 0.4, "nonfinite_steps": 0} for s in range(1, n + 1)] + [
+        {"step": s, "eval_loss": v, "eval_token_accuracy": 0.5} for s, v in evals]
+
+
+def _kto_metrics(n, loss=lambda s: 0.5 - 0.01 * s, desirable=lambda s: 0.02 * s, undesirable=lambda s: -0.02 * s,
+                 chosen=lambda s: -40.0, rejected=lambda s: -50.0):
+    return [{"step": s, "loss": loss(s), "rewards/chosen": desirable(s), "rewards/rejected": undesirable(s),
+             "rewards/margins": desirable(s) - undesirable(s), "kl": 0.1, "logps/chosen": chosen(s),
+             "logps/rejected": rejected(s), "nonfinite_steps": 0} for s in range(1, n + 1)]
+
+
+def test_sft_diagnostics_read_the_loss_curves():
+    text = lambda ms: " ".join(t for _, t in diagnose(ms, "sft", total_steps=20))  # noqa: E731
+    assert [lvl for lvl, _ in diagnose(_sft_metrics(20, evals=[(10, 2.0), (20, 1.5)]), "sft")] == ["ok"]
+    assert "loss is not falling" in text(_sft_metrics(20, loss=lambda s: 2.0 + 0.01 * (s % 2)))
+    overfit = _sft_metrics(20, evals=[(5, 2.0), (10, 1.8), (15, 2.1), (20, 2.4)])
+    assert "overfitting" in text(overfit) and "step 10 was the best" in text(overfit)
+    # the eval loss rises, but so does the training loss: not overfitting (the other rule speaks)
+    assert "overfitting" not in text(_sft_metrics(20, loss=lambda s: 2.0 + 0.05 * s,
+                                                  evals=[(5, 2.0), (10, 1.8), (15, 2.1), (20, 2.4)]))
+    # a token accuracy is no pairwise accuracy: an eval token accuracy of 0.5 is not "chance"
+    assert task_class("sft").accuracy_key == "" and "stuck near 0.5" not in text(
+        _sft_metrics(20, evals=[(10, 2.0), (20, 1.5)]))
+
+
+def test_kto_diagnostics_read_rewards_margins_and_log_probs():
+    text = lambda ms: " ".join(t for _, t in diagnose(ms, "kto", total_steps=12))  # noqa: E731
+    assert [lvl for lvl, _ in diagnose(_kto_metrics(12), "kto")] == ["ok"]
+    stuck = _kto_metrics(12, loss=lambda s: 0.5, desirable=lambda s: 0.0, undesirable=lambda s: 0.0)
+    assert "policy still equals the reference" in text(stuck)
+    inverted = _kto_metrics(12, desirable=lambda s: -0.02 * s, undesirable=lambda s: 0.02 * s)
+    assert "labels are not inverted" in text(inverted)
+    early_only = _kto_metrics(12, desirable=lambda s: 0.05 * (s - 4), undesirable=lambda s: 0.0)
+    assert "inverted" not in text(early_only)  # negative at the start, positive late: learning, not inverted
+    falling = _kto_metrics(12, chosen=lambda s: -40 - s, rejected=lambda s: -50 - 2 * s)
+    assert "likelihood displacement" in text(falling) and "desirable -" in text(falling)
+    # the same rule, one function, for dpo: its own words and its own fix
+    dpo = " ".join(t for _, t in diagnose(_dpo_metrics(12, chosen=lambda s: -40 - s, rejected=lambda s: -50 - 2 * s),
+                                          "dpo"))
+    assert "Both chosen and rejected log-probs are falling" in dpo and "rpo_alpha" in dpo
+
+
 def test_preset_suggested_from_the_card():
     assert suggest_preset({"gpu": None}) == "tiny"
     assert suggest_preset({"gpu": "RTX 2060", "memory_gb": 5.8}) == "6gb-dpo"

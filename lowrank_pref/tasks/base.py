@@ -42,7 +42,10 @@ class Task:
     shared_prompt = False  # whether items can go through as one [prompt | chosen | rejected] row
     uses_reference = False  # whether it reads the frozen reference (then a starting adapter is loaded twice)
     plots: list[tuple[str, dict[str, str]]] = []  # (title, {metric key: series label}) for the app's curves
-    accuracy_key = ""  # the metric the app's diagnostics read as "how often it prefers the right answer"
+    # A pairwise accuracy (how often the better answer wins), whose chance level is 0.5: the shared diagnostics
+    # warn when its eval value stays near 0.5. "" for a task without one (a token accuracy is not: its chance level
+    # is about 1 / vocabulary size).
+    accuracy_key = ""
     reads_loss_type = False  # whether loss_type (losses.LOSSES) chooses its loss
     # The config keys of this task's objective that the app's Setup form shows (only the selected task's are shown,
     # and only those override the preset); how to train (learning rate, steps, sizes) is common to every task.

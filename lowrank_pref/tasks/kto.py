@@ -233,5 +233,33 @@ class KtoTask(Task):
         if f"{prefix}rewards/chosen" in record and f"{prefix}rewards/rejected" in record:
             record[f"{prefix}rewards/margins"] = record[f"{prefix}rewards/chosen"] - record[f"{prefix}rewards/rejected"]
 
+    @classmethod
+    def diagnose(cls, metrics: list[dict]) -> list[tuple[str, str]]:
+        """A policy that never leaves the reference (the loss at its start, zero rewards), desirable answers rewarded
+        below undesirable ones late in the run (inverted labels), and likelihood displacement (both log-probs
+        falling). Desirable answers are logged as ``chosen``, undesirable ones as ``rejected``."""
+        from ..diagnostics import likelihood_displacement, mean, series
+
+        out = []
+        loss = series(metrics, "loss")
+        rewards = [abs(v) for key in ("rewards/chosen", "rewards/rejected") for _, v in series(metrics, key)[-3:]]
+        if len(loss) >= 5 and all(abs(v - loss[0][1]) < 0.003 for _, v in loss[-3:]) and rewards and \
+                max(rewards) < 1e-3:
+            out.append(("warn", f"The loss stays at its starting value ({loss[-1][1]:.3f}) and the rewards stay at "
+                                "zero: the policy still equals the reference, so the adapter is not learning. Check "
+                                "that the learning rate is not tiny, that beta is not near 0, and that the LoRA "
+                                "target modules exist."))
+        margins = series(metrics, "rewards/margins")
+        late = [v for _, v in margins[-max(2, len(margins) // 4):]]
+        if len(margins) >= 8 and all(v < 0 for v in late) and mean(late) < -1e-3:
+            out.append(("warn", f"Late in the run the desirable answers are rewarded below the undesirable ones "
+                                f"(margin {mean(late):+.3f}): the model moves towards the thumbs-down answers. Check "
+                                "that the labels are not inverted: label true must mean desirable (for pairs: "
+                                "chosen must be the better answer)."))
+        out += likelihood_displacement(metrics, ("desirable", "undesirable"),
+                                       "Lower the learning rate, raise beta (it keeps the policy nearer its "
+                                       "reference), or start from an SFT adapter (SFT first).")
+        return out
+
 
 TASK = KtoTask

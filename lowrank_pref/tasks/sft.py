@@ -182,7 +182,6 @@ class SftTask(Task):
              ("Token accuracy", {"token_accuracy": "train", "eval_token_accuracy": "eval"}),
              ("Perplexity", {"perplexity": "train", "eval_perplexity": "eval"}),
              ("Learning rate", {"learning_rate": "lr"})]
-    accuracy_key = "token_accuracy"
     fields = ("sft.completion_only",)
 
     @classmethod
@@ -216,6 +215,35 @@ class SftTask(Task):
     def derived(self, record: dict, prefix: str = "") -> None:
         if f"{prefix}loss" in record:  # perplexity of the answer tokens: exp of the mean per-token NLL
             record[f"{prefix}perplexity"] = math.exp(min(record[f"{prefix}loss"], 50.0))
+
+    @classmethod
+    def diagnose(cls, metrics: list[dict]) -> list[tuple[str, str]]:
+        """A loss that does not fall (nothing learned), and an eval loss that rises while the training loss still
+        falls (overfitting)."""
+        from ..diagnostics import mean, quarters, series
+
+        out = []
+        loss = series(metrics, "loss")
+        if len(loss) >= 8:
+            start, end = quarters(loss)
+            if end > start - max(0.01, 0.02 * abs(start)):
+                out.append(("warn", f"The training loss is not falling (first steps {start:.3f}, last steps "
+                                    f"{end:.3f}): the adapter is not learning the answers. The learning rate may be "
+                                    "too low (raise it), or the data gives little to learn: check in the Data tab "
+                                    "that the answers carry the loss and are not cut away."))
+        evals = series(metrics, "eval_loss")
+        if len(evals) >= 3 and loss:
+            best_step, best = min(evals, key=lambda p: p[1])
+            last_step, last = evals[-1]
+            then = [v for s, v in loss if s <= best_step][-3:]
+            now = [v for _, v in loss[-3:]]
+            if (best_step < last_step and last > best + max(0.01, 0.02 * abs(best)) and then
+                    and mean(now) < mean(then)):
+                out.append(("warn", f"The eval loss is rising (lowest {best:.3f} at step {best_step}, now {last:.3f} "
+                                    f"at step {last_step}) while the training loss still falls: the adapter "
+                                    "memorises its training examples (overfitting). Train fewer epochs or steps "
+                                    f"(step {best_step} was the best so far), or lower the learning rate."))
+        return out
 
 
 TASK = SftTask
