@@ -389,6 +389,52 @@ def test_sft_first_then_dpo_from_the_sft_adapter(tmp_path):
     assert f"reference: adapter (the starting adapter {app.manager.root / sft / 'adapter'}, frozen)" in log
 
 
+def _finish(app: AppState, run: str, timeout: float = 600) -> str:
+    """Wait for a run the test started to end, by its status (a busy machine only makes this slower); a run still
+    training at the timeout is stopped, and the test fails."""
+    end = time.time() + timeout
+    while time.time() < end:
+        app.manager.reap()
+        state = app.manager.run_dir(run).state()
+        if state != "running":
+            return state
+        time.sleep(1)
+    app.manager.stop(run)
+    app.manager.wait(run, timeout=120)
+    raise AssertionError(f"run {run} still training after {timeout:.0f} s; stopped")
+
+
+@pytest.mark.parametrize("preset, series", [
+    ("tiny-sft", {"Loss": {"train", "eval"}, "Token accuracy": {"train", "eval"}, "Perplexity": {"train", "eval"}}),
+    ("tiny-kto", {"Rewards": {"desirable", "undesirable", "margin", "eval margin"},
+                  "KL (reference point)": {"train", "eval"}, "Log-probs": {"desirable", "eval undesirable"}}),
+])
+def test_sft_and_kto_runs_through_the_handlers(tmp_path, preset, series):
+    """The user's path for a task other than dpo: Start from its preset, wait, refresh; the curves are titled and
+    named as the task's, the diagnostics read them, and Try it generates from the trained adapter."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    task = build_config(preset).task
+    _, update = train_tab.start(app, preset, None, False, *_form(max_steps=12, preset=preset))
+    run = update["value"]
+    try:
+        assert run.startswith(f"{task}-") and _finish(app, run) == "completed"
+    finally:
+        if app.manager.active():
+            app.manager.stop()
+            app.manager.wait(run, timeout=120)
+    layout = train_tab.plot_layout(app, run)
+    titles = [u["title"] for u in layout if u["visible"]]
+    assert titles == [title for title, _ in task_class(task).plots]
+    progress, *frames, diagnostics, log = train_tab.refresh(app, run)
+    assert "completed" in progress and "12 / 12" in progress
+    for title, names in series.items():
+        assert names <= set(frames[titles.index(title)]["series"]), title
+    assert diagnostics.startswith(("✅", "⚠️")) and "at step 12" in diagnostics  # rendered, and read to the end
+    assert "pairs" not in diagnostics
+    policy, reference = try_tab.generate(app, run, "Can you tell me how to save money?", False)
+    assert policy and reference
+
+
 # ---- the launched app ---------------------------------------------------------------------------------------------
 
 
