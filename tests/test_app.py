@@ -284,6 +284,28 @@ def test_train_tab_plots_come_from_the_runs_task(tmp_path, monkeypatch):
     assert train_tab.refresh(app, "gone")[-2] == "no run named 'gone' in " + str(app.manager.root)
 
 
+def test_the_last_eval_in_words_and_a_run_list_that_follows_the_state(tmp_path):
+    """A run that evaluates once (at its end) has one eval point per series, which a line plot cannot draw: the
+    progress area gives the numbers in the task's words. The run list is relisted when the selected run's state
+    changes, so it does not say "running" beside a completed run."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    metrics = [{"step": 12, "loss": 0.43, "rewards/margins": 0.6},
+               {"step": 12, "eval_loss": 0.4163, "eval_kl": 3.1021, "eval_rewards/margins": 0.6793,
+                "eval_logps/chosen": -256.9, "eval_logps/rejected": -58.7}]
+    run = _fake_run(app.manager.root, "k1", "kto", metrics, state="running", pid=os.getpid(), step=12,
+                    total_steps=12)
+    assert ("Eval at step 12: Loss <b>0.4163</b> · Rewards: margin <b>0.6793</b> · KL (reference point) <b>3.102</b>"
+            " · Log-probs: desirable <b>-256.9</b>, undesirable <b>-58.7</b>") in train_tab.refresh(app, "k1")[0]
+    assert train_tab.last_eval(metrics[:1], "kto") == ""  # no eval yet: nothing said
+
+    update, shown = train_tab.relist(app, "k1", None)
+    assert shown == "k1:running" and "running" in update["choices"][0][0]
+    assert train_tab.relist(app, "k1", shown) == ({"__type__": "update"}, shown)  # nothing changed: left alone
+    run.write_status(state="completed")
+    update, shown = train_tab.relist(app, "k1", shown)
+    assert shown == "k1:completed" and "completed" in update["choices"][0][0] and update["value"] == "k1"
+
+
 def test_eta_reads_the_speed_of_the_runs_unit(tmp_path, monkeypatch):
     app = AppState(tmp_path / "runs", hw=CPU)
     metrics = [{"step": 10, "loss": 0.5, "pairs_per_second": 16.0, "examples_per_second": 8.0}]
@@ -426,7 +448,7 @@ def test_sft_and_kto_runs_through_the_handlers(tmp_path, preset, series):
     titles = [u["title"] for u in layout if u["visible"]]
     assert titles == [title for title, _ in task_class(task).plots]
     progress, *frames, diagnostics, log = train_tab.refresh(app, run)
-    assert "completed" in progress and "12 / 12" in progress
+    assert "completed" in progress and "12 / 12" in progress and "Eval at step 12: Loss <b>" in progress
     for title, names in series.items():
         assert names <= set(frames[titles.index(title)]["series"]), title
     assert diagnostics.startswith(("✅", "⚠️")) and "at step 12" in diagnostics  # rendered, and read to the end

@@ -32,6 +32,7 @@ CSS = """
 .lp-progress {height: 12px; background: #e5e7eb; border-radius: 6px; overflow: hidden}
 .lp-bar {height: 100%; background: #f97316; transition: width .5s}
 .lp-status {margin-top: 4px}
+.lp-eval {margin-top: 2px; color: #374151}
 .lp-example {border: 1px solid #e5e7eb; border-radius: 6px; padding: 6px; margin: 6px 0}
 .lp-side pre {white-space: pre-wrap; margin: 2px 0}
 .lp-loss {background: #bbf7d0}
