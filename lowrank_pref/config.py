@@ -159,7 +159,7 @@ class Config:
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 disables).", min=0.0)
     optimizer: str = _f("auto", "auto: paged 8-bit AdamW on GPU, torch AdamW on CPU.",
                         choices=("auto", "adamw_torch", "paged_adamw_8bit", "adamw_8bit"))
-    num_epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps is set).", min=0.0,
+    num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", min=0.0,
                            min_exclusive=True)
     max_steps: int | None = _f(None, "Stop after this many optimizer steps.", min=1)
     seed: int = _f(42, "Seed for data order, adapter init and dropout.")

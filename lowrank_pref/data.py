@@ -76,10 +76,13 @@ class DataReport:
     dropped: Counter = field(default_factory=Counter)  # reason -> count
     dropped_rows: dict = field(default_factory=dict)  # reason -> first few 1-based row numbers
     truncated_prompts: int = 0
-    truncated_answers: int = 0  # pairs where truncation cut into an answer (where chosen and rejected differ)
-    lengths: list = field(default_factory=list)  # longest of prompt+chosen, prompt+rejected, before truncation
+    truncated_answers: int = 0  # items where truncation cut into an answer
+    lengths: list = field(default_factory=list)  # tokens of each item before truncation (see lengths_are)
     max_length: int = 0
-    unit: str = "pairs"  # what a usable row became: pairs, or examples (sft, kto)
+    # What the numbers count and mean, in the words of the task that made the report (a pair task's by default):
+    unit: str = "pairs"  # what one usable item is
+    lengths_are: str = "prompt + longer answer"  # what one entry of ``lengths`` measures
+    answer_cut: str = "the cut removes part of where chosen and rejected differ"  # what a cut answer costs
 
     def drop(self, reason: str, row: int) -> None:
         self.dropped[reason] += 1
@@ -88,7 +91,7 @@ class DataReport:
             self.dropped_rows[reason].append(row)
 
     def summary(self) -> str:
-        lines = [f"{self.source}: format {self.format}, {self.total_rows} rows, {self.usable} usable"]
+        lines = [f"{self.source}: format {self.format}, {self.total_rows} rows, {self.usable} usable {self.unit}"]
         for reason, n in self.dropped.most_common():
             rows = ", ".join(map(str, self.dropped_rows[reason]))
             lines.append(f"  skipped {n} row(s): {reason} (rows {rows}{', ...' if n > 5 else ''})")
@@ -96,16 +99,15 @@ class DataReport:
             lines.append(f"  {self.truncated_prompts} prompt(s) cut from the left to max_prompt_length")
         if self.truncated_answers:
             share = self.truncated_answers / max(self.usable, 1)
-            where = "; the cut removes part of where chosen and rejected differ" if self.unit == "pairs" else ""
-            lines.append(f"  {self.truncated_answers} {self.unit} ({share:.0%}) had answers cut to max_length "
-                         f"({self.max_length}){where}")
+            lines.append(f"  {self.truncated_answers} {self.unit.rstrip('s')}(s) ({share:.0%}) had answers cut to "
+                         f"max_length ({self.max_length}); {self.answer_cut}")
         return "\n".join(lines)
 
     def as_dict(self) -> dict:
         return {"source": self.source, "format": self.format, "total_rows": self.total_rows, "usable": self.usable,
                 "dropped": dict(self.dropped), "dropped_rows": self.dropped_rows,
                 "truncated_prompts": self.truncated_prompts, "truncated_answers": self.truncated_answers,
-                "max_length": self.max_length}
+                "max_length": self.max_length, "unit": self.unit}
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -521,6 +523,13 @@ def truncate(prompt: list, chosen: list, rejected: list, max_length: int, max_pr
     return prompt, chosen[:room], rejected[:room], cut_prompt, cut_answer
 
 
+def display_pieces(tokenizer, parts: list[tuple[list[int], str]]) -> list[list]:
+    """``[[text, kind], ...]`` of token runs as the app's data doctor shows them, kind ``prompt`` (no loss),
+    ``loss`` (tokens that carry the loss) or ``cut`` (removed by truncation); empty runs are left out. Each run is
+    decoded on its own, at the token boundaries the data path cut it at."""
+    return [[tokenizer.decode(ids), kind] for ids, kind in parts if ids]
+
+
 @dataclass
 class PreferenceData:
     train: list[Pair]
@@ -573,18 +582,28 @@ def prepare(rows: list[dict], tokenizer, *, source: str, columns: dict, max_leng
         report.truncated_answers += cut_a
         pairs.append(Pair(p2, c2, r2, margin=m, row=i))
         if len(examples) < n_examples:
+            head = p[:len(p) - len(p2)]  # what the left cut took from the prompt
+            sides = [{"name": name, "tokens": len(p2) + len(kept), "loss_tokens": len(kept),
+                      "pieces": display_pieces(tokenizer, [(head, "cut"), (p2, "prompt"), (kept, "loss"),
+                                                           (full[len(kept):], "cut")])}
+                     for name, full, kept in (("chosen", c, c2), ("rejected", r, r2))]
+            note = f"prompt {len(p2)} tokens" + (" · chat template applied" if texts[3] else "")
             examples.append({"row": i, "prompt": texts[0], "chosen": texts[1], "rejected": texts[2],
                              "prompt_tokens": len(p2), "chosen_tokens": len(c2), "rejected_tokens": len(r2),
-                             "truncated": bool(cut_p or cut_a), "templated": texts[3]})
+                             "truncated": bool(cut_p or cut_a), "templated": texts[3], "note": note, "sides": sides})
     report.usable = len(pairs)
     return pairs, report, examples
 
 
+def prepare_pairs(rows: list[dict], tokenizer, *, source: str, cfg, n_examples: int = 3):
+    """:func:`prepare` with the config's data settings: what the pair tasks (dpo, reward) read rows with."""
+    return prepare(rows, tokenizer, source=source, columns=cfg.data.columns, max_length=cfg.max_length,
+                   max_prompt_length=cfg.max_prompt_length, on_bad_rows=cfg.data.on_bad_rows, n_examples=n_examples)
+
+
 def load_preference_data(cfg, tokenizer) -> PreferenceData:
     """The whole data path for a pair run: train pairs, eval pairs (given or held out), reports."""
-    return load_task_data(cfg, tokenizer, functools.partial(
-        prepare, columns=cfg.data.columns, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-        on_bad_rows=cfg.data.on_bad_rows), unit="pairs")
+    return load_task_data(cfg, tokenizer, functools.partial(prepare_pairs, cfg=cfg), unit="pairs")
 
 
 def has_named_splits(source: str) -> bool:

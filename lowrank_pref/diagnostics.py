@@ -1,7 +1,8 @@
 """What the curves say, in plain words: the known ways a run goes wrong, read from metrics.jsonl.
 
 The rules every task shares live here (non-finite steps, eval accuracy at chance); the ones that only make sense for
-one task's metrics are its ``Task.diagnose`` (tasks/), so a new task brings its own without a branch here.
+one task's metrics are its ``Task.diagnose`` (tasks/), so a new task brings its own without a branch here. A rule
+that several tasks read from the same metrics (both log-probs falling) is one function here, called by each.
 """
 
 from __future__ import annotations
@@ -18,6 +19,29 @@ def series(metrics: list[dict], key: str) -> list[tuple[int, float]]:
 
 def mean(values: list[float]) -> float:
     return sum(values) / len(values) if values else float("nan")
+
+
+def quarters(points: list[tuple[int, float]]) -> tuple[float, float]:
+    """Means of the first and the last quarter (at least two points each) of a series: its start and end, less
+    noisy than single steps."""
+    q = max(2, len(points) // 4)
+    return mean([v for _, v in points[:q]]), mean([v for _, v in points[-q:]])
+
+
+def likelihood_displacement(metrics: list[dict], sides: tuple[str, str], fix: str) -> list[tuple[str, str]]:
+    """Both answers' log-probs (``logps/chosen`` and ``logps/rejected``) falling by more than a nat over the run:
+    the preference objective is met by pushing the worse answer down faster than the better one, and the better
+    one goes down too (likelihood displacement; Razin et al. 2024). ``sides``: what the two are called in this
+    task; ``fix``: what to do about it in this task's keys."""
+    chosen, rejected = series(metrics, "logps/chosen"), series(metrics, "logps/rejected")
+    if len(chosen) < 8 or len(rejected) < 8:
+        return []
+    d_chosen, d_rejected = (end - start for start, end in (quarters(chosen), quarters(rejected)))
+    if d_chosen < -1.0 and d_rejected < -1.0:
+        return [("warn", f"Both {sides[0]} and {sides[1]} log-probs are falling ({sides[0]} {d_chosen:+.1f}, "
+                         f"{sides[1]} {d_rejected:+.1f} nats): likelihood displacement, the model unlearns the good "
+                         f"answers too. {fix}")]
+    return []
 
 
 def diagnose(metrics: list[dict], task: str | None = None, total_steps: int | None = None) -> list[tuple[str, str]]:

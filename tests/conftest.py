@@ -14,6 +14,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Offline from the start, not from the first fixture: huggingface_hub reads HF_HUB_OFFLINE once, when it is first
+# imported, and test modules that import gradio import it while they are collected. Set later, a test that reaches
+# the hub (test_data's default-template one) waited out network timeouts, 208 s, whenever test_app.py ran first.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+
 
 class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the aten ops run inside it, by name (which path a layer took, or what a backward computes, shows in
@@ -33,8 +39,6 @@ class OpCounter(torch.utils._python_dispatch.TorchDispatchMode):
 def _isolated_cache(tmp_path_factory):
     cache = tmp_path_factory.mktemp("lowrank_cache")
     os.environ["LOWRANK_PREF_CACHE"] = str(cache)
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["HF_DATASETS_OFFLINE"] = "1"
     os.environ["LOWRANK_PREF_PROGRESS"] = "0"
     from lowrank_pref.run import quiet_libraries
 

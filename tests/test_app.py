@@ -69,6 +69,50 @@ def test_task_rules_come_from_the_task_and_shared_rules_from_diagnostics():
     assert "stuck near 0.5" in " ".join(t for _, t in diagnose(stuck, "reward", total_steps=8))
 
 
+def _sft_metrics(n, loss=lambda s: 3.0 - 0.1 * s, evals=()):
+    """Train records of ``n`` steps, then ``evals`` as (step, eval loss)."""
+    return [{"step": s, "loss": loss(s), "token_accuracy": 0.4, "nonfinite_steps": 0} for s in range(1, n + 1)] + [
+        {"step": s, "eval_loss": v, "eval_token_accuracy": 0.5} for s, v in evals]
+
+
+def _kto_metrics(n, loss=lambda s: 0.5 - 0.01 * s, desirable=lambda s: 0.02 * s, undesirable=lambda s: -0.02 * s,
+                 chosen=lambda s: -40.0, rejected=lambda s: -50.0):
+    return [{"step": s, "loss": loss(s), "rewards/chosen": desirable(s), "rewards/rejected": undesirable(s),
+             "rewards/margins": desirable(s) - undesirable(s), "kl": 0.1, "logps/chosen": chosen(s),
+             "logps/rejected": rejected(s), "nonfinite_steps": 0} for s in range(1, n + 1)]
+
+
+def test_sft_diagnostics_read_the_loss_curves():
+    text = lambda ms: " ".join(t for _, t in diagnose(ms, "sft", total_steps=20))  # noqa: E731
+    assert [lvl for lvl, _ in diagnose(_sft_metrics(20, evals=[(10, 2.0), (20, 1.5)]), "sft")] == ["ok"]
+    assert "loss is not falling" in text(_sft_metrics(20, loss=lambda s: 2.0 + 0.01 * (s % 2)))
+    overfit = _sft_metrics(20, evals=[(5, 2.0), (10, 1.8), (15, 2.1), (20, 2.4)])
+    assert "overfitting" in text(overfit) and "step 10 was the best" in text(overfit)
+    # the eval loss rises, but so does the training loss: not overfitting (the other rule speaks)
+    assert "overfitting" not in text(_sft_metrics(20, loss=lambda s: 2.0 + 0.05 * s,
+                                                  evals=[(5, 2.0), (10, 1.8), (15, 2.1), (20, 2.4)]))
+    # a token accuracy is no pairwise accuracy: an eval token accuracy of 0.5 is not "chance"
+    assert task_class("sft").accuracy_key == "" and "stuck near 0.5" not in text(
+        _sft_metrics(20, evals=[(10, 2.0), (20, 1.5)]))
+
+
+def test_kto_diagnostics_read_rewards_margins_and_log_probs():
+    text = lambda ms: " ".join(t for _, t in diagnose(ms, "kto", total_steps=12))  # noqa: E731
+    assert [lvl for lvl, _ in diagnose(_kto_metrics(12), "kto")] == ["ok"]
+    stuck = _kto_metrics(12, loss=lambda s: 0.5, desirable=lambda s: 0.0, undesirable=lambda s: 0.0)
+    assert "policy still equals the reference" in text(stuck)
+    inverted = _kto_metrics(12, desirable=lambda s: -0.02 * s, undesirable=lambda s: 0.02 * s)
+    assert "labels are not inverted" in text(inverted)
+    early_only = _kto_metrics(12, desirable=lambda s: 0.05 * (s - 4), undesirable=lambda s: 0.0)
+    assert "inverted" not in text(early_only)  # negative at the start, positive late: learning, not inverted
+    falling = _kto_metrics(12, chosen=lambda s: -40 - s, rejected=lambda s: -50 - 2 * s)
+    assert "likelihood displacement" in text(falling) and "desirable -" in text(falling)
+    # the same rule, one function, for dpo: its own words and its own fix
+    dpo = " ".join(t for _, t in diagnose(_dpo_metrics(12, chosen=lambda s: -40 - s, rejected=lambda s: -50 - 2 * s),
+                                          "dpo"))
+    assert "Both chosen and rejected log-probs are falling" in dpo and "rpo_alpha" in dpo
+
+
 def test_preset_suggested_from_the_card():
     assert suggest_preset({"gpu": None}) == "tiny"
     assert suggest_preset({"gpu": "RTX 2060", "memory_gb": 5.8}) == "6gb-dpo"
@@ -119,8 +163,8 @@ def test_uploads_are_kept_by_content_so_a_runs_data_never_changes(tmp_path):
 
 # ---- handlers, called directly -------------------------------------------------------------------------------
 
-def _form(max_steps=None, **changes):
-    values = form_values(build_config("tiny"))
+def _form(max_steps=None, preset="tiny", **changes):
+    values = form_values(build_config(preset))
     if max_steps:
         values[KEYS.index("max_steps")] = max_steps
     for key, value in changes.items():
@@ -151,6 +195,34 @@ def test_setup_handlers_fill_the_form_and_show_the_command(tmp_path):
     assert {"dpo", "reward"} <= set(setup_tab.ready_tasks())
 
 
+def test_the_form_shows_and_reads_only_the_tasks_own_fields(tmp_path):
+    """Every task's objective keys are made once; the selected task's are shown, and only those override the
+    preset, so what was typed for one task never reaches another's run."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    keys = setup_tab.task_field_keys()
+    assert set(keys) == {k for t in setup_tab.ready_tasks() for k in task_class(t).fields} <= set(KEYS)
+    assert len(set(keys)) == len(keys)
+    shown = lambda task: [k for k, u in zip(keys, setup_tab.task_changed(app, task)) if u["visible"]]  # noqa: E731
+    assert shown("dpo") == ["loss_type", "beta", "rpo_alpha"]
+    assert shown("kto") == ["beta", "kto.desirable_weight", "kto.undesirable_weight"]
+    assert shown("sft") == ["sft.completion_only"] and shown("reward") == ["center_rewards_coefficient"]
+
+    # dpo values left in the hidden boxes: not read for kto (rpo_alpha and loss_type would refuse the run)
+    cfg = config_from_form("tiny", None, _form(task="kto", rpo_alpha=0.2, loss_type="ipo", beta=0.3,
+                                               **{"kto.desirable_weight": 1.5}))
+    assert (cfg.task, cfg.rpo_alpha, cfg.loss_type, cfg.beta, cfg.kto.desirable_weight) == ("kto", None, "sigmoid",
+                                                                                           0.3, 1.5)
+    cfg = config_from_form("tiny-sft", None, _form(preset="tiny-sft", beta=0.9, **{"sft.completion_only": False}))
+    assert cfg.sft.completion_only is False and cfg.beta == build_config("tiny-sft").beta
+    assert config_from_form("tiny", None, _form(rpo_alpha=0.2)).rpo_alpha == 0.2  # dpo's own: read
+    cfg = config_from_form("tiny-reward", None, _form(preset="tiny-reward", center_rewards_coefficient=0.01))
+    assert cfg.center_rewards_coefficient == 0.01
+    # the inputs: a checkbox for a switch, and hidden unless the preset's task has the key
+    sft_cfg = build_config("tiny-sft")
+    box = setup_tab._field("sft.completion_only", "x", sft_cfg)
+    assert box.__class__.__name__ == "Checkbox" and box.visible and not setup_tab._field("beta", "x", sft_cfg).visible
+
+
 def test_sft_first_is_refused_plainly_where_it_cannot_apply(tmp_path):
     app = AppState(tmp_path / "runs", hw=CPU)
     # a reward model starts from the base (and, before the sft task lands, there is no SFT task at all)
@@ -163,8 +235,30 @@ def test_doctor_handler_reads_an_upload(tmp_path):
     app = AppState(tmp_path / "runs", hw=CPU)
     data = write_pairs(tmp_path / "mine.jsonl", n=20)
     report, hist, examples = data_tab.check_data(app, "tiny", str(data), *_form())
-    assert "usable pairs:** 20" in report and int(hist["pairs"].sum()) == 20 and 'class="lp-loss"' in examples
+    assert "usable pairs:** 20" in report and 'class="lp-loss"' in examples
+    assert int(hist["value"]["count"].sum()) == 20
     assert list(app.uploads.iterdir())  # the upload is kept with the runs
+
+
+def test_doctor_reads_the_data_as_each_task_does(tmp_path):
+    """The same 240 pairs through each task's own data path: sft trains on one example per pair (the chosen
+    answer), kto on two (a thumbs-up and a thumbs-down); each is counted, titled and shown in its own words."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    report, hist, examples = data_tab.check_data(app, "tiny-sft", None, *_form(preset="tiny-sft"))
+    assert "**rows:** 240 · **usable examples:** 240" in report and "pairs" not in report
+    assert hist["title"] == "Tokens per example (prompt and answers)" and int(hist["value"]["count"].sum()) == 240
+    assert examples.count("<b>example</b>") == 3 and examples.count('class="lp-cut"') == 1  # the legend's
+    # answers cut by max_length: said in sft's words, and struck through in the examples
+    report, _, examples = data_tab.check_data(app, "tiny-sft", None, *_form(preset="tiny-sft", max_length=40,
+                                                                           max_prompt_length=20))
+    assert "the model never sees how those answers end" in report and examples.count('class="lp-cut"') > 1
+
+    report, hist, examples = data_tab.check_data(app, "tiny-kto", None, *_form(preset="tiny-kto"))
+    assert "**usable examples:** 480" in report and int(hist["value"]["count"].sum()) == 480
+    assert "<b>desirable</b>" in examples and "<b>undesirable</b>" in examples
+    report, _, _ = data_tab.check_data(app, "tiny-kto", None, *_form(preset="tiny-kto", max_length=40,
+                                                                      max_prompt_length=20))
+    assert "judged desirable or undesirable on part of its answer" in report
 
 
 def test_train_tab_plots_come_from_the_runs_task(tmp_path, monkeypatch):
@@ -188,6 +282,28 @@ def test_train_tab_plots_come_from_the_runs_task(tmp_path, monkeypatch):
     # nothing selected, or a folder removed under the page: every slot hidden, a plain line
     assert not any(u["visible"] for u in train_tab.plot_layout(app, None))
     assert train_tab.refresh(app, "gone")[-2] == "no run named 'gone' in " + str(app.manager.root)
+
+
+def test_the_last_eval_in_words_and_a_run_list_that_follows_the_state(tmp_path):
+    """A run that evaluates once (at its end) has one eval point per series, which a line plot cannot draw: the
+    progress area gives the numbers in the task's words. The run list is relisted when the selected run's state
+    changes, so it does not say "running" beside a completed run."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    metrics = [{"step": 12, "loss": 0.43, "rewards/margins": 0.6},
+               {"step": 12, "eval_loss": 0.4163, "eval_kl": 3.1021, "eval_rewards/margins": 0.6793,
+                "eval_logps/chosen": -256.9, "eval_logps/rejected": -58.7}]
+    run = _fake_run(app.manager.root, "k1", "kto", metrics, state="running", pid=os.getpid(), step=12,
+                    total_steps=12)
+    assert ("Eval at step 12: Loss <b>0.4163</b> · Rewards: margin <b>0.6793</b> · KL (reference point) <b>3.102</b>"
+            " · Log-probs: desirable <b>-256.9</b>, undesirable <b>-58.7</b>") in train_tab.refresh(app, "k1")[0]
+    assert train_tab.last_eval(metrics[:1], "kto") == ""  # no eval yet: nothing said
+
+    update, shown = train_tab.relist(app, "k1", None)
+    assert shown == "k1:running" and "running" in update["choices"][0][0]
+    assert train_tab.relist(app, "k1", shown) == ({"__type__": "update"}, shown)  # nothing changed: left alone
+    run.write_status(state="completed")
+    update, shown = train_tab.relist(app, "k1", shown)
+    assert shown == "k1:completed" and "completed" in update["choices"][0][0] and update["value"] == "k1"
 
 
 def test_eta_reads_the_speed_of_the_runs_unit(tmp_path, monkeypatch):
@@ -295,6 +411,52 @@ def test_sft_first_then_dpo_from_the_sft_adapter(tmp_path):
     assert f"reference: adapter (the starting adapter {app.manager.root / sft / 'adapter'}, frozen)" in log
 
 
+def _finish(app: AppState, run: str, timeout: float = 600) -> str:
+    """Wait for a run the test started to end, by its status (a busy machine only makes this slower); a run still
+    training at the timeout is stopped, and the test fails."""
+    end = time.time() + timeout
+    while time.time() < end:
+        app.manager.reap()
+        state = app.manager.run_dir(run).state()
+        if state != "running":
+            return state
+        time.sleep(1)
+    app.manager.stop(run)
+    app.manager.wait(run, timeout=120)
+    raise AssertionError(f"run {run} still training after {timeout:.0f} s; stopped")
+
+
+@pytest.mark.parametrize("preset, series", [
+    ("tiny-sft", {"Loss": {"train", "eval"}, "Token accuracy": {"train", "eval"}, "Perplexity": {"train", "eval"}}),
+    ("tiny-kto", {"Rewards": {"desirable", "undesirable", "margin", "eval margin"},
+                  "KL (reference point)": {"train", "eval"}, "Log-probs": {"desirable", "eval undesirable"}}),
+])
+def test_sft_and_kto_runs_through_the_handlers(tmp_path, preset, series):
+    """The user's path for a task other than dpo: Start from its preset, wait, refresh; the curves are titled and
+    named as the task's, the diagnostics read them, and Try it generates from the trained adapter."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    task = build_config(preset).task
+    _, update = train_tab.start(app, preset, None, False, *_form(max_steps=12, preset=preset))
+    run = update["value"]
+    try:
+        assert run.startswith(f"{task}-") and _finish(app, run) == "completed"
+    finally:
+        if app.manager.active():
+            app.manager.stop()
+            app.manager.wait(run, timeout=120)
+    layout = train_tab.plot_layout(app, run)
+    titles = [u["title"] for u in layout if u["visible"]]
+    assert titles == [title for title, _ in task_class(task).plots]
+    progress, *frames, diagnostics, log = train_tab.refresh(app, run)
+    assert "completed" in progress and "12 / 12" in progress and "Eval at step 12: Loss <b>" in progress
+    for title, names in series.items():
+        assert names <= set(frames[titles.index(title)]["series"]), title
+    assert diagnostics.startswith(("✅", "⚠️")) and "at step 12" in diagnostics  # rendered, and read to the end
+    assert "pairs" not in diagnostics
+    policy, reference = try_tab.generate(app, run, "Can you tell me how to save money?", False)
+    assert policy and reference
+
+
 # ---- the launched app ---------------------------------------------------------------------------------------------
 
 
@@ -339,7 +501,8 @@ def test_doctor_reports_an_uploaded_file(app, tmp_path):
     assert "usable pairs:** 30" in report and "rows:** 32" in report
     assert "Skipped 2 row(s)" in report and "rows 31" in report and "rows 32" in report
     assert "Thank you for asking" in examples and 'class="lp-loss"' in examples
-    assert sum(row[1] for row in hist["data"]) == 30  # the histogram counts every usable pair
+    assert hist["title"] == "Tokens per pair (prompt + longer answer)"  # the plot comes titled in the task's words
+    assert sum(row[1] for row in hist["value"]["data"]) == 30  # the histogram counts every usable pair
 
 
 def test_doctor_and_start_refuse_bad_data_plainly(app, tmp_path):

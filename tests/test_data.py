@@ -328,3 +328,20 @@ def test_one_malformed_file_in_a_folder_is_named(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps(GOOD) + "\n")
     with pytest.raises(DataError, match=f"{re.escape(str(tmp_path / 'a.jsonl'))}: the file is empty"):
         load_rows(str(tmp_path))
+
+
+def test_examples_show_what_the_model_sees_and_what_truncation_cuts(tokenizer):
+    """The data doctor's display shape: per side, the prompt cut from the left, the prompt kept, the answer kept (the
+    loss), the answer cut from the right; together they are the whole row."""
+    rows = [{"prompt": "Please tell me a long story about the river and the garden near the old mill.",
+             "chosen": "Thank you for asking. The river runs past the garden and the mill turns all day long.",
+             "rejected": "No."}]
+    pairs, report, (example,) = _prep(rows, tokenizer, max_length=24, max_prompt_length=10)
+    chosen, rejected = example["sides"]
+    assert [s["name"] for s in example["sides"]] == ["chosen", "rejected"]
+    assert [kind for _, kind in chosen["pieces"]] == ["cut", "prompt", "loss", "cut"]
+    assert [kind for _, kind in rejected["pieces"]] == ["cut", "prompt", "loss"]  # "No." fits
+    assert "".join(text for text, _ in chosen["pieces"]) == rows[0]["prompt"] + rows[0]["chosen"] + "<|eos|>"
+    assert chosen["tokens"] == 24 and chosen["loss_tokens"] == len(pairs[0].chosen_ids)
+    assert example["note"] == "prompt 10 tokens" and example["chosen_tokens"] == chosen["loss_tokens"]
+    assert "1 pair(s) (100%) had answers cut" in report.summary()

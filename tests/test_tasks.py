@@ -172,6 +172,33 @@ def test_kto_rows_unpaired_and_pairs_split(tokenizer):
         prepare_kto([{"prompt": "Q?", "answer": "A", "label": True}], tokenizer, source="m", cfg=cfg)
 
 
+def test_sft_and_kto_examples_in_the_doctors_display_shape(tokenizer):
+    """One side per example: an SFT conversation as alternating no-loss and loss runs with what max_length cut at the
+    end struck through (here the whole second answer), a KTO example named by its label."""
+    from lowrank_pref.data import ensure_chat_template
+    from lowrank_pref.tasks import task_class
+
+    ensure_chat_template(tokenizer)
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a fruit."},
+            {"role": "assistant", "content": "Apple."}, {"role": "user", "content": "Another one, a long one?"},
+            {"role": "assistant", "content": "Pear, and then a banana, and then a cherry, and many more fruits."}]
+    sft = task_class("sft")(_sft_cfg(max_length=40, max_prompt_length=20))
+    _, report, (shown,) = sft.prepare_rows([{"messages": msgs}], tokenizer, source="m")
+    (side,) = shown["sides"]
+    assert [kind for _, kind in side["pieces"]] == ["prompt", "loss", "prompt", "cut"]
+    assert "".join(text for text, _ in side["pieces"]) == tokenizer.apply_chat_template(msgs, tokenize=False)
+    assert side["pieces"][1][0].startswith("Apple.") and "Pear" in side["pieces"][3][0]
+    assert side["tokens"] == 40 and report.truncated_answers == 1 and report.unit == "examples"
+    assert "1 example(s) (100%) had answers cut to max_length (40); the model never sees how" in report.summary()
+
+    kto = task_class("kto")(build_config("tiny", overrides={"task": "kto"}))
+    _, report, shown = kto.prepare_rows([{"prompt": "Q?", "chosen": " Good.", "rejected": " Bad."}], tokenizer,
+                                        source="m")
+    assert [e["sides"][0]["name"] for e in shown] == ["desirable", "undesirable"]
+    assert [[kind for _, kind in e["sides"][0]["pieces"]] for e in shown] == [["prompt", "loss"]] * 2
+    assert shown[1]["sides"][0]["pieces"][1][0] == " Bad.<|eos|>" and report.usable == 2
+
+
 def test_kto_needs_two_examples_a_micro_batch():
     with pytest.raises(ConfigError, match="batch_size >= 2"):
         build_config("tiny", overrides={"task": "kto", "batch_size": 1})

@@ -1,6 +1,7 @@
 """The contract between the run shell and a task.
 
-The shell calls, in order: ``Task.validate(cfg)`` (with the config, before anything loads), ``load_data(tokenizer)``,
+The shell calls, in order: ``Task.validate(cfg)`` (with the config, before anything loads), ``load_data(tokenizer)``
+(which reads rows through ``prepare_rows``, as the app's data doctor does),
 ``size``/``weight``/``micro_step_tokens`` (batching and the memory plan), ``reference(kind)`` and ``setup(model,
 data)`` once the model is loaded, then ``losses(model, items)`` for every micro-batch of training and eval,
 ``checkpoint()`` beside each checkpoint, ``derived(record)`` on each logged record, and ``finish()`` at the end.
@@ -17,6 +18,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
+from .. import data as data_mod
 from ..config import Config, ConfigError
 
 log = logging.getLogger("lowrank_pref")
@@ -40,8 +42,14 @@ class Task:
     shared_prompt = False  # whether items can go through as one [prompt | chosen | rejected] row
     uses_reference = False  # whether it reads the frozen reference (then a starting adapter is loaded twice)
     plots: list[tuple[str, dict[str, str]]] = []  # (title, {metric key: series label}) for the app's curves
-    accuracy_key = ""  # the metric the app's diagnostics read as "how often it prefers the right answer"
+    # A pairwise accuracy (how often the better answer wins), whose chance level is 0.5: the shared diagnostics
+    # warn when its eval value stays near 0.5. "" for a task without one (a token accuracy is not: its chance level
+    # is about 1 / vocabulary size).
+    accuracy_key = ""
     reads_loss_type = False  # whether loss_type (losses.LOSSES) chooses its loss
+    # The config keys of this task's objective that the app's Setup form shows (only the selected task's are shown,
+    # and only those override the preset); how to train (learning rate, steps, sizes) is common to every task.
+    fields: tuple[str, ...] = ()
 
     def __init__(self, cfg: Config):
         self.cfg = cfg
@@ -58,8 +66,19 @@ class Task:
                 raise ConfigError(f"rpo_alpha applies to the dpo task only; remove it for task={cls.name}")
 
     # -- data ------------------------------------------------------------------------------------------------------
-    def load_data(self, tokenizer) -> TaskData:
+    def prepare_rows(self, rows: list[dict], tokenizer, source: str) -> tuple[list, Any, list[dict]]:
+        """Raw rows -> (usable items, ``data.DataReport``, examples). The run (through :meth:`load_data`) and the
+        app's data doctor both read data with this, so the doctor reports what a run would train on.
+
+        Each example is one display shape the doctor renders without knowing the task: ``{"row": i, "note": str,
+        "sides": [{"name": str, "tokens": n, "loss_tokens": m, "pieces": [[text, "prompt"|"loss"|"cut"], ...]}]}``
+        (``data.display_pieces``), beside whatever keys the task keeps for data_report.json."""
         raise NotImplementedError
+
+    def load_data(self, tokenizer) -> TaskData:
+        """Train and eval items (a given eval set, else held-out rows) and the reports, from :meth:`prepare_rows`."""
+        d = data_mod.load_task_data(self.cfg, tokenizer, self.prepare_rows, unit=self.unit)
+        return TaskData(d.train, d.eval, d.report, d.eval_report, d.examples)
 
     def size(self, item) -> int:
         """Tokens of an item through the model (token-budget batches, the memory plan)."""

@@ -31,6 +31,7 @@ class DpoTask(PairTask):
                             "eval_logps/chosen": "eval chosen", "eval_logps/rejected": "eval rejected"})]
     accuracy_key = "rewards/accuracies"
     reads_loss_type = True
+    fields = ("loss_type", "beta", "rpo_alpha")
 
     @property
     def uses_reference(self) -> bool:
@@ -81,7 +82,7 @@ class DpoTask(PairTask):
     def diagnose(cls, metrics: list[dict]) -> list[tuple[str, str]]:
         """A policy that never leaves the reference (loss at log 2, zero rewards), and likelihood displacement (both
         log-probs falling)."""
-        from ..diagnostics import LN2, mean, series
+        from ..diagnostics import LN2, likelihood_displacement, series
 
         out = []
         loss = series(metrics, "loss")
@@ -90,16 +91,8 @@ class DpoTask(PairTask):
             out.append(("warn", "The loss sits at 0.693 (= log 2) and the rewards stay at zero: the policy still "
                                 "equals the reference, so the adapter is not learning. Check that the learning rate "
                                 "is not tiny, that beta is not near 0, and that the LoRA target modules exist."))
-        chosen, rejected = series(metrics, "logps/chosen"), series(metrics, "logps/rejected")
-        if len(chosen) >= 8 and len(rejected) >= 8:
-            q = max(2, len(chosen) // 4)
-            d_chosen = mean([v for _, v in chosen[-q:]]) - mean([v for _, v in chosen[:q]])
-            d_rejected = mean([v for _, v in rejected[-q:]]) - mean([v for _, v in rejected[:q]])
-            if d_chosen < -1.0 and d_rejected < -1.0:
-                out.append(("warn", f"Both chosen and rejected log-probs are falling (chosen {d_chosen:+.1f}, "
-                                    f"rejected {d_rejected:+.1f} nats): likelihood displacement, the model unlearns "
-                                    "the good answers too. Lower the learning rate, or add an SFT term "
-                                    "(rpo_alpha=0.2)."))
+        out += likelihood_displacement(metrics, ("chosen", "rejected"),
+                                       "Lower the learning rate, or add an SFT term (rpo_alpha=0.2).")
         return out
 
 

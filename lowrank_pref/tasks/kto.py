@@ -77,7 +77,8 @@ def prepare_kto(rows: list[dict], tokenizer, *, source: str, cfg, n_examples: in
     rows = data_mod.apply_column_mapping(rows, cfg.data.columns, source)
     fmt, entries = unpaired_rows(rows, source)
     report = DataReport(source=source, format=fmt, total_rows=len(rows), max_length=cfg.max_length,
-                        unit="examples")
+                        unit="examples", lengths_are="prompt + answer",
+                        answer_cut="each is judged desirable or undesirable on part of its answer")
     rendered, kept, failed = [], [], set()
     for i, a, b, c in entries:
         try:
@@ -112,8 +113,13 @@ def prepare_kto(rows: list[dict], tokenizer, *, source: str, cfg, n_examples: in
         report.truncated_answers += cut_a
         items.append(Completion(p2, a2, label, row=i))
         if len(shown) < n_examples:
+            side = {"name": "desirable" if label else "undesirable", "tokens": len(p2) + len(a2),
+                    "loss_tokens": len(a2), "pieces": data_mod.display_pieces(tokenizer, [
+                        (p[:len(p) - len(p2)], "cut"), (p2, "prompt"), (a2, "loss"), (a[len(a2):], "cut")])}
             shown.append({"row": i, "prompt": pt, "completion": at, "label": label, "prompt_tokens": len(p2),
-                          "completion_tokens": len(a2), "truncated": bool(cut_p or cut_a), "templated": templated})
+                          "completion_tokens": len(a2), "truncated": bool(cut_p or cut_a), "templated": templated,
+                          "note": f"prompt {len(p2)} tokens" + (" · chat template applied" if templated else ""),
+                          "sides": [side]})
     report.usable = len(items)
     return items, report, shown
 
@@ -145,7 +151,7 @@ class KtoTask(Task):
              ("KL (reference point)", {"kl": "train", "eval_kl": "eval"}),
              ("Log-probs", {"logps/chosen": "desirable", "logps/rejected": "undesirable",
                             "eval_logps/chosen": "eval desirable", "eval_logps/rejected": "eval undesirable"})]
-    accuracy_key = ""
+    fields = ("beta", "kto.desirable_weight", "kto.undesirable_weight")
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -155,16 +161,19 @@ class KtoTask(Task):
                               "needs batch_size >= 2 (with 1 the KL term equals the example's own reward); raise "
                               "batch_size")
 
+    def prepare_rows(self, rows: list[dict], tokenizer, source: str):
+        return prepare_kto(rows, tokenizer, source=source, cfg=self.cfg)
+
     def load_data(self, tokenizer) -> TaskData:
+        """The base's data path, then the balance of desirable and undesirable examples, with advice when off."""
         cfg = self.cfg
-        d = data_mod.load_task_data(cfg, tokenizer, lambda rows, tok, source: prepare_kto(
-            rows, tok, source=source, cfg=cfg), unit="examples")
+        d = super().load_data(tokenizer)
         n_d = sum(e.label for e in d.train)
         log.info("kto: %d desirable, %d undesirable training examples", n_d, len(d.train) - n_d)
         advice = weight_advice(n_d, len(d.train) - n_d, cfg.kto.desirable_weight, cfg.kto.undesirable_weight)
         if advice:
             log.warning("kto: %s", advice)
-        return TaskData(d.train, d.eval, d.report, d.eval_report, d.examples)
+        return d
 
     def micro_step_tokens(self, items: list) -> tuple[int, int]:
         return len(items) * max(e.num_tokens for e in items), sum(len(e.completion_ids) for e in items)
@@ -223,6 +232,34 @@ class KtoTask(Task):
                 record[f"{prefix}{name}"] = value / n
         if f"{prefix}rewards/chosen" in record and f"{prefix}rewards/rejected" in record:
             record[f"{prefix}rewards/margins"] = record[f"{prefix}rewards/chosen"] - record[f"{prefix}rewards/rejected"]
+
+    @classmethod
+    def diagnose(cls, metrics: list[dict]) -> list[tuple[str, str]]:
+        """A policy that never leaves the reference (the loss at its start, zero rewards), desirable answers rewarded
+        below undesirable ones late in the run (inverted labels), and likelihood displacement (both log-probs
+        falling). Desirable answers are logged as ``chosen``, undesirable ones as ``rejected``."""
+        from ..diagnostics import likelihood_displacement, mean, series
+
+        out = []
+        loss = series(metrics, "loss")
+        rewards = [abs(v) for key in ("rewards/chosen", "rewards/rejected") for _, v in series(metrics, key)[-3:]]
+        if len(loss) >= 5 and all(abs(v - loss[0][1]) < 0.003 for _, v in loss[-3:]) and rewards and \
+                max(rewards) < 1e-3:
+            out.append(("warn", f"The loss stays at its starting value ({loss[-1][1]:.3f}) and the rewards stay at "
+                                "zero: the policy still equals the reference, so the adapter is not learning. Check "
+                                "that the learning rate is not tiny, that beta is not near 0, and that the LoRA "
+                                "target modules exist."))
+        margins = series(metrics, "rewards/margins")
+        late = [v for _, v in margins[-max(2, len(margins) // 4):]]
+        if len(margins) >= 8 and all(v < 0 for v in late) and mean(late) < -1e-3:
+            out.append(("warn", f"Late in the run the desirable answers are rewarded below the undesirable ones "
+                                f"(margin {mean(late):+.3f}): the model moves towards the thumbs-down answers. Check "
+                                "that the labels are not inverted: label true must mean desirable (for pairs: "
+                                "chosen must be the better answer)."))
+        out += likelihood_displacement(metrics, ("desirable", "undesirable"),
+                                       "Lower the learning rate, raise beta (it keeps the policy nearer its "
+                                       "reference), or start from an SFT adapter (SFT first).")
+        return out
 
 
 TASK = KtoTask

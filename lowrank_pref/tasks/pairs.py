@@ -24,10 +24,8 @@ class PairTask(Task):
     sequences_per_item = 2
     shared_prompt = True
 
-    def load_data(self, tokenizer) -> TaskData:
-        d = data_mod.load_preference_data(self.cfg, tokenizer)
-        self.pad_id = tokenizer.pad_token_id
-        return TaskData(d.train, d.eval, d.report, d.eval_report, d.examples)
+    def prepare_rows(self, rows: list[dict], tokenizer, source: str):
+        return data_mod.prepare_pairs(rows, tokenizer, source=source, cfg=self.cfg)
 
     def micro_step_tokens(self, items: list) -> tuple[int, int]:
         rows = data_mod.row_lengths(items, shared_layout_possible(self.cfg))

@@ -23,6 +23,7 @@ class RewardTask(PairTask):
              ("Margin (chosen - rejected score)", {"margin": "train", "eval_margin": "eval"}),
              ("Learning rate", {"learning_rate": "lr"})]
     accuracy_key = "accuracy"
+    fields = ("center_rewards_coefficient",)
 
     @classmethod
     def validate(cls, cfg) -> None:

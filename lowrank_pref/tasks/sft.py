@@ -23,7 +23,7 @@ from ..config import ConfigError
 from ..data import DataReport, RowError
 from ..logps import sequence_logps
 from ..model import autocast
-from .base import Task, TaskData
+from .base import Task
 
 
 class Example:
@@ -110,12 +110,13 @@ def prepare_sft(rows: list[dict], tokenizer, *, source: str, cfg, n_examples: in
     fmt = detect_sft_format(rows, source, cfg.sft.source)
     label = fmt if fmt in ("messages", "prompt_completion", "text") else f"{fmt} (chosen answers)"
     report = DataReport(source=source, format=label, total_rows=len(rows), max_length=cfg.max_length,
-                        unit="examples")
+                        unit="examples", lengths_are="prompt and answers",
+                        answer_cut="the model never sees how those answers end, nor learns to stop there")
     examples, shown = [], []
     for i, row in enumerate(rows, 1):
         try:
             pieces, templated = segments(row, fmt, tokenizer)
-            ids, mask, cut_prompt, cut_answer = _tokenize(pieces, templated, tokenizer, cfg)
+            ids, mask, head, tail = _tokenize(pieces, templated, tokenizer, cfg)
             if not any(mask[1:]):
                 raise RowError("completion", f"no answer tokens within max_length ({cfg.max_length})")
         except RowError as e:
@@ -124,37 +125,53 @@ def prepare_sft(rows: list[dict], tokenizer, *, source: str, cfg, n_examples: in
                                          "rows like it") from None
             report.drop(str(e), i)
             continue
-        report.lengths.append(len(ids) + cut_prompt + cut_answer)
-        report.truncated_prompts += bool(cut_prompt)
-        report.truncated_answers += bool(cut_answer)
+        report.lengths.append(len(ids) + len(head) + len(tail))
+        report.truncated_prompts += bool(head)
+        report.truncated_answers += bool(tail)
         if not cfg.sft.completion_only:
             mask = [1] * len(ids)
         examples.append(Example(ids, mask, row=i))
         if len(shown) < n_examples:
+            side = {"name": "example", "tokens": len(ids), "loss_tokens": sum(mask[1:]),
+                    "pieces": data_mod.display_pieces(tokenizer, [(head, "cut"), *_runs(ids, mask), (tail, "cut")])}
+            note = ", ".join(n for n in ("chat template applied" if templated else "",
+                                         "" if cfg.sft.completion_only else "loss on every token") if n)
             shown.append({"row": i, "segments": [[text, loss] for text, loss in pieces], "tokens": len(ids),
-                          "answer_tokens": sum(mask[1:]), "truncated": bool(cut_prompt or cut_answer),
-                          "templated": templated})
+                          "answer_tokens": sum(mask[1:]), "truncated": bool(head or tail),
+                          "templated": templated, "note": note, "sides": [side]})
     report.usable = len(examples)
     return examples, report, shown
 
 
-def _tokenize(pieces: list[tuple[str, bool]], templated: bool, tokenizer, cfg) -> tuple[list, list, int, int]:
+def _runs(ids: list[int], mask: list[int]) -> list[tuple[list[int], str]]:
+    """The kept tokens as alternating runs of no-loss ("prompt") and loss ("loss") tokens. The first token shows as
+    no-loss whatever its mask: nothing before it predicts it."""
+    shown = [0] + mask[1:]
+    runs, start = [], 0
+    for k in range(1, len(ids) + 1):
+        if k == len(ids) or shown[k] != shown[start]:
+            runs.append((ids[start:k], "loss" if shown[start] else "prompt"))
+            start = k
+    return runs
+
+
+def _tokenize(pieces: list[tuple[str, bool]], templated: bool, tokenizer, cfg) -> tuple[list, list, list, list]:
     """Token ids and loss mask of a row's pieces, truncated: a leading prompt from the left to max_prompt_length,
-    then the whole from the right to max_length. Returns (ids, mask, prompt tokens cut, tokens cut at the end)."""
+    then the whole from the right to max_length. Returns (ids, mask, the prompt tokens cut from the left, the tokens
+    cut at the end): the data doctor shows what was cut."""
     ids, mask = [], []
     eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None and not templated else []
-    cut_prompt = 0
+    head = []
     for k, (text, loss) in enumerate(pieces):
         piece = tokenizer(text, add_special_tokens=k == 0 and not templated)["input_ids"]
         if loss:
             piece = piece + eos  # plain answers end with eos, so the model learns to stop
         if k == 0 and not loss and len(pieces) == 2 and len(piece) > cfg.max_prompt_length:
-            cut_prompt = len(piece) - cfg.max_prompt_length
+            head = piece[:len(piece) - cfg.max_prompt_length]
             piece = piece[-cfg.max_prompt_length:]
         ids += piece
         mask += [int(loss)] * len(piece)
-    cut_end = max(0, len(ids) - cfg.max_length)
-    return ids[:cfg.max_length], mask[:cfg.max_length], cut_prompt, cut_end
+    return ids[:cfg.max_length], mask[:cfg.max_length], head, ids[cfg.max_length:]
 
 
 class SftTask(Task):
@@ -165,7 +182,7 @@ class SftTask(Task):
              ("Token accuracy", {"token_accuracy": "train", "eval_token_accuracy": "eval"}),
              ("Perplexity", {"perplexity": "train", "eval_perplexity": "eval"}),
              ("Learning rate", {"learning_rate": "lr"})]
-    accuracy_key = "token_accuracy"
+    fields = ("sft.completion_only",)
 
     @classmethod
     def validate(cls, cfg) -> None:
@@ -174,11 +191,8 @@ class SftTask(Task):
             raise ConfigError("sft.source=chosen reads the chosen answers of preference data; drop the "
                               "data.columns mapping of messages/completion/text, or set sft.source=auto")
 
-    def load_data(self, tokenizer) -> TaskData:
-        self.pad_id = tokenizer.pad_token_id
-        d = data_mod.load_task_data(self.cfg, tokenizer, lambda rows, tok, source: prepare_sft(
-            rows, tok, source=source, cfg=self.cfg), unit="examples")
-        return TaskData(d.train, d.eval, d.report, d.eval_report, d.examples)
+    def prepare_rows(self, rows: list[dict], tokenizer, source: str):
+        return prepare_sft(rows, tokenizer, source=source, cfg=self.cfg)
 
     def weight(self, item: Example) -> float:
         return float(item.answer_tokens)
@@ -201,6 +215,35 @@ class SftTask(Task):
     def derived(self, record: dict, prefix: str = "") -> None:
         if f"{prefix}loss" in record:  # perplexity of the answer tokens: exp of the mean per-token NLL
             record[f"{prefix}perplexity"] = math.exp(min(record[f"{prefix}loss"], 50.0))
+
+    @classmethod
+    def diagnose(cls, metrics: list[dict]) -> list[tuple[str, str]]:
+        """A loss that does not fall (nothing learned), and an eval loss that rises while the training loss still
+        falls (overfitting)."""
+        from ..diagnostics import mean, quarters, series
+
+        out = []
+        loss = series(metrics, "loss")
+        if len(loss) >= 8:
+            start, end = quarters(loss)
+            if end > start - max(0.01, 0.02 * abs(start)):
+                out.append(("warn", f"The training loss is not falling (first steps {start:.3f}, last steps "
+                                    f"{end:.3f}): the adapter is not learning the answers. The learning rate may be "
+                                    "too low (raise it), or the data gives little to learn: check in the Data tab "
+                                    "that the answers carry the loss and are not cut away."))
+        evals = series(metrics, "eval_loss")
+        if len(evals) >= 3 and loss:
+            best_step, best = min(evals, key=lambda p: p[1])
+            last_step, last = evals[-1]
+            then = [v for s, v in loss if s <= best_step][-3:]
+            now = [v for _, v in loss[-3:]]
+            if (best_step < last_step and last > best + max(0.01, 0.02 * abs(best)) and then
+                    and mean(now) < mean(then)):
+                out.append(("warn", f"The eval loss is rising (lowest {best:.3f} at step {best_step}, now {last:.3f} "
+                                    f"at step {last_step}) while the training loss still falls: the adapter "
+                                    "memorises its training examples (overfitting). Train fewer epochs or steps "
+                                    f"(step {best_step} was the best so far), or lower the learning rate."))
+        return out
 
 
 TASK = SftTask

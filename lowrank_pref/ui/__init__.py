@@ -32,6 +32,7 @@ CSS = """
 .lp-progress {height: 12px; background: #e5e7eb; border-radius: 6px; overflow: hidden}
 .lp-bar {height: 100%; background: #f97316; transition: width .5s}
 .lp-status {margin-top: 4px}
+.lp-eval {margin-top: 2px; color: #374151}
 .lp-example {border: 1px solid #e5e7eb; border-radius: 6px; padding: 6px; margin: 6px 0}
 .lp-side pre {white-space: pre-wrap; margin: 2px 0}
 .lp-loss {background: #bbf7d0}
@@ -45,8 +46,10 @@ def build_app(runs_root: str | os.PathLike | None = None, hw: dict | None = None
     app = AppState(runs_root, hw)
     preset = suggest_preset(app.hw)
     with gr.Blocks(title="lowrank-pref") as demo:
-        gr.Markdown("# lowrank-pref\nAlign an open model to preference data on one GPU: QLoRA DPO or a reward "
-                    "model. Pick a preset, check your data, train, watch, try it, take the adapter home.")
+        gr.Markdown("# lowrank-pref\nFine-tune an open model on one GPU with QLoRA: supervised fine-tuning (SFT) "
+                    "on demonstrations, preference tuning (DPO on chosen/rejected pairs, KTO on thumbs-up/down "
+                    "answers) or a reward model. Pick a preset, check your data, train, watch, try it, take the "
+                    "adapter home.")
         where = f"GPU: {app.hw['gpu']} ({app.hw['memory_gb']} GB)" if app.hw.get("gpu") else \
             "No GPU found: the `tiny` preset trains a toy model on the CPU in about a minute."
         gr.Markdown(f"**Hardware.** {where} Suggested preset: `{preset}`.")

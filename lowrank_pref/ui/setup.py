@@ -1,8 +1,10 @@
 """The Setup tab: a preset, the settings that matter, the memory estimate, and the command that repeats it all.
 
 The form is three named rows of config keys; each value goes into the config exactly as the CLI's ``key=value``
-would (:func:`config_from_form`), so the command shown repeats the run. "SFT first" turns one run into two: an SFT
-run on the chosen answers, then the run asked for, started from the SFT adapter (:func:`sft_first_config`).
+would (:func:`config_from_form`), so the command shown repeats the run. The objective row holds every task's own
+keys (``Task.fields``), made once; only the selected task's are shown, and only those are read. "SFT first" turns
+one run into two: an SFT run on the chosen answers, then the run asked for, started from the SFT adapter
+(:func:`sft_first_config`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,30 @@ from ..config import (LOSS_TYPES, Config, apply_mapping, build_config, dump_yaml
 from ..tasks import TASKS, task_class
 from .common import AppState, UserError, event, ready_tasks
 
+# Labels of the keys tasks declare in Task.fields; a key without one is labelled by its name.
+FIELD_LABELS = {"loss_type": "Loss type", "beta": "beta", "rpo_alpha": "rpo_alpha (SFT term on chosen)",
+                "kto.desirable_weight": "Desirable (thumbs-up) weight",
+                "kto.undesirable_weight": "Undesirable (thumbs-down) weight",
+                "sft.completion_only": "Loss on the answers only",
+                "center_rewards_coefficient": "Center rewards coefficient"}
+
+
+def task_field_keys() -> list[str]:
+    """Every task's objective keys (``Task.fields``), each once, in registry order: the form makes them all and
+    shows the selected task's."""
+    keys = []
+    for task in ready_tasks():
+        keys += [k for k in task_class(task).fields if k not in keys]
+    return keys
+
+
 # The form, row by row: (config key, label). Everything else stays as the preset has it.
 WHAT_ROW = [("model", "Model (hub id or local folder)"), ("task", "Task"), ("dataset", "Dataset (hub id or path)")]
-OBJECTIVE_ROW = [("loss_type", "Loss type"), ("beta", "beta"), ("learning_rate", "Learning rate"),
-                 ("max_steps", "Max steps (0: use epochs)"), ("num_epochs", "Epochs")]
+OBJECTIVE_ROW = [(k, FIELD_LABELS.get(k, k)) for k in task_field_keys()] + [
+    ("learning_rate", "Learning rate"), ("max_steps", "Max steps (0: use epochs)"), ("num_epochs", "Epochs")]
 SIZE_ROW = [("lora.r", "LoRA rank"), ("lora.alpha", "LoRA alpha"), ("max_length", "Max length (tokens)"),
-            ("max_prompt_length", "Max prompt length (tokens)"), ("batch_size", "Batch size (pairs per micro-step)"),
+            ("max_prompt_length", "Max prompt length (tokens)"),
+            ("batch_size", "Batch size (pairs or examples per micro-step)"),
             ("gradient_accumulation_steps", "Gradient accumulation steps")]
 KEYS = [key for row in (WHAT_ROW, OBJECTIVE_ROW, SIZE_ROW) for key, _ in row]  # the order handlers take values in
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -65,10 +85,16 @@ def form_values(cfg: Config) -> list:
 
 
 def config_from_form(preset: str, upload: str | None, values: list, uploads_dir: Path | None = None) -> Config:
-    """The preset with the form's values on top; an uploaded file becomes the dataset."""
+    """The preset with the form's values on top; an uploaded file becomes the dataset. Another task's objective keys
+    (hidden in the form) are not read: the preset's values stay, so a value typed for dpo never reaches a kto run."""
     base = build_config(preset)
+    form = dict(zip(KEYS, values))
+    task = form.get("task") if form.get("task") in ready_tasks() else base.task
+    hidden = set(task_field_keys()) - set(task_class(task).fields)
     overrides = {}
-    for key, value in zip(KEYS, values):
+    for key, value in form.items():
+        if key in hidden:
+            continue
         if key == "max_steps" and value in (0, None, ""):
             value = None
         if isinstance(value, float) and value.is_integer() and isinstance(_get(base, key), int):
@@ -84,7 +110,7 @@ def store_upload(path: str, uploads_dir: Path) -> Path:
     """Keep an uploaded data file with the runs (it is read as data by `datasets`, never executed)."""
     src = Path(path)
     if src.suffix.lower() not in DATA_EXTENSIONS:
-        raise UserError(f"'{src.name}': upload a {', '.join(DATA_EXTENSIONS)} file of preference pairs")
+        raise UserError(f"'{src.name}': upload a {', '.join(DATA_EXTENSIONS)} data file")
     uploads_dir.mkdir(parents=True, exist_ok=True)
     digest = hashlib.sha1(src.read_bytes()).hexdigest()[:12]
     dest = uploads_dir / f"{digest}-{src.name}"  # by content: a run's data never changes under it
@@ -188,6 +214,12 @@ def preset_changed(app: AppState, preset: str) -> list:
     return [*form_values(cfg), memory_line(cfg, app.hw), cli_command(preset, cfg), dump_yaml(cfg)]
 
 
+def task_changed(app: AppState, task: str) -> list[dict]:
+    """Show the selected task's objective keys, hide the others' (in :func:`task_field_keys` order)."""
+    shown = set(task_class(task).fields) if task in ready_tasks() else set()
+    return [gr.update(visible=key in shown) for key in task_field_keys()]
+
+
 def settings_changed(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> tuple[str, str, str]:
     """Any change in the form: the estimate, the command and the resolved YAML, for what Start would run."""
     cfg = config_from_form(preset, None, list(values))
@@ -220,11 +252,15 @@ def _field(key: str, label: str, cfg: Config):
         tasks = ready_tasks()
         about = "; ".join(f"{name}: {TASKS[name][1]}" for name in tasks)
         return gr.Radio(tasks, label=label, info=about + ".", value=value)
+    visible = key not in task_field_keys() or key in task_class(cfg.task).fields
     if key == "loss_type":
-        return gr.Dropdown(list(LOSS_TYPES), label=label, info=field_help(key), value=value)
+        return gr.Dropdown(list(LOSS_TYPES), label=label, info=field_help(key), value=value, visible=visible)
+    if isinstance(value, bool):
+        return gr.Checkbox(label=label, info=field_help(key), value=value, visible=visible)
     if isinstance(value, str):
-        return gr.Textbox(label=label, info=field_help(key), value=value)
-    return gr.Number(label=label, info=field_help(key), value=value, precision=0 if isinstance(value, int) else None)
+        return gr.Textbox(label=label, info=field_help(key), value=value, visible=visible)
+    return gr.Number(label=label, info=field_help(key), value=value, precision=0 if isinstance(value, int) else None,
+                     visible=visible)
 
 
 def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupTab:
@@ -249,6 +285,9 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupT
     tab = SetupTab(preset, inputs, sft_first, [estimate, command, yaml_box])
 
     preset.change(event(preset_changed, app), preset, [*tab.form, *tab.summary], api_name="preset")
+    # a new task (chosen, or set by a preset) shows its own objective keys
+    inputs["task"].change(event(task_changed, app), inputs["task"], [inputs[k] for k in task_field_keys()],
+                          api_name=False, show_progress="hidden")
     for comp in [*tab.form, sft_first, upload]:
         comp.change(event(settings_changed, app), [preset, upload, sft_first, *tab.form], tab.summary,
                     api_name=False, show_progress="hidden")

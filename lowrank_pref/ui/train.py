@@ -79,9 +79,30 @@ def progress_html(run: RunDir, metrics: list[dict], state: str, task: str | None
     message = html.escape(status.get("message") or "")
     then = status.get("then_run")
     after = f" · then <b>{html.escape(then)}</b>" if then else ""
+    evals = last_eval(metrics, task)
     return (f'<div class="lp-progress"><div class="lp-bar" style="width:{pct:.1f}%"></div></div>'
             f'<div class="lp-status">{html.escape(run.path.name)} · <b class="lp-state">{state}</b> · step {step}'
-            f' / {total or "?"}{eta}{" · " + message if message else ""}{after}</div>')
+            f' / {total or "?"}{eta}{" · " + message if message else ""}{after}</div>'
+            + (f'<div class="lp-eval">{evals}</div>' if evals else ""))
+
+
+def last_eval(metrics: list[dict], task: str | None) -> str:
+    """The latest eval's numbers, in the task's plot titles and series labels. A plot draws a series as a line, so
+    an eval series with one point (a run that evaluates only at its end) is in the legend but not drawn: this line
+    gives its values either way."""
+    evals = [m for m in metrics if any(k.startswith("eval_") for k in m)]
+    if not evals or not task:
+        return ""
+    last, parts = evals[-1], []
+    for title, series in task_class(task).plots:
+        values = [(label, last[key]) for key, label in series.items()
+                  if key.startswith("eval_") and isinstance(last.get(key), (int, float))]
+        if len(values) == 1 and values[0][0] == "eval":
+            parts.append(f"{title} <b>{values[0][1]:.4g}</b>")
+        elif values:
+            parts.append(f"{title}: " + ", ".join(f"{label.removeprefix('eval ')} <b>{value:.4g}</b>"
+                                                  for label, value in values))
+    return f"Eval at step {last['step']}: {' · '.join(parts)}" if parts else ""
 
 
 def diagnostics_md(metrics: list[dict], task: str | None, total: int | None) -> str:
@@ -151,6 +172,21 @@ def follow(app: AppState, name: str | None, followed: list) -> tuple[dict, list]
     return run_list(app, then), [*followed, then]
 
 
+def relist(app: AppState, name: str | None, shown: str | None) -> tuple[dict, str | None]:
+    """Relist the runs when the selected run's state is not the one its label showed (it completed, stopped or
+    failed since), so the list does not say "running" beside a completed run. ``shown``: "name:state" as last
+    listed by this handler."""
+    if not name:
+        return gr.update(), shown
+    try:
+        now = f"{name}:{app.manager.run_dir(name).state()}"
+    except ConfigError:
+        return gr.update(), shown
+    if now == shown:
+        return gr.update(), shown
+    return run_list(app, name), now
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # The tab
 
@@ -184,6 +220,7 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTa
     log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True)
     timer = gr.Timer(2.0)
     followed = gr.State([])
+    listed = gr.State(None)  # the selected run's state as the run list last showed it
 
     start_btn.click(event(start, app), [setup.preset, upload, setup.sft_first, *setup.form], [message, run],
                     api_name="start")
@@ -194,5 +231,6 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTa
     run.change(event(plot_layout, app), run, plots, api_name=False, show_progress="hidden").then(
         event(refresh, app), run, shown, api_name=False, show_progress="hidden")
     timer.tick(event(refresh, app), run, shown, api_name="refresh", show_progress="hidden").then(
-        event(follow, app), [run, followed], [run, followed], api_name=False, show_progress="hidden")
+        event(follow, app), [run, followed], [run, followed], api_name=False, show_progress="hidden").then(
+        event(relist, app), [run, listed], [run, listed], api_name=False, show_progress="hidden")
     return TrainTab(run, plots)
