@@ -3,7 +3,6 @@ the whole thing through gradio_client against a launched app."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -17,7 +16,7 @@ from lowrank_pref.artifacts import RunDir
 from lowrank_pref.config import build_config, dump_yaml
 from lowrank_pref.diagnostics import LN2, diagnose
 from lowrank_pref.run import parser, resolve
-from lowrank_pref.tasks import task_class
+from lowrank_pref.tasks import TASKS, task_class
 from lowrank_pref.ui import KEYS, AppState, UserError, cli_command, config_from_form, form_values, suggest_preset
 from lowrank_pref.ui import data as data_tab
 from lowrank_pref.ui import export as export_tab
@@ -26,7 +25,6 @@ from lowrank_pref.ui import train as train_tab
 from lowrank_pref.ui import tryit as try_tab
 
 CPU = {"gpu": None, "memory_gb": 16.0}
-HAS_SFT = importlib.util.find_spec("lowrank_pref.tasks.sft") is not None
 
 
 # ---- pieces -------------------------------------------------------------------------------------------------------
@@ -192,7 +190,7 @@ def test_setup_handlers_fill_the_form_and_show_the_command(tmp_path):
     assert "beta=0.2" in command and "'dataset=<uploaded: mine.jsonl>'" in command and "mine.jsonl" in yaml_text
     # the form is three named rows, and the task radio offers the tasks this install has
     assert KEYS == [k for row in (setup_tab.WHAT_ROW, setup_tab.OBJECTIVE_ROW, setup_tab.SIZE_ROW) for k, _ in row]
-    assert {"dpo", "reward"} <= set(setup_tab.ready_tasks())
+    assert set(TASKS) == {"sft", "dpo", "kto", "reward"}
 
 
 def test_the_form_shows_and_reads_only_the_tasks_own_fields(tmp_path):
@@ -200,7 +198,7 @@ def test_the_form_shows_and_reads_only_the_tasks_own_fields(tmp_path):
     preset, so what was typed for one task never reaches another's run."""
     app = AppState(tmp_path / "runs", hw=CPU)
     keys = setup_tab.task_field_keys()
-    assert set(keys) == {k for t in setup_tab.ready_tasks() for k in task_class(t).fields} <= set(KEYS)
+    assert set(keys) == {k for t in TASKS for k in task_class(t).fields} <= set(KEYS)
     assert len(set(keys)) == len(keys)
     shown = lambda task: [k for k, u in zip(keys, setup_tab.task_changed(app, task)) if u["visible"]]  # noqa: E731
     assert shown("dpo") == ["loss_type", "beta", "rpo_alpha"]
@@ -391,7 +389,6 @@ def test_a_follow_up_starts_from_the_first_runs_adapter(tmp_path):
     assert f"reference: adapter (the starting adapter {manager.root / first / 'adapter'}, frozen)" in log
 
 
-@pytest.mark.skipif(not HAS_SFT, reason="SFT first needs the sft task (tasks/sft.py): enable once it has landed")
 def test_sft_first_then_dpo_from_the_sft_adapter(tmp_path):
     """The whole chain through the app's handlers: Start with SFT first runs SFT on the chosen answers, the page's
     refresh starts the DPO run from its adapter, and the run list shows both."""

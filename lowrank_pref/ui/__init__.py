@@ -16,7 +16,7 @@ import os
 
 import gradio as gr
 
-from .common import AppState, UserError, detect_hardware, ready_tasks, run_list
+from .common import AppState, UserError, detect_hardware, run_list
 from .data import create_data_tab, doctor, upload_box
 from .export import create_export_tab
 from .setup import (KEYS, cli_command, config_from_form, create_setup_tab, form_values, memory_line, store_upload,
@@ -25,7 +25,7 @@ from .train import create_train_tab
 from .tryit import create_try_tab
 
 __all__ = ["AppState", "CSS", "KEYS", "UserError", "build_app", "cli_command", "config_from_form", "detect_hardware",
-           "doctor", "form_values", "main", "memory_line", "ready_tasks", "server_name", "store_upload",
+           "doctor", "form_values", "main", "memory_line", "server_name", "store_upload",
            "suggest_preset"]
 
 CSS = """

@@ -8,7 +8,6 @@ browser and no server. Only :func:`event` knows about Gradio's error display.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import logging
 import os
@@ -42,13 +41,6 @@ def detect_hardware() -> dict:
     return {"gpu": None, "memory_gb": round(ram, 1) if ram else None}
 
 
-def ready_tasks() -> list[str]:
-    """The tasks of :data:`TASKS` whose module this install has, in registry order. (The registry can name a task
-    before its module lands; the page offers only what can run.)"""
-    return [name for name, (module, _) in TASKS.items()
-            if importlib.util.find_spec(f"lowrank_pref.tasks.{module}") is not None]
-
-
 def task_of(run: RunDir) -> str | None:
     """The task a run trains (its status, else its config), or None when unknown or not in this install."""
     task = run.read_status().get("task")
@@ -59,7 +51,7 @@ def task_of(run: RunDir) -> str | None:
             task = (yaml.safe_load(path.read_text()) or {}).get("task")
         except (OSError, yaml.YAMLError):
             continue
-    return task if task in ready_tasks() else None
+    return task if task in TASKS else None
 
 
 class AppState:

@@ -19,7 +19,7 @@ import gradio as gr
 from ..config import (LOSS_TYPES, Config, apply_mapping, build_config, dump_yaml, field_help, list_presets, to_dict,
                       validate)
 from ..tasks import TASKS, task_class
-from .common import AppState, UserError, event, ready_tasks
+from .common import AppState, UserError, event
 
 # Labels of the keys tasks declare in Task.fields; a key without one is labelled by its name.
 FIELD_LABELS = {"loss_type": "Loss type", "beta": "beta", "rpo_alpha": "rpo_alpha (SFT term on chosen)",
@@ -33,7 +33,7 @@ def task_field_keys() -> list[str]:
     """Every task's objective keys (``Task.fields``), each once, in registry order: the form makes them all and
     shows the selected task's."""
     keys = []
-    for task in ready_tasks():
+    for task in TASKS:
         keys += [k for k in task_class(task).fields if k not in keys]
     return keys
 
@@ -89,7 +89,7 @@ def config_from_form(preset: str, upload: str | None, values: list, uploads_dir:
     (hidden in the form) are not read: the preset's values stay, so a value typed for dpo never reaches a kto run."""
     base = build_config(preset)
     form = dict(zip(KEYS, values))
-    task = form.get("task") if form.get("task") in ready_tasks() else base.task
+    task = form.get("task") if form.get("task") in TASKS else base.task
     hidden = set(task_field_keys()) - set(task_class(task).fields)
     overrides = {}
     for key, value in form.items():
@@ -124,8 +124,6 @@ def sft_first_config(preset: str, cfg: Config) -> Config:
     as SFT targets (``sft.source=chosen``). It uses the SFT preset of the same size when there is one (``12gb-dpo``
     -> ``12gb-sft``: SFT wants other learning rates than DPO), else the form's own settings. The run after it starts
     from its adapter, which is then also its frozen reference."""
-    if SFT_TASK not in ready_tasks():
-        raise UserError(f"SFT first needs the {SFT_TASK} task, which this version does not have")
     if cfg.task == SFT_TASK:
         raise UserError("SFT first: this run is SFT already; untick SFT first")
     head = task_class(cfg.task).head
@@ -216,7 +214,7 @@ def preset_changed(app: AppState, preset: str) -> list:
 
 def task_changed(app: AppState, task: str) -> list[dict]:
     """Show the selected task's objective keys, hide the others' (in :func:`task_field_keys` order)."""
-    shown = set(task_class(task).fields) if task in ready_tasks() else set()
+    shown = set(task_class(task).fields) if task in TASKS else set()
     return [gr.update(visible=key in shown) for key in task_field_keys()]
 
 
@@ -249,7 +247,7 @@ def _field(key: str, label: str, cfg: Config):
     """The input for one config key: a choice where the config has choices, a number or a text box otherwise."""
     value = form_values(cfg)[KEYS.index(key)]
     if key == "task":
-        tasks = ready_tasks()
+        tasks = TASKS
         about = "; ".join(f"{name}: {TASKS[name][1]}" for name in tasks)
         return gr.Radio(tasks, label=label, info=about + ".", value=value)
     visible = key not in task_field_keys() or key in task_class(cfg.task).fields
@@ -275,7 +273,7 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupT
         with gr.Row():
             for key, label in row:
                 inputs[key] = _field(key, label, cfg0)
-    sft_first = gr.Checkbox(label="SFT first", value=False, visible=SFT_TASK in ready_tasks(),
+    sft_first = gr.Checkbox(label="SFT first", value=False,
                             info="Train an SFT adapter on the chosen answers first, then this run from it (the SFT "
                                  "adapter is then also the frozen reference). Two runs, one after the other.")
     estimate = gr.Markdown(memory_line(cfg0, app.hw))

@@ -18,8 +18,8 @@ from ..artifacts import RunDir
 from ..config import ConfigError, build_config
 from ..diagnostics import diagnose
 from ..runs import tail
-from ..tasks import task_class
-from .common import AppState, UserError, event, ready_tasks, run_list, task_of
+from ..tasks import TASKS, task_class
+from .common import AppState, UserError, event, run_list, task_of
 from .setup import SetupTab, config_from_form, sft_first_config
 
 PLOTS_PER_ROW = 2
@@ -27,7 +27,7 @@ PLOTS_PER_ROW = 2
 
 def plot_slots() -> int:
     """Plot slots on the page: enough for the task with the most plots."""
-    return max(len(task_class(t).plots) for t in ready_tasks())
+    return max(len(task_class(t).plots) for t in TASKS)
 
 
 def plot_frames(metrics: list[dict], task: str | None, slots: int | None = None) -> list[pd.DataFrame | None]:
