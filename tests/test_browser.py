@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -19,64 +20,76 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
 
-
-def test_upload_train_watch_stop_in_a_browser(tmp_path):
+@contextlib.contextmanager
+def browser_page(tmp_path: Path, **app_kwargs):
+    """The app launched on a free port and a headless Chromium page on it; afterwards the browser is closed, a run
+    still going is stopped (even when the test failed), and the app is closed. Yields (page, demo, screenshot dir:
+    $LOWRANK_PREF_SCREENSHOTS when set)."""
     from playwright.sync_api import expect, sync_playwright
 
     from lowrank_pref.ui import CSS, build_app
 
-    demo = build_app(tmp_path / "runs")
+    demo = build_app(tmp_path / "runs", **app_kwargs)
     port = free_port()
     demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
-    data = write_pairs(tmp_path / "my_pairs.jsonl", n=48)
     shots = Path(os.environ.get("LOWRANK_PREF_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     try:
         with sync_playwright() as pw:
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS,
                                          env={**os.environ, "HOME": str(tmp_path)})
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.goto(f"http://127.0.0.1:{port}/")
-            expect(page.get_by_text("Fine-tune an open model on one GPU")).to_be_visible(timeout=60_000)
-
-            # Setup: more steps than the run will get to, so it can be stopped
-            steps = page.get_by_label("Max steps (0: use epochs)")
-            steps.fill("3000")
-            steps.press("Tab")
-
-            # Data: upload a file and read the doctor's report
-            page.get_by_role("tab", name="2 · Data").click()
-            page.locator("input[type=file]").first.set_input_files(str(data))
-            expect(page.get_by_text("my_pairs.jsonl").first).to_be_visible(timeout=30_000)
-            page.get_by_role("button", name="Check the data").click()
-            expect(page.get_by_text(re.compile(r"usable pairs:\s*48"))).to_be_visible(timeout=60_000)
-            expect(page.locator(".lp-loss").first).to_be_visible()
-
-            # Train: start, see the progress and the plots move
-            page.get_by_role("tab", name="3 · Train").click()
-            page.get_by_role("button", name="Start training").click()
-            expect(page.get_by_text(re.compile(r"Started \w"))).to_be_visible(timeout=30_000)
-            status = page.locator(".lp-status")
-            expect(status).to_contain_text(re.compile(r"running · step [1-9]"), timeout=120_000)
-            first = int(re.search(r"step (\d+)", status.inner_text()).group(1))
-            expect(status).not_to_contain_text(f"step {first} /", timeout=60_000)  # the progress moves
-            loss_plot = page.locator(".vega-embed:visible").first
-            expect(loss_plot).to_contain_text("train", timeout=30_000)  # a curve is drawn, with its legend
-            width = page.locator(".lp-bar").evaluate("e => e.style.width")
-            assert float(width.rstrip("%")) > 0
-            page.screenshot(path=str(shots / "app-training.png"), full_page=True)
-
-            # Stop: the run writes a checkpoint and says so
-            page.get_by_role("button", name="Stop (writes a checkpoint)").click()
-            expect(page.locator(".lp-state")).to_have_text("stopped", timeout=120_000)
-            page.screenshot(path=str(shots / "app-stopped.png"), full_page=True)
-            browser.close()
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 1400})
+                page.goto(f"http://127.0.0.1:{port}/")
+                expect(page.get_by_text("Fine-tune an open model on one GPU")).to_be_visible(timeout=60_000)
+                yield page, demo, shots
+            finally:
+                browser.close()
     finally:
         manager = demo.manager
         if manager.active():
             manager.stop()
             manager.wait(manager.active() or "", timeout=60)
         demo.close()
+
+
+
+def test_upload_train_watch_stop_in_a_browser(tmp_path):
+    from playwright.sync_api import expect
+
+    data = write_pairs(tmp_path / "my_pairs.jsonl", n=48)
+    with browser_page(tmp_path) as (page, demo, shots):
+        # Setup: more steps than the run will get to, so it can be stopped
+        steps = page.get_by_label("Max steps (0: use epochs)")
+        steps.fill("3000")
+        steps.press("Tab")
+
+        # Data: upload a file and read the doctor's report
+        page.get_by_role("tab", name="2 · Data").click()
+        page.locator("input[type=file]").first.set_input_files(str(data))
+        expect(page.get_by_text("my_pairs.jsonl").first).to_be_visible(timeout=30_000)
+        page.get_by_role("button", name="Check the data").click()
+        expect(page.get_by_text(re.compile(r"usable pairs:\s*48"))).to_be_visible(timeout=60_000)
+        expect(page.locator(".lp-loss").first).to_be_visible()
+
+        # Train: start, see the progress and the plots move
+        page.get_by_role("tab", name="3 · Train").click()
+        page.get_by_role("button", name="Start training").click()
+        expect(page.get_by_text(re.compile(r"Started \w"))).to_be_visible(timeout=30_000)
+        status = page.locator(".lp-status")
+        expect(status).to_contain_text(re.compile(r"running · step [1-9]"), timeout=120_000)
+        first = int(re.search(r"step (\d+)", status.inner_text()).group(1))
+        expect(status).not_to_contain_text(f"step {first} /", timeout=60_000)  # the progress moves
+        loss_plot = page.locator(".vega-embed:visible").first
+        expect(loss_plot).to_contain_text("train", timeout=30_000)  # a curve is drawn, with its legend
+        width = page.locator(".lp-bar").evaluate("e => e.style.width")
+        assert float(width.rstrip("%")) > 0
+        page.screenshot(path=str(shots / "app-training.png"), full_page=True)
+
+        # Stop: the run writes a checkpoint and says so
+        page.get_by_role("button", name="Stop (writes a checkpoint)").click()
+        expect(page.locator(".lp-state")).to_have_text("stopped", timeout=120_000)
+        page.screenshot(path=str(shots / "app-stopped.png"), full_page=True)
     run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("dpo-"))
     assert list(run.glob("checkpoint-*")), "a stopped run keeps a checkpoint to resume from"
     assert (shots / "app-training.png").stat().st_size > 10_000
@@ -86,76 +99,55 @@ def test_sft_and_kto_in_a_browser(tmp_path):
     """The page for tasks other than dpo: the Setup form shows kto's own fields, the Data tab's doctor reads the
     data as sft does, and an sft and a kto run train and draw their own curves. Screenshots go to
     $LOWRANK_PREF_SCREENSHOTS when set."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import expect
 
-    from lowrank_pref.ui import CSS, build_app
+    with browser_page(tmp_path, hw={"gpu": None, "memory_gb": 16.0}) as (page, demo, shots):
+        def use_preset(name: str, steps: int) -> None:
+            page.get_by_role("tab", name="1 · Setup").click()
+            page.get_by_label("Preset").click()
+            page.get_by_role("option", name=re.compile(rf"^{name} ")).click()
+            box = page.get_by_label("Max steps (0: use epochs)")
+            expect(box).to_have_value("60", timeout=30_000)  # the preset's values have landed
+            box.fill(str(steps))
+            box.press("Tab")
 
-    demo = build_app(tmp_path / "runs", hw={"gpu": None, "memory_gb": 16.0})
-    port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
-    shots = Path(os.environ.get("LOWRANK_PREF_SCREENSHOTS", tmp_path))
-    shots.mkdir(parents=True, exist_ok=True)
-    try:
-        with sync_playwright() as pw:
-            browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS,
-                                         env={**os.environ, "HOME": str(tmp_path)})
-            page = browser.new_page(viewport={"width": 1280, "height": 1400})
-            page.goto(f"http://127.0.0.1:{port}/")
-            expect(page.get_by_text("Fine-tune an open model on one GPU")).to_be_visible(timeout=60_000)
+        def train(task: str) -> None:
+            page.get_by_role("tab", name="3 · Train").click()
+            page.get_by_role("button", name="Start training").click()
+            expect(page.get_by_text(re.compile(rf"Started \*?\*?{task}-"))).to_be_visible(timeout=30_000)
+            expect(page.locator(".lp-state")).to_have_text("completed", timeout=300_000)
+            # one eval, at the end: a line plot draws no one-point series, the progress area gives its numbers
+            expect(page.locator(".lp-eval")).to_contain_text("Eval at step 12: Loss")
+            expect(page.get_by_label("Run")).to_have_value(re.compile(r"· completed ·"), timeout=30_000)
+            page.wait_for_timeout(2500)  # one more refresh tick draws the last points
 
-            def use_preset(name: str, steps: int) -> None:
-                page.get_by_role("tab", name="1 · Setup").click()
-                page.get_by_label("Preset").click()
-                page.get_by_role("option", name=re.compile(rf"^{name} ")).click()
-                box = page.get_by_label("Max steps (0: use epochs)")
-                expect(box).to_have_value("60", timeout=30_000)  # the preset's values have landed
-                box.fill(str(steps))
-                box.press("Tab")
+        # Setup: kto's objective fields, not dpo's
+        use_preset("tiny-kto", 12)
+        expect(page.get_by_label("Desirable (thumbs-up) weight")).to_be_visible()
+        expect(page.get_by_label("Loss type")).to_be_hidden()
+        page.screenshot(path=str(shots / "setup-kto.png"), full_page=True)
 
-            def train(task: str) -> None:
-                page.get_by_role("tab", name="3 · Train").click()
-                page.get_by_role("button", name="Start training").click()
-                expect(page.get_by_text(re.compile(rf"Started \*?\*?{task}-"))).to_be_visible(timeout=30_000)
-                expect(page.locator(".lp-state")).to_have_text("completed", timeout=300_000)
-                # one eval, at the end: a line plot draws no one-point series, the progress area gives its numbers
-                expect(page.locator(".lp-eval")).to_contain_text("Eval at step 12: Loss")
-                expect(page.get_by_label("Run")).to_have_value(re.compile(r"· completed ·"), timeout=30_000)
-                page.wait_for_timeout(2500)  # one more refresh tick draws the last points
+        # Data: the doctor reads the tiny pairs as sft does (one example per chosen answer)
+        use_preset("tiny-sft", 12)
+        expect(page.get_by_label("Loss on the answers only")).to_be_visible()
+        expect(page.get_by_label("Desirable (thumbs-up) weight")).to_be_hidden()
+        page.get_by_role("tab", name="2 · Data").click()
+        page.get_by_role("button", name="Check the data").click()
+        expect(page.get_by_text(re.compile(r"usable examples:\s*240"))).to_be_visible(timeout=60_000)
+        expect(page.locator(".lp-side b").first).to_have_text("example")
+        page.screenshot(path=str(shots / "data-sft.png"), full_page=True)
 
-            # Setup: kto's objective fields, not dpo's
-            use_preset("tiny-kto", 12)
-            expect(page.get_by_label("Desirable (thumbs-up) weight")).to_be_visible()
-            expect(page.get_by_label("Loss type")).to_be_hidden()
-            page.screenshot(path=str(shots / "setup-kto.png"), full_page=True)
+        # an sft run: its own curves
+        train("sft")
+        plots = page.locator(".vega-embed:visible")
+        expect(plots.nth(1)).to_contain_text("Token accuracy")
+        expect(plots.nth(2)).to_contain_text("Perplexity")
+        page.screenshot(path=str(shots / "train-sft.png"), full_page=True)
 
-            # Data: the doctor reads the tiny pairs as sft does (one example per chosen answer)
-            use_preset("tiny-sft", 12)
-            expect(page.get_by_label("Loss on the answers only")).to_be_visible()
-            expect(page.get_by_label("Desirable (thumbs-up) weight")).to_be_hidden()
-            page.get_by_role("tab", name="2 · Data").click()
-            page.get_by_role("button", name="Check the data").click()
-            expect(page.get_by_text(re.compile(r"usable examples:\s*240"))).to_be_visible(timeout=60_000)
-            expect(page.locator(".lp-side b").first).to_have_text("example")
-            page.screenshot(path=str(shots / "data-sft.png"), full_page=True)
-
-            # an sft run: its own curves
-            train("sft")
-            plots = page.locator(".vega-embed:visible")
-            expect(plots.nth(1)).to_contain_text("Token accuracy")
-            expect(plots.nth(2)).to_contain_text("Perplexity")
-            page.screenshot(path=str(shots / "train-sft.png"), full_page=True)
-
-            # a kto run: rewards of desirable and undesirable answers, the KL reference point
-            use_preset("tiny-kto", 12)
-            train("kto")
-            expect(plots.nth(1)).to_contain_text("undesirable")
-            expect(plots.nth(2)).to_contain_text("KL (reference point)")
-            page.screenshot(path=str(shots / "train-kto.png"), full_page=True)
-            browser.close()
-    finally:
-        manager = demo.manager
-        if manager.active():
-            manager.stop()
-            manager.wait(manager.active() or "", timeout=60)
-        demo.close()
+        # a kto run: rewards of desirable and undesirable answers, the KL reference point
+        use_preset("tiny-kto", 12)
+        train("kto")
+        expect(plots.nth(1)).to_contain_text("undesirable")
+        expect(plots.nth(2)).to_contain_text("KL (reference point)")
+        page.screenshot(path=str(shots / "train-kto.png"), full_page=True)
     assert {p.name.split("-")[0] for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")} == {"sft", "kto"}
