@@ -137,3 +137,58 @@ def test_reference_cache_fingerprint_follows_a_hub_models_cached_commit(tmp_path
     assert pinned["model_commit"] == "a" * 40
     assert "model_commit" not in fingerprint(build_config("tiny", overrides={"model": "nobody/uncached"}))
 
+
+# ---- 11. a dataset folder that is a filesystem; the push token --------------------------------------------------
+
+def test_a_dataset_folder_is_searched_within_bounds(tmp_path, monkeypatch):
+    from lowrank_pref import data
+    from lowrank_pref.data import DataError, load_rows
+
+    t0 = time.perf_counter()
+    with pytest.raises(DataError, match="^/: this folder holds .*point dataset at the folder of the data files"):
+        load_rows("/")  # walked the whole filesystem
+    assert time.perf_counter() - t0 < 30
+    monkeypatch.setattr(data, "MAX_FOLDER_ENTRIES", 20)
+    monkeypatch.setattr(data, "MAX_FOLDER_DEPTH", 3)
+    wide = tmp_path / "wide"
+    wide.mkdir()
+    for i in range(25):
+        write_pairs(wide / f"part-{i}.jsonl", n=2)
+    with pytest.raises(DataError, match=f"^{wide}: this folder holds more than 20 entries"):
+        load_rows(str(wide))
+    deep = tmp_path / "deep"
+    (deep / "a" / "b" / "c" / "d").mkdir(parents=True)
+    with pytest.raises(DataError, match=f"^{deep}: this folder holds folders more than 3 levels deep"):
+        load_rows(str(deep))
+    (deep / "a" / "b" / "c" / "d").rmdir()
+    write_pairs(deep / "a" / "b" / "c" / "pairs.jsonl", n=3)
+    assert len(load_rows(str(deep))) == 3  # within the bounds, found as before
+
+
+def test_push_takes_the_token_from_the_environment_and_says_to_prefer_it(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from lowrank_pref import export
+
+    with pytest.raises(SystemExit):
+        export.main(["push", "--help"])
+    assert "prefer $HF_TOKEN" in " ".join(capsys.readouterr().out.split())
+    seen = {}
+
+    class Api:
+        def __init__(self, token=None):
+            seen["token"] = token
+
+        def create_repo(self, **kw):
+            return "https://hub/me/x"
+
+        def upload_folder(self, **kw):
+            seen["uploaded"] = kw["folder_path"]
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
+    monkeypatch.setenv("HF_TOKEN", "hf_from_env")
+    assert export.main(["push", "--adapter", str(adapter), "--repo-id", "me/x"]) == 0
+    assert seen == {"token": "hf_from_env", "uploaded": str(adapter)}
