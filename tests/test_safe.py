@@ -73,6 +73,25 @@ def _end(proc):
     proc.communicate(timeout=60)
 
 
+# ---- 7. a pid that is someone else's -----------------------------------------------------------
+
+def test_a_status_whose_pid_now_belongs_to_another_process_is_not_running(tmp_path):
+    from lowrank_pref.artifacts import process_start, run_alive, this_process
+
+    run = RunDir(tmp_path).create()
+    me = this_process()
+    assert me["pid"] == os.getpid() and isinstance(me["start"], int)
+    run.write_status(state="running", pid=os.getpid(), process=me)
+    assert run.state() == "running"
+    # our pid, but recorded with another start time: the run that wrote it is gone and the number was reused
+    run.write_status(process={"pid": os.getpid(), "start": me["start"] - 1})
+    assert run.state() == "stopped" and not run_alive(run.read_status())
+    # written by the app before the run started (no start time, or one recorded for another pid): the pid decides
+    run.write_status(process={"pid": os.getpid() + 1, "start": 5})
+    assert run.state() == "running"
+    assert process_start(os.getpid()) == me["start"]
+
+
 # ---- 10. the reference cache is not trusted --------------------------------------------------------------------------
 
 def _cache(tmp_path, meta=None):
