@@ -217,8 +217,12 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, tiny_model_dir, pairs_
     args = ["--model", str(tiny_model_dir), "--dataset", str(pairs_file), "--output-dir", str(tmp_path / "o"),
             "--max-steps", "2"]
     assert run_cli(*args).returncode == 0
+    before = (tmp_path / "o" / "status.json").read_text()
     res = run_cli(*args)
     assert res.returncode == 2 and "already holds a run; use --resume" in res.stderr
+    # a refused run writes nothing: the completed run stays "completed" (it was turned into "failed")
+    assert (tmp_path / "o" / "status.json").read_text() == before
+    assert json.loads(before)["state"] == "completed"
 
 
 def test_list_presets_and_keys():
