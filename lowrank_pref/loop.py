@@ -238,10 +238,6 @@ def apply_checkpoint(checkpoint: dict, path: Path, model, optimizer, scheduler) 
     return checkpoint["state"]
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    return apply_checkpoint(read_checkpoint(path), path, model, optimizer, scheduler)
-
-
 # ----------------------------------------------------------------------------------------------------------------
 # Stop, progress, metrics
 
