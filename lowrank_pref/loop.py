@@ -211,6 +211,8 @@ def read_checkpoint(path: Path) -> dict:
                "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
                "rng": torch.load(path / "rng.pt", weights_only=True),
                "state": json.loads((path / "state.json").read_text())}
+    except (MemoryError, torch.OutOfMemoryError, PermissionError):
+        raise  # the machine's trouble, not the checkpoint's: it must not be moved aside for it
     except Exception as e:  # any reader's failure (safetensors, torch's unpickler, json) means the same: unusable
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
         raise DamagedCheckpoint(f"{type(e).__name__}: {first}") from None
