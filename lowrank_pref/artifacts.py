@@ -8,20 +8,92 @@
       train.log          the run's log
       adapter/           the final PEFT adapter (+ tokenizer), loadable with PeftModel.from_pretrained
       checkpoint-N/      adapter/, optimizer.pt, scheduler.pt, rng.pt, state.json; written atomically
+      checkpoint-N.damaged/  a checkpoint that failed to load on resume, moved aside (the one before was used)
+      .lock              held (flock) by the run training in the folder, with its pid; free once it ends
+
+Files that must survive a crash or a power cut whole (status.json, checkpoints, the adapter) are written to a
+temporary name, fsynced, then renamed into place, and the folder is fsynced: the rename alone may reach the disk
+before the data does, leaving a complete-looking checkpoint of zeros.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import time
 from pathlib import Path
 
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; runs there are not guarded against a second run in the folder
+    fcntl = None
+
+log = logging.getLogger("lowrank_pref")
+LOCK = ".lock"
+
+
+class FolderBusy(RuntimeError):
+    """Another live run holds the run folder's lock."""
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename in ``path`` durable. Some filesystems can't fsync a folder (EINVAL): there is nothing more to
+    do on them."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """fsync every file and folder under ``path`` (a checkpoint or an adapter, before its rename into place)."""
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_dir(Path(root))
+
+
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write whole or not at all, and durably: a temporary file, fsynced, renamed over ``path``. A failed write
+    (a full disk) leaves ``path`` as it was and no temporary file behind."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+def process_start(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux: /proc/<pid>/stat field 22); None where that
+    can't be read. A pid with another start time is another process that got the number after ours ended."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    try:
+        return int(fields[19])  # fields[0] is field 3 (the state)
+    except (IndexError, ValueError):
+        return None
+
+
+def this_process() -> dict:
+    """What status.json records of the run's own process: its pid and start time (see :func:`run_alive`)."""
+    return {"pid": os.getpid(), "start": process_start(os.getpid())}
 
 
 def read_metrics(path: str | os.PathLike) -> list[dict]:
@@ -56,6 +128,21 @@ def pid_alive(pid: int | None) -> bool:
         return True
 
 
+def run_alive(status: dict) -> bool:
+    """Whether the process a status names is the run that wrote it and still lives. The pid alone is not enough: after
+    a restart that keeps the folder the number may belong to another process, which would block Start and get the
+    Stop button's SIGTERM. A status that records the process's start time (``process``, written by the run itself)
+    must match it; one without (written by the app before the run starts) is judged by the pid."""
+    pid = status.get("pid")
+    if not pid_alive(pid):
+        return False
+    recorded = status.get("process")
+    if isinstance(recorded, dict) and recorded.get("pid") == pid and recorded.get("start") is not None:
+        now = process_start(pid)
+        return now is None or now == recorded["start"]
+    return True
+
+
 class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
@@ -70,11 +157,63 @@ class RunDir:
         self.path.mkdir(parents=True, exist_ok=True)
         return self
 
+    def lock(self):
+        """Hold the folder for this process's run: an exclusive flock on ``.lock``, kept until the returned file is
+        closed or the process ends however it ends (the kernel drops it then, so a killed run leaves no stale lock).
+        Raises FolderBusy, naming the holder's pid, when a live run holds it; nothing is written then."""
+        f = open(self.path / LOCK, "a+")
+        if fcntl is None:
+            return f
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "unknown"
+            f.close()
+            raise FolderBusy(f"run folder '{self.path}' is in use by a run that is still training (pid {holder}); "
+                             "wait for it to end or stop it, or choose another --output-dir") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        return f
+
+    def remove_partial(self) -> None:
+        """Remove the temporary files and folders this process left half-written (a run stopped mid-write)."""
+        for tmp in self.path.glob(f".*.tmp-{os.getpid()}"):
+            if tmp.is_dir():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
+
     # status -----------------------------------------------------------------------------------------------------
     def write_status(self, **fields) -> None:
         status = self.read_status()
         status.update(fields, updated=time.time())
         atomic_write_text(self.status_file, json.dumps(status, indent=1))
+
+    def write_final_status(self, **fields) -> bool:
+        """The status a run ends with (failed, stopped), by any means left; False when even that failed. A full disk
+        refuses the new file an atomic write needs, but the old status.json's own blocks can still be overwritten
+        in place (compact JSON, smaller than the indented file): a run that ends on ENOSPC must not stay
+        "running"."""
+        try:
+            self.write_status(**fields)
+            return True
+        except OSError as e:
+            log.warning("could not write %s (%s); overwriting it in place", self.status_file, e)
+        status = self.read_status()
+        status.update(fields, updated=time.time())
+        try:
+            with open(self.status_file, "r+") as f:
+                f.write(json.dumps(status, separators=(",", ":")))
+                f.truncate()
+                f.flush()
+                os.fsync(f.fileno())
+            return True
+        except OSError as e:
+            log.error("could not write %s either way (%s): it still says what it said before", self.status_file, e)
+            return False
 
     def read_status(self) -> dict:
         try:
@@ -86,7 +225,7 @@ class RunDir:
         """The status as the app shows it: a 'running' run whose process is gone was killed ('stopped')."""
         status = self.read_status()
         state = status.get("state", "new")
-        if state == "running" and not pid_alive(status.get("pid")):
+        if state == "running" and not run_alive(status):
             return "stopped"
         return state
 
@@ -124,13 +263,40 @@ class RunDir:
         return tmp
 
     def commit_checkpoint(self, tmp: Path, step: int, keep: int) -> Path:
-        """Rename a fully written checkpoint into place (atomic), then drop the oldest beyond ``keep``."""
+        """Rename a fully written checkpoint into place (atomic and, with the fsyncs, durable), then drop the oldest
+        beyond ``keep``."""
         final = self.path / f"checkpoint-{step}"
+        fsync_tree(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(self.path)
         for _, old in self.checkpoints()[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
         for stale in self.path.glob(".checkpoint-*.tmp-*"):  # left by a killed writer
             shutil.rmtree(stale, ignore_errors=True)
         return final
+
+    def move_aside(self, checkpoint: Path) -> Path:
+        """Rename a checkpoint that failed to load to ``checkpoint-N.damaged`` (kept to look at, never loaded)."""
+        target = checkpoint.with_name(checkpoint.name + ".damaged")
+        k = 1
+        while target.exists():
+            k += 1
+            target = checkpoint.with_name(f"{checkpoint.name}.damaged-{k}")
+        os.replace(checkpoint, target)
+        return target
+
+    def install_dir(self, tmp: Path, final: Path) -> None:
+        """Put a fully written folder (the adapter) in place: fsynced, then renamed; a previous one is renamed
+        aside first and removed after, so ``final`` is never a half-deleted folder."""
+        fsync_tree(tmp)
+        old = None
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+        os.replace(tmp, final)
+        _fsync_dir(final.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

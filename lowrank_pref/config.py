@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -28,6 +29,17 @@ class ConfigError(ValueError):
     """A user error in the config: the message names the key and says what would fix it."""
 
 
+# Upper bounds of the sizes: far above any real run on one GPU, low enough that an absurd value (num_epochs=1e9,
+# gradient_accumulation_steps=1e12, lora.r=1e12) is refused here instead of making a run that never ends its first
+# step or its step count. A help line that has one says "at most N".
+MAX_TOKENS = 1 << 20  # max_length, max_prompt_length: a million tokens a sequence
+MAX_ITEMS = 65_536  # batch_size, eval_batch_size, gradient_accumulation_steps
+MAX_RANK = 4096  # lora.r
+MAX_EPOCHS = 10_000
+MAX_STEPS = 100_000_000
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes 64 bits
+
+
 def _f(default, help: str, *, choices=None, min=None, max=None, min_exclusive=False, factory=None):
     meta = {"help": help, "choices": choices, "min": min, "max": max, "min_exclusive": min_exclusive}
     if factory is not None:
@@ -41,7 +53,8 @@ COLUMN_ROLES = ("prompt", "chosen", "rejected", "margin", "system", "completion"
 
 @dataclass
 class LoraSettings:
-    r: int = _f(16, "LoRA rank: higher gives more capacity and more memory.", min=1)
+    r: int = _f(16, f"LoRA rank: higher gives more capacity and more memory (at most {MAX_RANK}).", min=1,
+                max=MAX_RANK)
     alpha: float = _f(32, "LoRA scaling numerator (scale = alpha / r, or alpha / sqrt(r) with rsLoRA).", min=0,
                       min_exclusive=True)
     dropout: float = _f(0.05, "Dropout on the LoRA input; 0 makes steps deterministic.", min=0.0, max=0.99)
@@ -96,8 +109,10 @@ class Config:
     dataset_split: str = _f("train", "Split of the dataset to train on.")
     eval_dataset: str | None = _f(None, "Separate eval file or hub id; default: hold out part of the training data.")
     eval_split: str | None = _f(None, "Split of the (eval) dataset to evaluate on, e.g. test_prefs.")
-    max_length: int = _f(1024, "Longest prompt + answer in tokens; answers are cut from the right.", min=8)
-    max_prompt_length: int = _f(512, "Longest prompt in tokens; prompts are cut from the left.", min=1)
+    max_length: int = _f(1024, "Longest prompt + answer in tokens; answers are cut from the right (at most "
+                               f"{MAX_TOKENS:,}).", min=8, max=MAX_TOKENS)
+    max_prompt_length: int = _f(512, "Longest prompt in tokens; prompts are cut from the left.", min=1,
+                                max=MAX_TOKENS)
     data: DataSettings = field(default_factory=DataSettings)
     # model numerics
     quantization: str = _f("4bit", "4bit (QLoRA, NF4 + double quantization), 8bit, or none (plain LoRA).",
@@ -129,7 +144,7 @@ class Config:
                              "results (the CPU 4-bit kernel pin).")
     token_budget: int | None = _f(None, "Pack each micro-step to about this many tokens (pairs x longest pair, pairs "
                                         "grouped by length) instead of batch_size pairs: many short pairs or few long "
-                                        "ones, little padding.", min=8)
+                                        "ones, little padding.", min=8, max=MAX_ITEMS * MAX_TOKENS)
     lora: LoraSettings = field(default_factory=LoraSettings)
     sft: SftSettings = field(default_factory=SftSettings)
     kto: KtoSettings = field(default_factory=KtoSettings)
@@ -146,10 +161,11 @@ class Config:
     center_rewards_coefficient: float | None = _f(None, "Reward task: pull scores towards zero mean (TRL's "
                                                         "centring; 0.01 is typical).", min=0.0)
     # optimisation
-    batch_size: int = _f(1, "Items per micro-step: pairs (dpo, reward), examples (sft, kto).", min=1)
-    eval_batch_size: int | None = _f(None, "Items per eval micro-step (default: batch_size).", min=1)
-    gradient_accumulation_steps: int = _f(8, "Micro-steps per optimizer step: batch_size x this = items per step.",
-                                          min=1)
+    batch_size: int = _f(1, f"Items per micro-step: pairs (dpo, reward), examples (sft, kto); at most {MAX_ITEMS:,}.",
+                         min=1, max=MAX_ITEMS)
+    eval_batch_size: int | None = _f(None, "Items per eval micro-step (default: batch_size).", min=1, max=MAX_ITEMS)
+    gradient_accumulation_steps: int = _f(8, "Micro-steps per optimizer step: batch_size x this = items per step "
+                                             f"(at most {MAX_ITEMS:,}).", min=1, max=MAX_ITEMS)
     learning_rate: float = _f(5e-6, "Peak learning rate of the adapters.", min=0.0, min_exclusive=True)
     lr_scheduler_type: str = _f("cosine", "Schedule after warmup (transformers' names).",
                                 choices=("linear", "cosine", "constant", "constant_with_warmup", "cosine_with_restarts",
@@ -159,10 +175,11 @@ class Config:
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 disables).", min=0.0)
     optimizer: str = _f("auto", "auto: paged 8-bit AdamW on GPU, torch AdamW on CPU.",
                         choices=("auto", "adamw_torch", "paged_adamw_8bit", "adamw_8bit"))
-    num_epochs: float = _f(1.0, "Passes over the training data (ignored when max_steps is set).", min=0.0,
-                           min_exclusive=True)
-    max_steps: int | None = _f(None, "Stop after this many optimizer steps.", min=1)
-    seed: int = _f(42, "Seed for data order, adapter init and dropout.")
+    num_epochs: float = _f(1.0, f"Passes over the training data (ignored when max_steps is set; at most "
+                                f"{MAX_EPOCHS:,}).", min=0.0, min_exclusive=True, max=MAX_EPOCHS)
+    max_steps: int | None = _f(None, f"Stop after this many optimizer steps (at most {MAX_STEPS:,}).", min=1,
+                               max=MAX_STEPS)
+    seed: int = _f(42, "Seed for data order, adapter init and dropout (0 to 2**63 - 1).", min=0, max=MAX_SEED)
     max_nonfinite_steps: int = _f(5, "Stop after this many optimizer steps in a row with a NaN/inf loss.", min=1)
     logprob_chunk_size: int | None = _f(None, "Answer tokens per chunk of the LM head, so full-vocabulary logits "
                                               "never exist for the whole batch (default: ~256 MB of fp32 logits).",
@@ -259,6 +276,10 @@ def _parse_value(key: str, raw: Any, hint: Any) -> Any:
             raise ConfigError(f"'{key}' must be a whole number, got {raw!r}")
         if isinstance(raw, int):
             return raw
+        try:  # exactly, as written: through a float, 2**63 - 1 would round up past the seed's range
+            return int(str(raw).replace("_", "").strip())
+        except ValueError:
+            pass
         try:
             value = float(str(raw).replace("_", ""))
         except ValueError:
@@ -270,9 +291,12 @@ def _parse_value(key: str, raw: Any, hint: Any) -> Any:
         if isinstance(raw, bool):
             raise ConfigError(f"'{key}' must be a number, got {raw!r}")
         try:
-            return float(raw)
+            value = float(raw)
         except (TypeError, ValueError):
             raise ConfigError(f"'{key}' must be a number, got {raw!r}") from None
+        if not math.isfinite(value):  # nan passes every range check (nan < lo is false), inf most of them
+            raise ConfigError(f"'{key}' must be a finite number, got {raw!r}")
+        return value
     if hint is str:
         if isinstance(raw, (dict, list)):
             raise ConfigError(f"'{key}' must be a single value, got {raw!r}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -273,6 +274,28 @@ def _load_file(path: Path) -> list[dict]:
     return ds.to_list()
 
 
+# How far a dataset folder is searched for data files: a sharded dataset has hundreds of files a few levels down;
+# a folder past these bounds is not a dataset (dataset=/ walked the whole filesystem).
+MAX_FOLDER_ENTRIES = 10_000
+MAX_FOLDER_DEPTH = 6
+
+
+def _data_files(path: Path) -> list[Path]:
+    """The data files under a folder, sorted; DataError naming the folder when it holds more than
+    MAX_FOLDER_ENTRIES files and folders, or folders deeper than MAX_FOLDER_DEPTH."""
+    files, seen = [], 0
+    for root, dirs, names in os.walk(path):
+        seen += len(dirs) + len(names)
+        depth = len(Path(root).relative_to(path).parts)
+        if seen > MAX_FOLDER_ENTRIES or (dirs and depth >= MAX_FOLDER_DEPTH):
+            too = f"more than {MAX_FOLDER_ENTRIES:,} entries" if seen > MAX_FOLDER_ENTRIES else \
+                f"folders more than {MAX_FOLDER_DEPTH} levels deep"
+            raise DataError(f"{path}: this folder holds {too}, too many to be a dataset; point dataset at the "
+                            "folder of the data files, or at one file")
+        files += [Path(root) / n for n in names if Path(n).suffix.lower() in LOCAL_KINDS]
+    return sorted(files)
+
+
 def load_rows(source: str, split: str = "train", trust_remote_code: bool = False) -> list[dict]:
     """Rows of a local file/folder or hub dataset as plain dicts (``datasets`` does the reading and caching)."""
     import datasets
@@ -288,7 +311,7 @@ def load_rows(source: str, split: str = "train", trust_remote_code: bool = False
                 if isinstance(ds, datasets.DatasetDict):
                     ds = _pick_split(ds, split, str(path))
             else:
-                files = sorted(p for p in path.rglob("*") if p.suffix.lower() in LOCAL_KINDS)
+                files = _data_files(path)
                 if not files:
                     raise DataError(f"{path}: folder has no .jsonl, .json, .csv or .parquet files")
                 kinds = {LOCAL_KINDS[p.suffix.lower()] for p in files}

@@ -1,7 +1,10 @@
 """Merge an adapter into its base model, or push an adapter to the Hugging Face Hub.
 
     python -m lowrank_pref.export merge --adapter out/adapter --output merged/
-    python -m lowrank_pref.export push --adapter out/adapter --repo-id you/my-dpo-adapter [--token hf_...]
+    HF_TOKEN=hf_... python -m lowrank_pref.export push --adapter out/adapter --repo-id you/my-dpo-adapter
+
+``push`` takes the token from ``HF_TOKEN`` or the saved login (``hf auth login``); ``--token`` works too, but a
+token on the command line shows in the process list (``ps``) to every user of the machine.
 
 ``merge`` is the QLoRA merge: the base is loaded on the CPU the way it was trained (4-bit NF4 by default), its
 weights are de-quantized to fp16, the adapter is folded in, and the result is saved as safetensors with the
@@ -108,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     u = sub.add_parser("push", help="push an adapter to the Hub")
     u.add_argument("--adapter", required=True)
     u.add_argument("--repo-id", required=True)
-    u.add_argument("--token", help="Hub token (default: $HF_TOKEN or your saved login)")
+    u.add_argument("--token", help="Hub token; prefer $HF_TOKEN or your saved login (the default), since a token "
+                                   "given here shows in the process list")
     u.add_argument("--public", action="store_true")
     args = p.parse_args(argv)
     from .run import quiet_libraries

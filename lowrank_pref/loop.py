@@ -12,6 +12,7 @@ split into micro-steps.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import RunDir
+from . import memory
+from .artifacts import FolderBusy, RunDir, atomic_write_text, this_process
 from .config import Config, ConfigError, dump_yaml
 from .memory import available_memory_gb, choose_plan, current_memory_mb, peak_memory_mb, reset_peak_memory
 from .model import checkpointed_layers, device, load_model, load_tokenizer, save_adapter, trainable_parameters
@@ -36,6 +38,16 @@ log = logging.getLogger("lowrank_pref")
 
 class TrainingStopped(RuntimeError):
     """The run stopped itself with a plain message (e.g. repeated non-finite losses)."""
+
+
+class RunStopped(KeyboardInterrupt):
+    """SIGTERM (the app's Stop) ended the run; the message says where and what to resume from. A KeyboardInterrupt,
+    so the libraries' own ``except Exception`` around their loading can't swallow it when it is raised from the
+    signal handler, and so callers treat it as the interruption it is."""
+
+
+class DamagedCheckpoint(RuntimeError):
+    """A checkpoint's files could not be read back (truncated, corrupted, or not plain tensors and numbers)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -58,6 +70,12 @@ class Schedule:
     token_budget: int | None = None
     _epochs: dict = field(default_factory=dict, repr=False)
     _counts: dict = field(default_factory=dict, repr=False)
+    _cursor: tuple = (0, 0)  # (epoch, its first micro-batch) of the last lookup: runs walk forward from it
+
+    # Counting a token-budget run's micro-batches packs every epoch (about 1 us an item); past this many items packed
+    # (epochs x items, a second or two), the epochs beyond are counted as the mean of those packed (a few steps off,
+    # logged), so a huge num_epochs can't spend minutes before the first step.
+    EXACT_COUNT_ITEMS = 2_000_000
 
     def epoch_batches(self, epoch: int) -> list[list[int]]:
         if epoch not in self._epochs:
@@ -98,11 +116,15 @@ class Schedule:
 
     def micro_batch(self, g: int) -> list[int]:
         """Pair indices of the run's g-th micro-batch (0-based), epochs one after another."""
-        epoch = 0
-        while g >= self.epoch_count(epoch):
-            g -= self.epoch_count(epoch)
+        if not self.token_budget:
+            epoch, g = divmod(g, self.epoch_count(0))
+            return self.epoch_batches(epoch)[g]
+        epoch, first = self._cursor if g >= self._cursor[1] else (0, 0)
+        while g - first >= self.epoch_count(epoch):
+            first += self.epoch_count(epoch)
             epoch += 1
-        return self.epoch_batches(epoch)[g]
+        self._cursor = (epoch, first)
+        return self.epoch_batches(epoch)[g - first]
 
     def step_batches(self, step: int) -> list[list[int]]:
         """Micro-batches of optimizer step ``step`` (1-based)."""
@@ -112,8 +134,18 @@ class Schedule:
         if cfg.max_steps:
             return cfg.max_steps
         full, part = divmod(cfg.num_epochs, 1)
-        micro = sum(self.epoch_count(e) for e in range(int(full)))
-        micro += math.ceil(part * self.epoch_count(int(full))) if part else 0
+        full = int(full)
+        if not self.token_budget:  # every epoch has the same count: arithmetic, whatever num_epochs is
+            micro = full * self.epoch_count(0)
+        else:
+            exact = min(full, max(1, self.EXACT_COUNT_ITEMS // max(1, self.n_items)))
+            micro = sum(self.epoch_count(e) for e in range(exact))
+            if full > exact:
+                micro += round((full - exact) * micro / exact)
+                log.info("num_epochs=%s: micro-batches of epochs %d on estimated from the first %d (token_budget "
+                         "packs each epoch differently)", cfg.num_epochs, exact + 1, exact)
+        if part:
+            micro += math.ceil(part * self.epoch_count(full))
         return max(1, math.ceil(micro / self.accum))
 
 
@@ -138,6 +170,8 @@ def make_optimizer(cfg: Config, params):
 
 
 def _rng_state() -> dict:
+    """The RNG state a checkpoint restores. Plain tensors, ints and tuples only: checkpoints are read back with
+    ``torch.load(weights_only=True)``, which runs no code from the file (a crafted rng.pt once ran a command)."""
     state = {"torch": torch.get_rng_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -151,43 +185,78 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(run: RunDir, cfg: Config, model, optimizer, scheduler, step: int, counters: dict) -> Path:
+def save_checkpoint(run: RunDir, cfg: Config, model, optimizer, scheduler, step: int, counters: dict,
+                    rng: dict | None = None) -> Path:
+    """Checkpoint of the run after ``step``; ``rng``: the RNG state to store when it is not the current one (a step
+    cut short by a stop has moved the RNG on since ``step`` ended)."""
     tmp = run.new_checkpoint_dir(step)
     model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"], safe_serialization=True)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(_rng_state(), tmp / "rng.pt")
+    torch.save(rng or _rng_state(), tmp / "rng.pt")
     # written last: a checkpoint without state.json is incomplete and never picked up
     state = {"step": step, "micro_batches_done": step * cfg.gradient_accumulation_steps, **counters}
     (tmp / "state.json").write_text(json.dumps(state))
     return run.commit_checkpoint(tmp, step, cfg.save_total_limit)
 
 
-def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
-    from peft import set_peft_model_state_dict
+def read_checkpoint(path: Path) -> dict:
+    """Every file of a checkpoint, read and checked before any of it is applied, so a damaged one (truncated by a
+    full disk, or crafted) is refused whole and the model is left as it was. Raises DamagedCheckpoint."""
     from safetensors.torch import load_file
 
-    weights = load_file(str(path / "adapter" / "adapter_model.safetensors"))
-    result = set_peft_model_state_dict(model, weights, adapter_name="default")
+    try:
+        out = {"weights": load_file(str(path / "adapter" / "adapter_model.safetensors")),
+               "optimizer": torch.load(path / "optimizer.pt", weights_only=True),
+               "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
+               "rng": torch.load(path / "rng.pt", weights_only=True),
+               "state": json.loads((path / "state.json").read_text())}
+    except (MemoryError, torch.OutOfMemoryError, PermissionError):
+        raise  # the machine's trouble, not the checkpoint's: it must not be moved aside for it
+    except Exception as e:  # any reader's failure (safetensors, torch's unpickler, json) means the same: unusable
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise DamagedCheckpoint(f"{type(e).__name__}: {first}") from None
+    state, rng = out["state"], out["rng"]
+    if not out["weights"]:
+        raise DamagedCheckpoint("its adapter holds no weights")
+    if not isinstance(state, dict) or state.get("step") != int(path.name.split("-", 1)[1]):
+        raise DamagedCheckpoint("its state.json does not name its step")
+    if not (isinstance(rng, dict) and isinstance(rng.get("torch"), torch.Tensor) and isinstance(rng.get("python"),
+                                                                                                  tuple)):
+        raise DamagedCheckpoint("its rng.pt is not an RNG state")
+    return out
+
+
+def apply_checkpoint(checkpoint: dict, path: Path, model, optimizer, scheduler) -> dict:
+    """Restore a checkpoint read by :func:`read_checkpoint`; returns its state.json."""
+    from peft import set_peft_model_state_dict
+
+    result = set_peft_model_state_dict(model, checkpoint["weights"], adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"checkpoint {path} does not match this model: {result.unexpected_keys[:3]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    _set_rng_state(torch.load(path / "rng.pt", weights_only=False))  # python's RNG state is a plain tuple
-    return json.loads((path / "state.json").read_text())
+    optimizer.load_state_dict(checkpoint["optimizer"])
+    scheduler.load_state_dict(checkpoint["scheduler"])
+    _set_rng_state(checkpoint["rng"])
+    return checkpoint["state"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Stop, progress, metrics
 
 class _StopFlag:
-    """SIGTERM (the app's Stop button) ends the run after the current step, with a checkpoint."""
+    """SIGTERM (the app's Stop button, a Space shutting down). While the run sets up (data, model, resume) it raises
+    RunStopped at once: a long load would otherwise ignore it, and nothing there needs finishing (writes are atomic,
+    and their temporary files are removed). Once training, it only sets the flag, read after every micro-batch: the
+    run ends there with a checkpoint of its last complete step."""
 
     def __init__(self):
         self.set = False
+        self.immediate = True
 
     def __call__(self, signum, frame):
         self.set = True
+        if self.immediate:
+            raise RunStopped("stopped before the first step (SIGTERM): nothing was trained in this run")
 
 
 def _progress(total: int, initial: int):
@@ -220,17 +289,22 @@ class _Window:
         return out
 
 
-def evaluate(task, model, items: list, batch_size: int) -> dict:
-    """Eval metrics over ``items``: each summed metric divided by the items' weight, as in training."""
+def evaluate(task, model, items: list, batch_size: int, should_stop=None) -> dict | None:
+    """Eval metrics over ``items``: each summed metric divided by the items' weight, as in training. None when
+    ``should_stop()`` turns true between batches (a stop request: an eval of many items must not hold it up)."""
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
-    with torch.no_grad():
-        for i in range(0, len(items), batch_size):
-            _, sums, _ = task.losses(model, items[i:i + batch_size])
-            for k, v in sums.items():
-                totals[k] = totals.get(k, 0.0) + float(v)
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(items), batch_size):
+                if should_stop is not None and should_stop():
+                    return None
+                _, sums, _ = task.losses(model, items[i:i + batch_size])
+                for k, v in sums.items():
+                    totals[k] = totals.get(k, 0.0) + float(v)
+    finally:
+        model.train(was_training)
     weight = sum(task.weight(item) for item in items)
     record = {f"eval_{k}": v / weight for k, v in totals.items()}
     task.derived(record, prefix="eval_")
@@ -241,8 +315,25 @@ def evaluate(task, model, items: list, batch_size: int) -> dict:
 # The run
 
 def train(cfg: Config, output_dir: str | os.PathLike, *, resume: bool = False) -> dict:
-    """Run a whole training job into ``output_dir``; returns the last logged metrics (train and eval)."""
+    """Run a whole training job into ``output_dir``; returns the last logged metrics (train and eval).
+
+    Raises RunStopped when SIGTERM stopped it (status "stopped"), ConfigError without writing anything when the
+    folder is not this run's to write (another live run holds it, or it holds a finished run and resume is off)."""
     run = RunDir(output_dir).create()
+    try:
+        lock = run.lock()
+    except FolderBusy as e:
+        raise ConfigError(str(e)) from None
+    try:
+        if not resume and (run.metrics.exists() or run.checkpoints()):
+            raise ConfigError(f"output_dir '{run.path}' already holds a run; use --resume to continue it, or choose "
+                              "another --output-dir")
+        return _train_locked(cfg, run, resume)
+    finally:
+        lock.close()
+
+
+def _train_locked(cfg: Config, run: RunDir, resume: bool) -> dict:
     handler = logging.FileHandler(run.log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
@@ -256,8 +347,15 @@ def train(cfg: Config, output_dir: str | os.PathLike, *, resume: bool = False) -
             shell.setup(resume)
             return shell.loop()
     except BaseException as e:
+        stop.immediate = False  # a second SIGTERM now must not cut the status write short
+        run.remove_partial()
         state = "stopped" if isinstance(e, KeyboardInterrupt) else "failed"
-        run.write_status(state=state, message=str(e).splitlines()[0] if str(e) else type(e).__name__)
+        message = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if isinstance(e, RunStopped):
+            log.info("%s", message)
+        elif isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            log.error("%s", message)
+        run.write_final_status(state=state, message=message)
         raise
     finally:
         log.removeHandler(handler)
@@ -282,15 +380,12 @@ class Shell:
 
     def setup(self, resume: bool) -> None:
         cfg, run, task = self.cfg, self.run, self.task
-        checkpoint = run.latest_checkpoint() if resume else None
-        if resume and checkpoint is None and run.read_metrics():
+        candidates = run.checkpoints() if resume else []
+        if resume and not candidates and run.read_metrics():
             log.info("no checkpoint in %s yet: starting from step 0", run.path)
             run.truncate_metrics(0)  # the earlier lines will be logged again
-        if not resume and (run.metrics.exists() or run.checkpoints()):
-            raise ConfigError(f"output_dir '{run.path}' already holds a run; use --resume to continue it, or choose "
-                              "another --output-dir")
-        run.write_status(state="running", pid=os.getpid(), step=checkpoint[0] if checkpoint else 0, message="",
-                         task=cfg.task, started=self.started)
+        run.write_status(state="running", pid=os.getpid(), process=this_process(),
+                         step=candidates[-1][0] if candidates else 0, message="", task=cfg.task, started=self.started)
         random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
 
@@ -301,7 +396,7 @@ class Shell:
         if data.eval_report:
             log.info("eval %s", data.eval_report.summary())
         log.info("train %s: %d, eval %s: %d", task.unit, len(data.train), task.unit, len(data.eval))
-        run.data_report.write_text(json.dumps({
+        atomic_write_text(run.data_report, json.dumps({
             "train": data.report.as_dict(), "examples": data.examples,
             "eval": data.eval_report.as_dict() if data.eval_report else None,
             "train_pairs": len(data.train), "eval_pairs": len(data.eval), "unit": task.unit}, indent=1))
@@ -310,8 +405,12 @@ class Shell:
         self.schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
                                  sizes=[task.size(item) for item in data.train], token_budget=cfg.token_budget)
         tokens, answers = largest_micro_step(task, self.schedule, data.train)
-        plan = choose_plan(cfg, cfg.memory_limit_gb or available_memory_gb(), gpu=device().type == "cuda",
-                           tokens=tokens, answer_tokens=answers)
+        gpu = device().type == "cuda"
+        refusal = memory.beyond_machine(cfg, memory.machine_memory_gb(), gpu=gpu, tokens=tokens, answer_tokens=answers)
+        if refusal:
+            raise ConfigError(refusal)
+        plan = choose_plan(cfg, cfg.memory_limit_gb or available_memory_gb(), gpu=gpu, tokens=tokens,
+                           answer_tokens=answers)
         log.info("gradient checkpointing: %s (%s)", plan.describe(), plan.why)
         self.model, loaded = load_model(cfg, self.tokenizer, plan, keep_reference=task.uses_reference)
         run.write_status(gradient_checkpointing=plan.checkpointing, checkpointed_layers=checkpointed_layers(self.model),
@@ -325,7 +424,7 @@ class Shell:
         self.params = trainable_parameters(self.model)
         log.info("trainable parameters: %s", f"{sum(p.numel() for p in self.params):,}")
         header = f"# resolved config of this run; repeat it with: python -m lowrank_pref.run --config {run.config}\n"
-        run.config.write_text(header + (f"reference: {reference}\n" if reference else "") + dump_yaml(cfg))
+        atomic_write_text(run.config, header + (f"reference: {reference}\n" if reference else "") + dump_yaml(cfg))
 
         # optimizer and schedule; a checkpoint restores both with the adapter and the RNG
         from transformers import get_scheduler
@@ -335,13 +434,8 @@ class Shell:
         self.scheduler = get_scheduler(cfg.lr_scheduler_type, self.optimizer,
                                        num_warmup_steps=round(cfg.warmup_ratio * total), num_training_steps=total)
         self.counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0}
-        self.start = 0
-        if checkpoint:
-            self.start, path = checkpoint
-            state = load_checkpoint(path, self.model, self.optimizer, self.scheduler)
-            self.counters.update({k: v for k, v in state.items() if k in self.counters})
-            run.truncate_metrics(self.start)
-            log.info("resumed from %s (step %d of %d)", path.name, self.start, total)
+        self.start = self.restore(candidates) if candidates else 0
+        self.saved = self.start  # the step of the newest checkpoint on disk (0: none)
         run.write_status(state="running", step=self.start, total_steps=total, reference=reference)
         run.write_status(**task.setup(self.model, self.tokenizer, data))
         self.model.train()
@@ -349,20 +443,46 @@ class Shell:
         self.loaded_mb = current_memory_mb()
         log.info("memory with the model loaded: %.0f MB", self.loaded_mb)
 
+    def restore(self, candidates: list[tuple[int, Path]]) -> int:
+        """Resume from the newest checkpoint that loads; returns its step (0: none did, the run starts over). One that
+        fails to load is named in the log and moved aside, and the one before it is tried: a crash or a full disk
+        while the newest was written must not end the run when an older one is intact."""
+        for step, path in reversed(candidates):
+            try:
+                checkpoint = read_checkpoint(path)
+            except DamagedCheckpoint as e:
+                aside = self.run.move_aside(path)
+                log.warning("checkpoint %s is damaged (%s): moved aside to %s; trying the one before it", path, e,
+                            aside.name)
+                continue
+            state = apply_checkpoint(checkpoint, path, self.model, self.optimizer, self.scheduler)
+            self.counters.update({k: v for k, v in state.items() if k in self.counters})
+            self.run.truncate_metrics(step)
+            log.info("resumed from %s (step %d of %d)", path.name, step, self.total)
+            return step
+        log.warning("no usable checkpoint in %s: starting over from step 0", self.run.path)
+        self.run.truncate_metrics(0)
+        return 0
+
     def loop(self) -> dict:
         cfg, run, task, total = self.cfg, self.run, self.task, self.total
         eval_every = cfg.eval_steps or max(1, total // 4)
         save_every = cfg.save_steps or max(1, total // 4)
         window, last = _Window(), {}
         bar = _progress(total, self.start)
+        self.stop.immediate = False  # from here a stop ends the run after the current micro-batch, with a checkpoint
         for step in range(self.start + 1, total + 1):
             t0 = time.perf_counter()
+            rng = _rng_state()  # what a checkpoint of step - 1 holds, should a stop cut this step short
             # the step's micro-batches are a pure function of (seed, step), so a resumed run sees the same data
             batches = [[self.data.train[i] for i in idx] for idx in self.schedule.step_batches(step)]
             weight = sum(task.weight(item) for batch in batches for item in batch)
             lr = self.scheduler.get_last_lr()[0]
             # forward and backward each micro-batch, its loss scaled to its share of the step's mean
             sums, tokens, finite = self.accumulate(batches, weight)
+            if finite is None:  # stopped between micro-batches: this step is dropped, the one before is saved
+                bar.close()
+                raise self.stop_within(step, rng)
             # clip, then step; a non-finite loss or gradient skips the step (too many in a row stop the run)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
             self.update(step, finite and bool(torch.isfinite(grad_norm)), finite)
@@ -376,19 +496,38 @@ class Shell:
                 last.update(self.log_train(step, window, lr, float(grad_norm)))
                 window = _Window()
             if self.data.eval and (step % eval_every == 0 or step == total):
-                last.update(self.log_eval(step))
+                last.update(self.log_eval(step, final=step == total))
             run.write_status(step=step)
-            if (step % save_every == 0 and step < total) or self.stop.set:
+            if (step % save_every == 0 and step < total) or (self.stop.set and step < total):
                 save_checkpoint(run, cfg, self.model, self.optimizer, self.scheduler, step, self.counters)
                 task.checkpoint()
+                self.saved = step
             # SIGTERM (the app's Stop): the checkpoint above is written; end here, resumable
             if self.stop.set and step < total:
                 bar.close()
-                run.write_status(state="stopped", step=step, message=f"stopped at step {step}; resume with --resume")
-                log.info("stopped at step %d (checkpoint written); resume with --resume", step)
-                return last
+                message = f"stopped at step {step} (checkpoint written); continue with --resume"
+                run.write_status(state="stopped", step=step, message=message)
+                raise RunStopped(message)
         bar.close()
         return self.finish(last)
+
+    def stop_within(self, step: int, rng: dict) -> RunStopped:
+        """End the run in the middle of ``step`` (a stop request): its gradients are dropped, and the state after
+        step - 1, which the model, the optimizer and the scheduler still hold, is checkpointed with the RNG state of
+        then, unless a checkpoint of it exists already. Resuming from it repeats what an uninterrupted run does."""
+        self.optimizer.zero_grad(set_to_none=True)
+        done = step - 1
+        if done > self.saved:
+            save_checkpoint(self.run, self.cfg, self.model, self.optimizer, self.scheduler, done, self.counters,
+                            rng=rng)
+            self.task.checkpoint()
+            self.saved = done
+        if done:
+            message = f"stopped during step {step}; continue with --resume (from step {done})"
+        else:
+            message = f"stopped during step {step}, before any step completed: nothing was trained in this run"
+        self.run.write_status(state="stopped", step=done, message=message)
+        return RunStopped(message)
 
     def log_train(self, step: int, window: _Window, lr: float, grad_norm: float) -> dict:
         """The window's means and the run's vitals, one line of metrics.jsonl."""
@@ -401,20 +540,27 @@ class Shell:
         self.run.append_metrics(record)
         return record
 
-    def log_eval(self, step: int) -> dict:
-        """Eval metrics over the held-out items, one line of metrics.jsonl and one of the log."""
-        record = {"step": step, **evaluate(self.task, self.model, self.data.eval,
-                                           self.cfg.eval_batch_size or self.cfg.batch_size)}
+    def log_eval(self, step: int, final: bool = False) -> dict:
+        """Eval metrics over the held-out items, one line of metrics.jsonl and one of the log. A stop request cuts an
+        eval short (not the final one): the step is complete, and is checkpointed without its eval line."""
+        metrics = evaluate(self.task, self.model, self.data.eval, self.cfg.eval_batch_size or self.cfg.batch_size,
+                           should_stop=None if final else lambda: self.stop.set)
+        if metrics is None:
+            log.info("step %d eval: skipped (stopping)", step)
+            return {}
+        record = {"step": step, **metrics}
         self.run.append_metrics(record)
         log.info("step %d eval: %s", step, ", ".join(f"{k}={v:.4f}" for k, v in record.items() if k != "step"))
         return record
 
-    def accumulate(self, batches: list[list], weight: float) -> tuple[dict, int, bool]:
+    def accumulate(self, batches: list[list], weight: float) -> tuple[dict, int, bool | None]:
         """Backward over the step's micro-batches. Returns the metric sums, the real tokens, and False at the first
-        non-finite loss (whose backward is skipped)."""
+        non-finite loss (whose backward is skipped), None when a stop request came before a micro-batch."""
         sums: dict[str, float] = {}
         tokens = 0
         for items in batches:
+            if self.stop.set:
+                return sums, tokens, None
             losses, batch_sums, t = self.task.losses(self.model, items)
             loss = losses.sum() / weight
             if not torch.isfinite(loss):
@@ -450,10 +596,7 @@ class Shell:
         run.write_status(**self.task.finish())
         tmp = run.path / f".adapter.tmp-{os.getpid()}"
         save_adapter(self.model, self.tokenizer, tmp)
-        if run.adapter.exists():
-            import shutil
-            shutil.rmtree(run.adapter)
-        os.replace(tmp, run.adapter)
+        run.install_dir(tmp, run.adapter)
         summary = {k: v for k, v in last.items() if k.startswith("eval_")}
         run.write_status(state="completed", step=self.total, message="", seconds=round(time.time() - self.started, 1),
                          final=summary)

@@ -257,6 +257,31 @@ def choose_plan(cfg, available_gb: float, *, gpu: bool, tokens: int | None = Non
     return plan(full, False, f"{source}about {on:.1f} GB with checkpointing{more}")
 
 
+# A run whose most frugal plan needs this many times the machine's whole memory can't be the estimate's error (it
+# is within a few tens of percent): it is a setting far out of range, refused before the model loads.
+FAR_BEYOND = 8
+
+
+def beyond_machine(cfg, machine_gb: float | None, *, gpu: bool, tokens: int | None = None,
+                   answer_tokens: int | None = None) -> str | None:
+    """A plain refusal when even the most frugal plan (every layer but the last checkpointed, the checkpoints in host
+    RAM on a GPU) needs more than FAR_BEYOND times ``machine_gb``, the memory the machine has in all; else None.
+    memory_limit_gb plays no part: it is what the run may plan for, not what the machine could ever give."""
+    if not machine_gb:
+        return None
+    try:
+        a = arch_of(cfg.model)
+    except Exception:  # an architecture we can't read: no estimate, as in choose_plan
+        return None
+    need = estimate(cfg, a, gpu=gpu, tokens=tokens, answer_tokens=answer_tokens,
+                    checkpointed_layers=full_checkpointing(a.layers), offload=gpu)["total"]
+    if need <= FAR_BEYOND * machine_gb:
+        return None
+    where = "the GPU" if gpu else "this machine"
+    return (f"the run needs about {need:,.0f} GB even with gradient checkpointing, far more than the "
+            f"{machine_gb:,.0f} GB {where} has; lower lora.r, batch_size (or token_budget) or max_length")
+
+
 def plan_estimate(cfg, plan: MemoryPlan | None, *, gpu: bool) -> dict:
     """:func:`estimate` with the checkpointing of ``plan`` (None, or a plan that could not count the layers: the
     config's own)."""
@@ -310,6 +335,16 @@ def available_memory_gb() -> float:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
         return 8.0
+
+
+def machine_memory_gb() -> float | None:
+    """All the memory a run could ever have here: the GPU's total, or the physical RAM (not what is free now)."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_properties(0).total_memory / 2**30
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def _proc_status_mb(field: str) -> float | None:

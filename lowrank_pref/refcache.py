@@ -8,22 +8,46 @@ learning rate skip the reference forward for pairs already seen (TRL recomputes 
 declined to cache it, its issue #4810). The cache fills as training goes, so it costs no extra pass.
 
     $LOWRANK_PREF_CACHE/ref_logps/<fingerprint>.json   {"fingerprint": {...}, "values": {pair key: [chosen, rejected]}}
+
+The file is not trusted: one that can't be read is named in the log, moved aside (``<fingerprint>.json.damaged``)
+and rebuilt, and entries that are not two finite log-probs (<= 0) are dropped and computed again, so a damaged or
+tampered cache never stops a run nor trains it on NaN or made-up references.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
+import os
 from pathlib import Path
 
 import torch
 
 from .artifacts import atomic_write_text
 
+log = logging.getLogger("lowrank_pref")
+# A sequence log-prob is a sum of log-softmax values, <= 0; a little slack for the arithmetic.
+LOGP_MAX = 1e-3
+
 
 def _files_signature(path: Path) -> list:
     """Names, sizes and modification times of a local model's or adapter's weight files (cheap, no hashing)."""
     return sorted([f.name, f.stat().st_size, int(f.stat().st_mtime)] for f in path.glob("*.safetensors"))
+
+
+def hub_commit(repo_id: str, revision: str | None, filename: str) -> str | None:
+    """The commit a hub id (at ``revision``, default main) resolves to in the local hub cache, read offline from the
+    cached snapshot's folder name; None when it is not cached (or not a hub id). With it in the fingerprint, a repo
+    that changes gets a new cache instead of its old reference log-probs."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        found = try_to_load_from_cache(repo_id, filename, revision=revision)
+    except (ImportError, ValueError):  # ValueError: not a valid repo id (huggingface_hub's HFValidationError)
+        return None
+    return Path(found).parent.name if isinstance(found, str) else None
 
 
 def fingerprint(cfg) -> dict:
@@ -36,12 +60,23 @@ def fingerprint(cfg) -> dict:
              "dtype": str(compute_dtype(cfg)), "attn": cfg.attn_implementation}
     if Path(model).is_dir():
         parts["model_files"] = _files_signature(Path(model))
+    elif commit := hub_commit(cfg.model, cfg.revision, "config.json"):
+        parts["model_commit"] = commit
     if cfg.adapter:
         adapter = Path(cfg.adapter).expanduser()
         parts["adapter"] = str(adapter.resolve()) if adapter.exists() else cfg.adapter
         if adapter.is_dir():
             parts["adapter_files"] = _files_signature(adapter)
+        elif commit := hub_commit(cfg.adapter, None, "adapter_config.json"):
+            parts["adapter_commit"] = commit
     return parts
+
+
+def _valid(value) -> bool:
+    """Two finite log-probs, as ``get`` turns them into a tensor."""
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v <= LOGP_MAX
+                    for v in value))
 
 
 def pair_key(pair) -> str:
@@ -51,15 +86,37 @@ def pair_key(pair) -> str:
 class RefCache:
     def __init__(self, path: Path, meta: dict):
         self.path, self.meta = path, meta
-        self.values: dict[str, list[float]] = {}
         self.hits = self.misses = 0
         self._dirty = False
+        self.values: dict[str, list[float]] = self._read()
+
+    def _read(self) -> dict[str, list[float]]:
         try:
-            stored = json.loads(path.read_text())
-            if stored.get("fingerprint") == meta:
-                self.values = stored.get("values", {})
-        except (FileNotFoundError, json.JSONDecodeError, AttributeError):
-            pass
+            stored = json.loads(self.path.read_bytes().decode("utf-8"))
+        except FileNotFoundError:
+            return {}
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            return self._damaged(f"not JSON text: {str(e).splitlines()[0][:120]}")
+        if not isinstance(stored, dict) or not isinstance(stored.get("values"), dict):
+            return self._damaged("not a reference cache (no 'values' mapping)")
+        if stored.get("fingerprint") != self.meta:
+            return {}  # another model's under the same digest: replaced by ours at the next save
+        values = {k: v for k, v in stored["values"].items() if _valid(v)}
+        if len(values) < len(stored["values"]):
+            log.warning("reference cache %s: %d entries were not two finite log-probs (<= 0); they are dropped and "
+                        "computed again", self.path, len(stored["values"]) - len(values))
+        return values
+
+    def _damaged(self, why: str) -> dict:
+        """Move an unreadable cache file aside (kept to look at) so the run rebuilds it; returns no values."""
+        aside = self.path.with_name(self.path.name + ".damaged")
+        try:
+            os.replace(self.path, aside)
+        except FileNotFoundError:  # another run moved it aside first
+            return {}
+        log.warning("reference cache %s is damaged (%s): moved aside to %s; it is rebuilt as the run goes",
+                    self.path, why, aside.name)
+        return {}
 
     @classmethod
     def for_config(cls, cfg) -> "RefCache":
@@ -82,7 +139,8 @@ class RefCache:
         n = len(pairs)
         values = ref.detach().float().cpu().tolist()
         for i, p in enumerate(pairs):
-            self.values[pair_key(p)] = [values[i], values[n + i]]
+            if _valid(pair := [values[i], values[n + i]]):  # a NaN reference is not kept for the next run
+                self.values[pair_key(p)] = pair
         self._dirty = True
 
     def save(self) -> None:

@@ -6,12 +6,14 @@
     python -m lowrank_pref.run --output-dir out --resume          # continue a stopped or killed run
     python -m lowrank_pref.run --list-presets | --list-keys
 
-Exit status: 0 success, 2 a user error (bad config, data, model path), 1 an internal error (see train.log).
+Exit status: 0 success, 2 a user error (bad config, data, model path, a run folder in use), 1 an internal error
+(see train.log) or a full disk, 130 stopped (SIGTERM, Ctrl-C; continue with --resume).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -118,24 +120,35 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingStopped as e:
         print(f"error: {e}", file=sys.stderr)
         return INTERNAL_ERROR
-    except KeyboardInterrupt:
-        print("interrupted; continue with --resume", file=sys.stderr)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (loop.RunStopped, which says where it stopped)
+        print(f"stopped: {e}" if str(e) else "interrupted; continue with --resume", file=sys.stderr)
         return 130
-    except Exception as e:  # an internal error: say it plainly, keep the traceback in the run's log
-        logging.getLogger("lowrank_pref").debug("internal error", exc_info=True)
-        _log_traceback(cfg.output_dir)
-        oom = "out of memory" in str(e).lower()
-        hint = (" Lower batch_size or max_length, set gradient_checkpointing=true (on a GPU also checkpoint_offload="
-                "true), or memory_limit_gb below what the card has if other programs use it." if oom else
-                f" The traceback is in {os.path.join(cfg.output_dir, 'train.log')}.")
-        print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}.{hint}",
-              file=sys.stderr)
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            return _internal_error(e, cfg)
+        print(f"error: the disk is full ({e.filename or cfg.output_dir}): free some space, then continue with "
+              f"--resume", file=sys.stderr)
         return INTERNAL_ERROR
+    except Exception as e:
+        return _internal_error(e, cfg)
     shown = {k: v for k, v in result.items() if k.startswith("eval_")}
     if shown:
         print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
     print(f"adapter saved to {os.path.join(cfg.output_dir, 'adapter')}")
     return 0
+
+
+def _internal_error(e: Exception, cfg: Config) -> int:
+    """An internal error: say it plainly, keep the traceback in the run's log (called inside the except block)."""
+    logging.getLogger("lowrank_pref").debug("internal error", exc_info=True)
+    _log_traceback(cfg.output_dir)
+    oom = "out of memory" in str(e).lower()
+    hint = (" Lower batch_size or max_length, set gradient_checkpointing=true (on a GPU also checkpoint_offload="
+            "true), or memory_limit_gb below what the card has if other programs use it." if oom else
+            f" The traceback is in {os.path.join(cfg.output_dir, 'train.log')}.")
+    print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}.{hint}",
+          file=sys.stderr)
+    return INTERNAL_ERROR
 
 
 def quiet_libraries() -> None:

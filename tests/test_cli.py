@@ -151,6 +151,8 @@ def test_same_effective_batch_same_update_whatever_the_split(tmp_path, tiny_mode
     (["--dataset", "missing.jsonl"], "dataset file 'missing.jsonl' does not exist"),
     (["--model", "./no-such-model"], "model folder './no-such-model' does not exist"),
     (["notakeyvalue"], "is not a key=value override"),
+    (["learning_rate=nan"], "'learning_rate' must be a finite number"),  # was an internal error
+    (["seed=1e30"], "'seed' must be <= 9223372036854775807"),  # was an internal error from torch.manual_seed
     # overrides before, between and after options: the bad value is named, so the words were read as overrides
     (["seed=3", "--max-steps", "2", "batch_size=two"], "'batch_size' must be a whole number"),
     (["seed=3", "--max-steps", "2", "notakeyvalue"], "'notakeyvalue' is not a key=value override"),
@@ -215,8 +217,12 @@ def test_existing_run_folder_is_not_overwritten(tmp_path, tiny_model_dir, pairs_
     args = ["--model", str(tiny_model_dir), "--dataset", str(pairs_file), "--output-dir", str(tmp_path / "o"),
             "--max-steps", "2"]
     assert run_cli(*args).returncode == 0
+    before = (tmp_path / "o" / "status.json").read_text()
     res = run_cli(*args)
     assert res.returncode == 2 and "already holds a run; use --resume" in res.stderr
+    # a refused run writes nothing: the completed run stays "completed" (it was turned into "failed")
+    assert (tmp_path / "o" / "status.json").read_text() == before
+    assert json.loads(before)["state"] == "completed"
 
 
 def test_list_presets_and_keys():

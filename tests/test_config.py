@@ -85,3 +85,63 @@ def test_memory_estimate_grows_with_what_should_grow():
     plain = build_config("12gb-dpo", overrides={"quantization": "none"})
     e = estimate(base)["total"]
     assert estimate(longer)["total"] > e and estimate(no_ckpt)["total"] > e and estimate(plain)["total"] > e + 5
+
+
+def _keys_of_type(kind) -> list[str]:
+    """Every dotted key whose field holds ``kind`` (or ``kind | None``), read from the dataclasses' type hints, so a
+    key added later is covered without touching this test."""
+    import dataclasses
+    import typing
+
+    from lowrank_pref.config import _resolve, all_keys
+
+    out = []
+    for key in all_keys():
+        cls, name = _resolve(key)
+        hint = typing.get_type_hints(cls)[name]
+        if hint is kind or kind in typing.get_args(hint):
+            out.append(key)
+        assert dataclasses.fields(cls)  # a dataclass, as _resolve promises
+    return out
+
+
+FLOAT_KEYS = _keys_of_type(float)
+
+
+def test_the_float_keys_are_found():
+    assert {"learning_rate", "beta", "max_grad_norm", "lora.alpha", "kto.desirable_weight",
+            "center_rewards_coefficient", "memory_limit_gb"} <= set(FLOAT_KEYS)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-inf", float("nan"), float("inf")])
+@pytest.mark.parametrize("key", FLOAT_KEYS)
+def test_every_float_key_refuses_nan_and_inf(key, raw):
+    """nan passes every range check (nan < lo is false) and inf most: max_grad_norm=nan, learning_rate=inf and
+    beta=nan trained (or failed as an internal error) until each float had to be finite."""
+    with pytest.raises(ConfigError) as e:
+        set_key(Config(), key, raw)
+    assert f"'{key}' must be a finite number" in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("key", _keys_of_type(int))
+def test_every_int_key_refuses_nan_and_inf(key):
+    for raw in ("nan", "inf", "-inf"):
+        with pytest.raises(ConfigError, match=re.escape(f"'{key}' must be a whole number")):
+            set_key(Config(), key, raw)
+
+
+@pytest.mark.parametrize("key,value", [
+    ("num_epochs", "1e9"), ("gradient_accumulation_steps", "1e12"), ("lora.r", "1e12"), ("batch_size", "1e7"),
+    ("max_length", "1e9"), ("seed", "1e30"), ("seed", "-1"), ("max_steps", "1e12"), ("eval_batch_size", "1e9"),
+])
+def test_absurd_sizes_are_refused_naming_the_key(key, value):
+    with pytest.raises(ConfigError, match=re.escape(f"'{key}' must be")):
+        set_key(Config(), key, value)
+
+
+def test_the_largest_allowed_sizes_are_accepted():
+    from lowrank_pref.config import MAX_ITEMS, MAX_RANK, MAX_SEED
+
+    cfg = build_config("tiny", overrides={"lora.r": str(MAX_RANK), "gradient_accumulation_steps": str(MAX_ITEMS),
+                                          "seed": str(MAX_SEED), "num_epochs": "10000"})
+    assert (cfg.lora.r, cfg.seed) == (MAX_RANK, MAX_SEED)
