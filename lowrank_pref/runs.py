@@ -9,10 +9,16 @@ A run can bring the config of the run that follows it (``start(cfg, then=...)``,
 SFT adapter): it waits in the first run's folder as ``then.yaml`` and is started by ``poll()`` once the first run
 has completed. ``poll`` runs on every listing and on every refresh of the app, so a chain needs no thread of its own,
 and a stopped or failed first run keeps its follow-up queued until it is resumed and completes.
+
+A run may have an owner (``owner``: a hash of the browser session or signed-in user that started it, never the secret
+itself); a public app shows and controls a visitor's own runs only. Stop is SIGTERM, then SIGKILL after
+``kill_after`` seconds: a run that ignores SIGTERM (stuck in a library call) must not keep the GPU and block every
+Start.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import signal
@@ -22,7 +28,7 @@ import threading
 import time
 from pathlib import Path
 
-from .artifacts import RunDir, pid_alive
+from .artifacts import RunDir, process_start, run_alive
 from .config import Config, ConfigError, build_config, dump_yaml
 
 log = logging.getLogger("lowrank_pref.runs")
@@ -30,10 +36,29 @@ REQUEST = "request.yaml"  # the config the app asked for; the run writes the res
 CONSOLE = "console.log"  # the child's stdout and stderr
 THEN = "then.yaml"  # the config of the run that starts when this one completes
 THEN_STARTED = "then.started.yaml"  # ... renamed once it has been started (the rename is the claim)
+OWNER = "owner"  # who started the run: owner_key() of their session, one line
+KILL_AFTER = 60.0  # seconds from Stop's SIGTERM to SIGKILL
+HUB_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 class RunBusy(RuntimeError):
-    """A run is already training."""
+    """A run is already training (``run``: its name)."""
+
+    def __init__(self, message: str, run: str):
+        super().__init__(message)
+        self.run = run
+
+
+def owner_key(identity: str) -> str:
+    """What a run folder records of its owner: a hash, so the folder never holds the session's secret."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
+
+
+def owner_of(run: RunDir) -> str | None:
+    try:
+        return (run.path / OWNER).read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def default_root() -> Path:
@@ -46,9 +71,18 @@ def default_root() -> Path:
 
 
 class RunManager:
-    def __init__(self, root: str | os.PathLike | None = None):
+    """``kill_after``: seconds Stop waits after SIGTERM before SIGKILL. ``hub_token``: whether runs may use this
+    machine's Hugging Face token (HF_TOKEN, the saved login); a public app passes False, so visitors can't load the
+    owner's private models and datasets through it."""
+
+    command = [sys.executable, "-m", "lowrank_pref.run"]  # what a run is; tests put a stand-in here
+
+    def __init__(self, root: str | os.PathLike | None = None, *, kill_after: float = KILL_AFTER,
+                 hub_token: bool = True):
         self.root = Path(root) if root else default_root()
         self.root.mkdir(parents=True, exist_ok=True)
+        self.kill_after = kill_after
+        self.hub_token = hub_token
         self._children: dict[str, subprocess.Popen] = {}
         self._lock = threading.Lock()
 
@@ -72,7 +106,7 @@ class RunManager:
             if not path.is_dir() or not (run.status_file.exists() or run.config.exists()):
                 continue
             status = run.read_status()
-            out.append({"name": path.name, "state": run.state(), "step": status.get("step", 0),
+            out.append({"name": path.name, "owner": owner_of(run), "state": run.state(), "step": status.get("step", 0),
                         "total_steps": status.get("total_steps"), "task": status.get("task"),
                         "message": status.get("message", ""), "updated": status.get("updated", 0.0),
                         "resumable": bool(run.checkpoints()) and run.state() in ("stopped", "failed"),
@@ -90,13 +124,14 @@ class RunManager:
         return None
 
     # start, resume, stop ---------------------------------------------------------------------------------------
-    def start(self, cfg: Config, name: str | None = None, then: Config | None = None) -> str:
+    def start(self, cfg: Config, name: str | None = None, then: Config | None = None, owner: str | None = None) -> str:
         """Start a new run of ``cfg``; returns its name. Refused while another run trains. ``then``: the run to start
-        when this one completes, from this run's adapter (``then.adapter`` is set to it)."""
+        when this one completes, from this run's adapter (``then.adapter`` is set to it). ``owner``: an
+        :func:`owner_key`, recorded in the folder (and inherited by the follow-up)."""
         with self._lock:
             self._start_follow_ups()  # a chain that is due goes first: it was asked for earlier
             self._refuse_if_busy()
-            return self._start(cfg, name, then)
+            return self._start(cfg, name, then, owner=owner)
 
     def follow_up(self, name: str) -> str | None:
         """The run started after ``name`` completed, once there is one."""
@@ -118,16 +153,49 @@ class RunManager:
             return name
 
     def stop(self, name: str | None = None) -> str:
-        """Ask the run to stop: it finishes its step, writes a checkpoint and exits (SIGTERM)."""
+        """Ask the run to stop (SIGTERM): it ends after its micro-batch with a checkpoint of its last complete step and
+        exits. One still alive ``kill_after`` seconds later is killed (SIGKILL), and its status says so. Only the
+        process the status names, with its recorded start time, is signalled (``artifacts.run_alive``): a pid the
+        system has given to another process since is left alone."""
         name = name or self.active()
         if not name:
             raise ConfigError("no run is training")
         run = self.run_dir(name)
-        pid = run.read_status().get("pid")
-        if run.state() != "running" or not pid_alive(pid):
+        status = run.read_status()
+        if status.get("state") != "running" or not run_alive(status):
             raise ConfigError(f"run '{name}' is not training")
-        os.kill(pid, signal.SIGTERM)
+        os.kill(status["pid"], signal.SIGTERM)
+        threading.Thread(target=self._kill_if_alive, args=(name, status), daemon=True,
+                         name=f"stop-{name}").start()
         return name
+
+    def _kill_if_alive(self, name: str, status: dict) -> None:
+        """Stop's second half, on its own thread: wait up to ``kill_after`` seconds for the process to end, then kill
+        it and its process group, and record that it was killed and what Resume starts from."""
+        end = time.monotonic() + self.kill_after
+        while run_alive(status) and time.monotonic() < end:
+            time.sleep(min(0.2, max(end - time.monotonic(), 0.01)))
+        pid = status["pid"]
+        with self._lock:
+            if not run_alive(status):
+                return
+            try:  # a run the app started leads its own process group (start_new_session): take its helpers too
+                if os.getpgid(pid) == pid:
+                    os.killpg(pid, signal.SIGKILL)
+                else:
+                    os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                return  # it ended just now
+            child = self._children.get(name)
+            if child is not None and child.pid == pid:
+                child.wait(30)
+            run = RunDir(self.root / name)
+            latest = run.latest_checkpoint()
+            resume = f"Resume starts from its last checkpoint (step {latest[0]})" if latest else \
+                "it had no checkpoint yet: Resume starts from step 0"
+            run.write_final_status(state="stopped", killed=True,
+                                   message=f"killed: still running {self.kill_after:g} s after Stop; {resume}")
+            log.warning("run %s ignored SIGTERM for %g s: killed", name, self.kill_after)
 
     def wait(self, name: str, timeout: float = 60.0) -> str:
         """Block until the run's process ends (tests, scripts); returns its state."""
@@ -142,15 +210,18 @@ class RunManager:
         busy = self.active()
         if busy:
             raise RunBusy(f"run '{busy}' is training; stop it before starting another (one run at a time: they "
-                          "would share the GPU)")
+                          "would share the GPU)", busy)
 
-    def _start(self, cfg: Config, name: str | None, then: Config | None = None, **status) -> str:
+    def _start(self, cfg: Config, name: str | None, then: Config | None = None, owner: str | None = None,
+               **status) -> str:
         name = name or f"{cfg.task}-{time.strftime('%Y%m%d-%H%M%S')}"
         base, k = name, 1
         while (self.root / name).exists():
             k += 1
             name = f"{base}-{k}"
         run = RunDir(self.root / name).create()
+        if owner:
+            (run.path / OWNER).write_text(owner + "\n")
         cfg.output_dir = str(run.path)
         (run.path / REQUEST).write_text(dump_yaml(cfg))
         if then is not None:
@@ -181,23 +252,33 @@ class RunManager:
                 first.write_status(then_error=f"the follow-up could not start: {e}")
                 log.warning("follow-up of %s not started: %s", first.path.name, e)
                 continue
-            name = self._start(cfg, None, after=first.path.name)
+            name = self._start(cfg, None, owner=owner_of(first), after=first.path.name)
             first.write_status(then_run=name)
             log.info("%s completed: started its follow-up %s", first.path.name, name)
             started.append(name)
         return started
 
-    def _spawn(self, run: RunDir, args: list[str], **status) -> None:
+    def child_env(self) -> dict:
+        """The run's environment: this one, the package importable, and without this machine's Hugging Face token
+        unless ``hub_token`` (HF_HUB_DISABLE_IMPLICIT_TOKEN also keeps a saved login from being sent)."""
         env = dict(os.environ, LOWRANK_PREF_PROGRESS="0", PYTHONUNBUFFERED="1")
         root = str(Path(__file__).resolve().parent.parent)  # the package is importable in the child as it is here
         env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        if not self.hub_token:
+            for var in HUB_TOKEN_VARS:
+                env.pop(var, None)
+            env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+        return env
+
+    def _spawn(self, run: RunDir, args: list[str], **status) -> None:
         with open(run.path / CONSOLE, "a") as console:
-            child = subprocess.Popen([sys.executable, "-m", "lowrank_pref.run", *args], stdout=console,
-                                     stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
-                                     start_new_session=True)
+            child = subprocess.Popen([*self.command, *args], stdout=console, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, env=self.child_env(), start_new_session=True)
         self._children[run.path.name] = child
-        # written before the child writes its own, so a second start is refused from this moment
-        run.write_status(state="running", pid=child.pid, message="starting", **status)
+        # written before the child writes its own, so a second start is refused from this moment; with the child's
+        # start time, so Stop never signals another process that gets this pid later
+        run.write_status(state="running", pid=child.pid, process={"pid": child.pid, "start": process_start(child.pid)},
+                         message="starting", killed=False, **status)
 
     def reap(self) -> None:
         """Collect finished children; a child that died before it could say why gets its last console line."""

@@ -235,7 +235,7 @@ def test_doctor_handler_reads_an_upload(tmp_path):
     report, hist, examples = data_tab.check_data(app, "tiny", str(data), *_form())
     assert "usable pairs:** 20" in report and 'class="lp-loss"' in examples
     assert int(hist["value"]["count"].sum()) == 20
-    assert list(app.uploads.iterdir())  # the upload is kept with the runs
+    assert not app.uploads.exists()  # a check keeps nothing on the server: the upload is read where it is
 
 
 def test_doctor_reads_the_data_as_each_task_does(tmp_path):
@@ -461,12 +461,13 @@ def test_sft_and_kto_runs_through_the_handlers(tmp_path, preset, series):
 def app(tmp_path_factory):
     from gradio_client import Client
 
-    from lowrank_pref.ui import CSS, build_app
+    from lowrank_pref.ui import build_app
 
     runs = tmp_path_factory.mktemp("runs")
     demo = build_app(runs)
     port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        **demo.launch_kwargs)
     client = Client(f"http://127.0.0.1:{port}/", verbose=False)
     yield demo, client
     manager = demo.manager

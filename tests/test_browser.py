@@ -21,17 +21,18 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-
 
 
 @contextlib.contextmanager
-def browser_page(tmp_path: Path, **app_kwargs):
-    """The app launched on a free port and a headless Chromium page on it; afterwards the browser is closed, a run
-    still going is stopped (even when the test failed), and the app is closed. Yields (page, demo, screenshot dir:
+def browser_app(tmp_path: Path, **app_kwargs):
+    """The app launched on a free port and a headless Chromium; afterwards the browser is closed, a run still going is
+    stopped (even when the test failed), and the app is closed. Yields (browser, url, demo, screenshot dir:
     $LOWRANK_PREF_SCREENSHOTS when set)."""
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
-    from lowrank_pref.ui import CSS, build_app
+    from lowrank_pref.ui import build_app
 
     demo = build_app(tmp_path / "runs", **app_kwargs)
     port = free_port()
-    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, css=CSS, quiet=True)
+    demo.queue().launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                        **demo.launch_kwargs)
     shots = Path(os.environ.get("LOWRANK_PREF_SCREENSHOTS", tmp_path))
     shots.mkdir(parents=True, exist_ok=True)
     try:
@@ -39,19 +40,33 @@ def browser_page(tmp_path: Path, **app_kwargs):
             browser = pw.chromium.launch(executable_path=CHROMIUM, args=FLAGS,
                                          env={**os.environ, "HOME": str(tmp_path)})
             try:
-                page = browser.new_page(viewport={"width": 1280, "height": 1400})
-                page.goto(f"http://127.0.0.1:{port}/")
-                expect(page.get_by_text("Fine-tune an open model on one GPU")).to_be_visible(timeout=60_000)
-                yield page, demo, shots
+                yield browser, f"http://127.0.0.1:{port}/", demo, shots
             finally:
                 browser.close()
     finally:
         manager = demo.manager
         if manager.active():
+            name = manager.active()
             manager.stop()
-            manager.wait(manager.active() or "", timeout=60)
+            manager.wait(name, timeout=60)
         demo.close()
 
+
+def open_page(browser, url: str):
+    """A page of the app in a fresh browser context (its own cookies and local storage: another visitor)."""
+    from playwright.sync_api import expect
+
+    page = browser.new_context(viewport={"width": 1280, "height": 1400}).new_page()
+    page.goto(url)
+    expect(page.get_by_text("Fine-tune an open model on one GPU")).to_be_visible(timeout=60_000)
+    return page
+
+
+@contextlib.contextmanager
+def browser_page(tmp_path: Path, **app_kwargs):
+    """One page on the launched app (browser_app). Yields (page, demo, screenshot dir)."""
+    with browser_app(tmp_path, **app_kwargs) as (browser, url, demo, shots):
+        yield open_page(browser, url), demo, shots
 
 
 def test_upload_train_watch_stop_in_a_browser(tmp_path):
@@ -151,3 +166,60 @@ def test_sft_and_kto_in_a_browser(tmp_path):
         expect(plots.nth(2)).to_contain_text("KL (reference point)")
         page.screenshot(path=str(shots / "train-kto.png"), full_page=True)
     assert {p.name.split("-")[0] for p in (tmp_path / "runs").iterdir() if not p.name.startswith(".")} == {"sft", "kto"}
+
+
+def test_two_visitors_of_a_public_app(tmp_path):
+    """Two browser contexts (two visitors) on one public app: A starts a tiny run; B's run list doesn't show it and
+    B's Stop doesn't stop it; A, back after a reload, still has it. B's CSV with HTML for a header is named in the
+    error as text, not rendered. Screenshots: public-a-training.png, public-b-html-escaped.png, public-b-refused.png,
+    public-a-stopped.png."""
+    from playwright.sync_api import expect
+
+    evil = tmp_path / "evil.csv"
+    evil.write_text('"<img src=x onerror=window.__xss=1>",other\n1,2\n')
+
+    with browser_app(tmp_path, hw={"gpu": None, "memory_gb": 16.0}, public=True) as (browser, url, demo, shots):
+        a, b = open_page(browser, url), open_page(browser, url)
+        for page in (a, b):
+            expect(page.get_by_text("Public mode.")).to_be_visible()
+        steps = a.get_by_label("Max steps (0: use epochs)")
+        steps.fill("3000")
+        steps.press("Tab")
+        a.get_by_role("tab", name="3 · Train").click()
+        a.get_by_role("button", name="Start training").click()
+        expect(a.get_by_text(re.compile(r"Started \w"))).to_be_visible(timeout=30_000)
+        expect(a.locator(".lp-status")).to_contain_text(re.compile(r"running · step [1-9]"), timeout=120_000)
+        run = demo.manager.active()
+        expect(a.get_by_label("Run")).to_have_value(re.compile(rf"^{run} · running"))
+        expect(a.locator(".vega-embed:visible").first).to_contain_text("train", timeout=30_000)
+        a.screenshot(path=str(shots / "public-a-training.png"), full_page=True)
+
+        b.get_by_role("tab", name="2 · Data").click()
+        b.locator("input[type=file]").first.set_input_files(str(evil))
+        expect(b.get_by_text("evil.csv").first).to_be_visible(timeout=30_000)
+        b.get_by_role("button", name="Check the data").click()
+        toast = b.locator(".toast-body").last
+        expect(toast).to_contain_text("Columns are <img src=x onerror=window.__xss=1>, other", timeout=60_000)
+        expect(toast).to_have_css("opacity", "1")  # faded in, for the screenshot
+        assert toast.locator("img").count() == 0 and b.evaluate("window.__xss") is None
+        b.screenshot(path=str(shots / "public-b-html-escaped.png"))  # the viewport: the toast is fixed to it
+
+        b.get_by_role("tab", name="3 · Train").click()
+        b.get_by_role("button", name="Refresh list").click()
+        b.get_by_role("button", name="Stop (writes a checkpoint)").click()
+        toast = b.locator(".toast-body", has_text="no run of yours is training")
+        expect(toast).to_have_css("opacity", "1", timeout=30_000)
+        b.screenshot(path=str(shots / "public-b-refused.png"))
+        expect(b.get_by_label("Run")).to_have_value("")
+        assert run not in b.content()
+        first = demo.manager.run_dir(run).read_status()["step"]
+        expect(a.locator(".lp-status")).not_to_contain_text(f"step {first} /", timeout=60_000)  # still training
+        assert demo.manager.run_dir(run).state() == "running"
+
+        a.reload()  # the browser's key is in its local storage: A's run is still A's
+        expect(a.get_by_text("Fine-tune an open model on one GPU")).to_be_visible(timeout=60_000)
+        a.get_by_role("tab", name="3 · Train").click()
+        expect(a.get_by_label("Run")).to_have_value(re.compile(rf"^{run} · running"), timeout=30_000)
+        a.get_by_role("button", name="Stop (writes a checkpoint)").click()
+        expect(a.locator(".lp-state")).to_have_text("stopped", timeout=120_000)
+        a.screenshot(path=str(shots / "public-a-stopped.png"), full_page=True)

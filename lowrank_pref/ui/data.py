@@ -2,6 +2,9 @@
 and the first items as the model sees them (the tokens that carry the loss marked, what truncation cuts struck
 through). It reads the data with the task's own ``prepare_rows``, as a run does, and renders the task's examples in
 their one display shape, so nothing here knows a task by name.
+
+It reads the first rows only (``AppState.doctor_rows``, 2,000 by default) and says so: the whole of a large upload,
+tokenized in the app's process, took gigabytes that were never given back. The run itself reads every row.
 """
 
 from __future__ import annotations
@@ -14,24 +17,29 @@ import pandas as pd
 
 from ..config import Config
 from ..tasks import task_class
-from .common import AppState, event
+from .common import DOCTOR_ROWS, AppState, event
 from .setup import DATA_EXTENSIONS, SetupTab, config_from_form
 
 PIECE_CLASS = {"prompt": "lp-prompt", "loss": "lp-loss", "cut": "lp-cut"}
 
 
-def doctor(cfg: Config) -> tuple[str, dict, str]:
+def doctor(cfg: Config, limit: int = DOCTOR_ROWS) -> tuple[str, dict, str]:
     """Report (markdown), the token-length histogram (an update: its frame, and a title in the task's words), and
-    the first items as the model sees them (HTML)."""
-    from ..data import ensure_chat_template, load_rows
+    the first items as the model sees them (HTML), for the first ``limit`` rows. The report's text is HTML-escaped:
+    it quotes the data (column names, reasons)."""
+    from ..data import ensure_chat_template, sample_rows
     from ..model import load_tokenizer
 
     tok = load_tokenizer(cfg)
     ensure_chat_template(tok, cfg.data.chat_template)
-    rows = load_rows(cfg.dataset, cfg.dataset_split, cfg.trust_remote_code)
+    rows, total = sample_rows(cfg.dataset, limit, cfg.dataset_split, cfg.trust_remote_code)
     _, report, examples = task_class(cfg.task)(cfg).prepare_rows(rows, tok, source=cfg.dataset)
     unit = report.unit
     lines = [f"**Format:** {report.format} · **rows:** {report.total_rows} · **usable {unit}:** {report.usable}"]
+    if total is None or total > len(rows):
+        of = f"{total:,}" if total else "more"
+        lines.append(f"**Checked the first {len(rows):,} of {of} rows**: the data check reads at most {limit:,}; a run "
+                     "reads them all, and its log says what it kept and skipped.")
     dropped = sum(report.dropped.values())
     if dropped:
         lines.append(f"**Skipped {dropped} row(s):**")
@@ -54,7 +62,7 @@ def doctor(cfg: Config) -> tuple[str, dict, str]:
               '<span class="lp-cut">cut by truncation</span></div>')
     hist = gr.update(value=length_histogram(report.lengths, cfg.max_length), y_title=unit,
                      title=f"Tokens per {unit.rstrip('s')} ({report.lengths_are})")
-    return "\n\n".join(lines), hist, legend + "".join(example_html(e) for e in examples)
+    return html.escape("\n\n".join(lines), quote=False), hist, legend + "".join(example_html(e) for e in examples)
 
 
 def example_html(example: dict) -> str:
@@ -84,8 +92,11 @@ def length_histogram(lengths: list[int], max_length: int, bins: int = 16) -> pd.
 
 
 def check_data(app: AppState, preset: str, upload: str | None, *values) -> tuple[str, dict, str]:
-    """The doctor on the data Start would train on: the uploaded file, else the form's dataset."""
-    return doctor(config_from_form(preset, upload, list(values), app.uploads))
+    """The doctor on the data Start would train on: the uploaded file (read where Gradio put it: a check keeps
+    nothing on the server), else the form's dataset."""
+    report, hist, examples = doctor(config_from_form(preset, upload, list(values), public=app.public),
+                                    app.doctor_rows)
+    return app.message(report), hist, examples
 
 
 def upload_box() -> gr.File:

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import gradio as gr
 
-from .common import AppState, UserError, event
+from .common import AppState, UserError, clean_exports, on
+from .setup import HUB_ID
 
 
 def _adapter(app: AppState, name: str | None) -> Path:
@@ -16,13 +17,17 @@ def _adapter(app: AppState, name: str | None) -> Path:
 
     if not name:
         raise UserError("select a run in the Train tab first")
-    return adapter_of(app.manager.run_dir(name))
+    return adapter_of(app.run_dir(name))
 
 
 def export_zip(app: AppState, name: str | None) -> str:
-    """The adapter folder as a zip, in a fresh temporary folder Gradio can serve."""
+    """The adapter folder as a zip, in a folder of its own under the app's exports folder. Gradio serves a copy
+    from its cache, so the zips made before this one (a minute or more ago) are removed now: downloads used to
+    leave one zip in the temp folder each."""
     adapter = _adapter(app, name)
-    out = Path(tempfile.mkdtemp(prefix="lowrank_pref_")) / f"{name}-adapter"
+    app.exports.mkdir(parents=True, exist_ok=True)
+    clean_exports(app.exports)
+    out = Path(tempfile.mkdtemp(prefix="zip-", dir=app.exports)) / f"{name}-adapter"
     return shutil.make_archive(str(out), "zip", adapter)
 
 
@@ -30,8 +35,9 @@ def merge(app: AppState, name: str | None) -> str:
     from ..export import merge as merge_adapter
 
     adapter = _adapter(app, name)
-    out = merge_adapter(adapter, app.manager.run_dir(name).path / "merged")
-    return f"Merged model saved to `{out}` (fp16, safetensors)."
+    out = merge_adapter(adapter, app.run_dir(name).path / "merged")
+    where = "in the run's folder, as merged/" if app.public else f"to `{out}`"
+    return f"Merged model saved {where} (fp16, safetensors)."
 
 
 def push(app: AppState, name: str | None, repo_id: str, token: str) -> str:
@@ -39,7 +45,7 @@ def push(app: AppState, name: str | None, repo_id: str, token: str) -> str:
 
     if not name:
         raise UserError("select a run in the Train tab first")
-    if not repo_id or "/" not in repo_id:
+    if not repo_id or "/" not in repo_id or not HUB_ID.match(repo_id):
         raise UserError("give the Hub repo id as user/name")
     if not token:
         raise UserError("give a Hub token with write access")
@@ -56,6 +62,6 @@ def create_export_tab(app: AppState, run: gr.Dropdown) -> None:
     token = gr.Textbox(label="Hub token (write access)", type="password")
     push_btn = gr.Button("Push the adapter to the Hub")
     message = gr.Markdown()
-    zip_btn.click(event(export_zip, app), run, zip_file, api_name="export_zip")
-    merge_btn.click(event(merge, app), run, message, api_name="merge")
-    push_btn.click(event(push, app), [run, repo, token], message, api_name="push")
+    on(zip_btn.click, export_zip, app, run, zip_file, api_name="export_zip")
+    on(merge_btn.click, merge, app, run, message, api_name="merge")
+    on(push_btn.click, push, app, [run, repo, token], message, api_name="push")

@@ -10,6 +10,8 @@ one run into two: an SFT run on the chosen answers, then the run asked for, star
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import gradio as gr
 from ..config import (LOSS_TYPES, Config, apply_mapping, build_config, dump_yaml, field_help, list_presets, to_dict,
                       validate)
 from ..tasks import TASKS, task_class
-from .common import AppState, UserError, event
+from .common import AppState, UserError, clean_uploads, event
 
 # Labels of the keys tasks declare in Task.fields; a key without one is labelled by its name.
 FIELD_LABELS = {"loss_type": "Loss type", "beta": "beta", "rpo_alpha": "rpo_alpha (SFT term on chosen)",
@@ -48,6 +50,10 @@ SIZE_ROW = [("lora.r", "LoRA rank"), ("lora.alpha", "LoRA alpha"), ("max_length"
             ("gradient_accumulation_steps", "Gradient accumulation steps")]
 KEYS = [key for row in (WHAT_ROW, OBJECTIVE_ROW, SIZE_ROW) for key, _ in row]  # the order handlers take values in
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+# The keys that name something to read; a public app takes hub ids and builtin: names in them, never server paths.
+SOURCE_KEYS = ("model", "dataset", "eval_dataset", "adapter")
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")  # "name" or "user/name"
+BUILTIN = re.compile(r"^builtin:[a-z0-9-]+$")
 
 SFT_TASK = "sft"  # what "SFT first" trains before the run asked for
 # What the SFT step takes from the form when it has a preset of its own: the model and the data it sees, so its
@@ -84,9 +90,40 @@ def form_values(cfg: Config) -> list:
     return [0 if k == "max_steps" and _get(cfg, k) is None else _get(cfg, k) for k in KEYS]
 
 
-def config_from_form(preset: str, upload: str | None, values: list, uploads_dir: Path | None = None) -> Config:
+def is_remote(value) -> bool:
+    """Whether a model/dataset/adapter value names nothing on this server: a hub id or a builtin: name, and no file or
+    folder of that name where the app runs ("presets", "README.md")."""
+    if not isinstance(value, str):
+        return False
+    if BUILTIN.match(value):
+        return True
+    return bool(HUB_ID.match(value)) and ".." not in value and not os.path.lexists(value)
+
+
+def refuse_server_paths(values: dict, preset: Config) -> None:
+    """A public app reads no files on its server: each source key in ``values`` must be a hub id or builtin: name, or
+    the preset's own value (presets are the app's files). The value is not echoed: it may be a probe."""
+    for key in SOURCE_KEYS:
+        value = values.get(key)
+        if value is None or value == getattr(preset, key) or is_remote(value):
+            continue
+        where = "upload the data file in the Data tab, or give" if "dataset" in key else "give"
+        raise UserError(f"{key}: this public app reads no files on its server; {where} a hub id (user/name)")
+
+
+def public_preset(preset: str) -> None:
+    """A public app offers its presets by name; a preset path would read a file on the server."""
+    if preset not in list_presets():
+        raise UserError(f"preset: choose one of {', '.join(list_presets())}")
+
+
+def config_from_form(preset: str, upload: str | None, values: list, uploads_dir: Path | None = None,
+                     public: bool = False) -> Config:
     """The preset with the form's values on top; an uploaded file becomes the dataset. Another task's objective keys
-    (hidden in the form) are not read: the preset's values stay, so a value typed for dpo never reaches a kto run."""
+    (hidden in the form) are not read: the preset's values stay, so a value typed for dpo never reaches a kto run.
+    ``public``: the preset must be a listed one and the sources hub ids (:func:`refuse_server_paths`)."""
+    if public:
+        public_preset(preset)
     base = build_config(preset)
     form = dict(zip(KEYS, values))
     task = form.get("task") if form.get("task") in TASKS else base.task
@@ -101,21 +138,32 @@ def config_from_form(preset: str, upload: str | None, values: list, uploads_dir:
             value = int(value)  # number boxes send floats
         if value != _get(base, key):
             overrides[key] = "null" if value is None else value
+    if public:  # before anything is stored, read or built; an upload replaces the dataset box, which is not read
+        refuse_server_paths({k: v for k, v in overrides.items() if not (upload and k == "dataset")}, base)
     if upload:
         overrides["dataset"] = str(store_upload(upload, uploads_dir) if uploads_dir else upload)
     return build_config(preset, overrides=overrides)
 
 
 def store_upload(path: str, uploads_dir: Path) -> Path:
-    """Keep an uploaded data file with the runs (it is read as data by `datasets`, never executed)."""
+    """Keep an uploaded data file with the runs (it is read as data by `datasets`, never executed). Hashed in
+    chunks: an upload may be as large as the app allows. Uploads no run refers to go after a day."""
     src = Path(path)
     if src.suffix.lower() not in DATA_EXTENSIONS:
         raise UserError(f"'{src.name}': upload a {', '.join(DATA_EXTENSIONS)} data file")
     uploads_dir.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha1(src.read_bytes()).hexdigest()[:12]
-    dest = uploads_dir / f"{digest}-{src.name}"  # by content: a run's data never changes under it
-    if not dest.exists():
-        shutil.copyfile(src, dest)
+    clean_uploads(uploads_dir, uploads_dir.parent)
+    digest = hashlib.sha1()
+    with open(src, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    dest = uploads_dir / f"{digest.hexdigest()[:12]}-{src.name}"  # by content: a run's data never changes under it
+    if dest.exists():
+        os.utime(dest)  # used again: a fresh day before it may be cleaned
+    else:
+        tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, dest)  # whole or not at all: a half-copied upload would pass as the file
     return dest.resolve()
 
 
@@ -208,6 +256,8 @@ def memory_line(cfg: Config, hw: dict) -> str:
 
 def preset_changed(app: AppState, preset: str) -> list:
     """A new preset fills the form: its values, then the estimate, the command and the resolved YAML."""
+    if app.public:
+        public_preset(preset)
     cfg = build_config(preset)
     return [*form_values(cfg), memory_line(cfg, app.hw), cli_command(preset, cfg), dump_yaml(cfg)]
 
@@ -220,7 +270,7 @@ def task_changed(app: AppState, task: str) -> list[dict]:
 
 def settings_changed(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> tuple[str, str, str]:
     """Any change in the form: the estimate, the command and the resolved YAML, for what Start would run."""
-    cfg = config_from_form(preset, None, list(values))
+    cfg = config_from_form(preset, upload, list(values), public=app.public)
     if upload:
         cfg.dataset = f"<uploaded: {Path(upload).name}>"
     command = chain_command(preset, cfg) if sft_first else cli_command(preset, cfg)

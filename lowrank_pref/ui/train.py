@@ -19,7 +19,7 @@ from ..config import ConfigError, build_config
 from ..diagnostics import diagnose
 from ..runs import tail
 from ..tasks import TASKS, task_class
-from .common import AppState, UserError, event, run_list, task_of
+from .common import NO_SESSION, AppState, UserError, on, run_list, task_of
 from .setup import SetupTab, config_from_form, sft_first_config
 
 PLOTS_PER_ROW = 2
@@ -47,7 +47,7 @@ def plot_layout(app: AppState, name: str | None) -> list[dict]:
     """For another run in the list: each slot emptied, titled with the run's task's plot or hidden. (Emptied first,
     so each plot is drawn afresh with its own series.)"""
     try:
-        task = task_of(app.manager.run_dir(name)) if name else None
+        task = task_of(app.run_dir(name)) if name else None
     except ConfigError:  # a run folder removed under the page: nothing to show
         task = None
     titles = [title for title, _ in task_class(task).plots] if task else []
@@ -60,8 +60,9 @@ def speed_key(task: str | None) -> str:
     return f"{task_class(task).unit if task else 'pairs'}_per_second"
 
 
-def progress_html(run: RunDir, metrics: list[dict], state: str, task: str | None = None) -> str:
-    """The progress bar and one status line: run, state, step, seconds per step and ETA while it trains."""
+def progress_html(run: RunDir, metrics: list[dict], state: str, task: str | None = None, clean=None) -> str:
+    """The progress bar and one status line: run, state, step, seconds per step and ETA while it trains. ``clean``:
+    what the run's message goes through before it is shown (a public app's ``AppState.message``)."""
     status = run.read_status()
     step, total = status.get("step", 0) or 0, status.get("total_steps") or 0
     pct = 100 * step / total if total else 0
@@ -76,7 +77,7 @@ def progress_html(run: RunDir, metrics: list[dict], state: str, task: str | None
             eta = f" · {per_step:.2g} s/step · ETA {int(left // 60)}m {int(left % 60):02d}s"
         except (ConfigError, OSError):
             pass  # no config.yaml yet (the run is still loading): no ETA this time
-    message = html.escape(status.get("message") or "")
+    message = html.escape((clean or str)(status.get("message") or ""))
     then = status.get("then_run")
     after = f" · then <b>{html.escape(then)}</b>" if then else ""
     evals = last_eval(metrics, task)
@@ -113,49 +114,59 @@ def diagnostics_md(metrics: list[dict], task: str | None, total: int | None) -> 
 # ----------------------------------------------------------------------------------------------------------------
 # Handlers: plain values in, plain values out (the run list is a dropdown update: its choices and value)
 
-def start(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> tuple[str, dict]:
-    """Start the form's run (after an SFT run on the same data, with SFT first); refused while a run trains."""
-    from ..data import load_rows
+START_CHECK_ROWS = 100  # rows Start reads before it starts a run: a file that can't be read is refused in the page
 
-    cfg = config_from_form(preset, upload, list(values), app.uploads)
-    load_rows(cfg.dataset, cfg.dataset_split, cfg.trust_remote_code)  # unreadable data: say so now
+
+def start(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> tuple[str, dict]:
+    """Start the form's run (after an SFT run on the same data, with SFT first); refused while a run trains. The
+    data's first rows are read first (an unreadable file is said here, not in a failed run), never the whole file:
+    the run reads it, in its own process."""
+    from ..data import sample_rows
+
+    if app.public and not app.owner:  # before the upload is kept
+        raise UserError(NO_SESSION)
+    cfg = config_from_form(preset, upload, list(values), app.uploads, public=app.public)
+    sample_rows(cfg.dataset, START_CHECK_ROWS, cfg.dataset_split, cfg.trust_remote_code)
     if sft_first:
         sft = sft_first_config(preset, cfg)
-        run = app.manager.start(sft, then=cfg)
+        run = app.start(sft, then=cfg)
         return (f"Started **{run}**: SFT on the chosen answers. The {cfg.task} run starts from its adapter when it "
                 "completes.", run_list(app, run))
-    run = app.manager.start(cfg)
+    run = app.start(cfg)
     return f"Started **{run}**. The curves appear after the first steps.", run_list(app, run)
 
 
 def stop(app: AppState, name: str | None) -> tuple[str, dict]:
-    stopped = app.manager.stop(name or None)
-    return f"Stopping **{stopped}**: it finishes the current step and writes a checkpoint.", run_list(app, name)
+    """SIGTERM now; SIGKILL if the run is still alive ``kill_after`` seconds later (runs.RunManager.stop)."""
+    stopped = app.stop(name or None)
+    return (f"Stopping **{stopped}**: it ends after its current micro-batch with a checkpoint. If it is still running "
+            f"in {app.manager.kill_after:g} s it is killed; Resume then starts from its last checkpoint.",
+            run_list(app, name))
 
 
 def resume(app: AppState, name: str | None) -> tuple[str, dict]:
     if not name:
         raise UserError("select a run to resume")
-    app.manager.resume(name)
+    app.resume(name)
     return f"Resuming **{name}** from its last checkpoint.", run_list(app, name)
 
 
 def refresh(app: AppState, name: str | None) -> list:
     """What the page shows of the selected run: progress, one frame per plot slot, diagnostics, the log's tail.
     Each refresh also starts a follow-up run that is due (SFT first)."""
-    app.manager.poll()
+    app.manager.poll()  # for every visitor's chain: a follow-up starts when it is due, whoever looks
     empty = plot_frames([], None)
     if not name:
         return ["", *empty, "No run selected. Start one, or pick one from the list.", ""]
     try:
-        run = app.manager.run_dir(name)
+        run = app.run_dir(name)
     except ConfigError as e:
-        return ["", *empty, str(e), ""]
+        return ["", *empty, html.escape(app.message(str(e)), quote=False), ""]
     state, metrics, status = run.state(), run.read_metrics(), run.read_status()
     task = task_of(run)
-    return [progress_html(run, metrics, state, task), *plot_frames(metrics, task),
+    return [progress_html(run, metrics, state, task, app.message), *plot_frames(metrics, task),
             diagnostics_md(metrics, task, status.get("total_steps")),
-            tail(run.log) or tail(run.path / "console.log")]
+            app.message(tail(run.log) or tail(run.path / "console.log"))]
 
 
 def follow(app: AppState, name: str | None, followed: list) -> tuple[dict, list]:
@@ -164,7 +175,7 @@ def follow(app: AppState, name: str | None, followed: list) -> tuple[dict, list]
     if not name:
         return gr.update(), followed
     try:
-        then = app.manager.follow_up(name)
+        then = app.run_dir(name).read_status().get("then_run")
     except ConfigError:
         return gr.update(), followed
     if not then or then in followed:
@@ -179,7 +190,7 @@ def relist(app: AppState, name: str | None, shown: str | None) -> tuple[dict, st
     if not name:
         return gr.update(), shown
     try:
-        now = f"{name}:{app.manager.run_dir(name).state()}"
+        now = f"{name}:{app.run_dir(name).state()}"
     except ConfigError:
         return gr.update(), shown
     if now == shown:
@@ -222,15 +233,17 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTa
     followed = gr.State([])
     listed = gr.State(None)  # the selected run's state as the run list last showed it
 
-    start_btn.click(event(start, app), [setup.preset, upload, setup.sft_first, *setup.form], [message, run],
-                    api_name="start")
-    stop_btn.click(event(stop, app), run, [message, run], api_name="stop")
-    resume_btn.click(event(resume, app), run, [message, run], api_name="resume")
-    list_btn.click(event(run_list, app), run, run, api_name="runs")
+    # every event that touches a run carries the session's key (common.on): each visitor acts on their own runs
+    on(start_btn.click, start, app, [setup.preset, upload, setup.sft_first, *setup.form], [message, run],
+       api_name="start")
+    on(stop_btn.click, stop, app, run, [message, run], api_name="stop")
+    on(resume_btn.click, resume, app, run, [message, run], api_name="resume")
+    on(list_btn.click, run_list, app, run, run, api_name="runs")
     shown = [progress, *plots, diagnostics, log_tail]
-    run.change(event(plot_layout, app), run, plots, api_name=False, show_progress="hidden").then(
-        event(refresh, app), run, shown, api_name=False, show_progress="hidden")
-    timer.tick(event(refresh, app), run, shown, api_name="refresh", show_progress="hidden").then(
-        event(follow, app), [run, followed], [run, followed], api_name=False, show_progress="hidden").then(
-        event(relist, app), [run, listed], [run, listed], api_name=False, show_progress="hidden")
+    hidden = {"api_name": False, "show_progress": "hidden"}
+    changed = on(run.change, plot_layout, app, run, plots, **hidden)
+    on(changed.then, refresh, app, run, shown, **hidden)
+    ticked = on(timer.tick, refresh, app, run, shown, api_name="refresh", show_progress="hidden")
+    followed_up = on(ticked.then, follow, app, [run, followed], [run, followed], **hidden)
+    on(followed_up.then, relist, app, [run, listed], [run, listed], **hidden)
     return TrainTab(run, plots)

@@ -10,7 +10,7 @@ import gradio as gr
 
 from ..config import ConfigError
 from ..tasks import task_class
-from .common import AppState, UserError, event, task_of
+from .common import AppState, UserError, on, task_of
 
 
 def head_of(app: AppState, name: str | None) -> str | None:
@@ -18,7 +18,7 @@ def head_of(app: AppState, name: str | None) -> str | None:
     if not name:
         return None
     try:
-        task = task_of(app.manager.run_dir(name))
+        task = task_of(app.run_dir(name))
     except ConfigError:
         return None
     return task_class(task).head if task else None
@@ -28,7 +28,7 @@ def _selected(app: AppState, name: str | None, head: str) -> str:
     """The run's task, refused with the button to use instead when the run has the other head."""
     if not name:
         raise UserError("select a run in the Train tab first")
-    task = task_of(app.manager.run_dir(name))
+    task = task_of(app.run_dir(name))
     if task and task_class(task).head != head:
         use = "Score A and B" if head == "lm" else "Generate"
         does = "scores answers" if head == "lm" else "generates answers"
@@ -79,7 +79,7 @@ def create_try_tab(app: AppState, run: gr.Dropdown) -> TryTab:
             answer_b = gr.Textbox(label="Answer B", lines=2)
         score_btn = gr.Button("Score A and B (reward model)")
         scores = gr.Markdown()
-    generate_btn.click(event(generate, app), [run, prompt, raw], [policy_out, reference_out], api_name="generate")
-    score_btn.click(event(score, app), [run, prompt, answer_a, answer_b], scores, api_name="score")
-    run.change(event(try_layout, app), run, [generate_box, score_box], api_name=False, show_progress="hidden")
+    on(generate_btn.click, generate, app, [run, prompt, raw], [policy_out, reference_out], api_name="generate")
+    on(score_btn.click, score, app, [run, prompt, answer_a, answer_b], scores, api_name="score")
+    on(run.change, try_layout, app, run, [generate_box, score_box], api_name=False, show_progress="hidden")
     return TryTab(generate_box, score_box)
