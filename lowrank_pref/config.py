@@ -73,7 +73,8 @@ class DataSettings:
     eval_fraction: float = _f(0.05, "Share of the data held out for eval when no eval dataset is given.",
                               min=0.0, max=0.5)
     eval_max_pairs: int = _f(256, "At most this many held-out items (pairs, examples) are split off for eval.", min=1)
-    max_pairs: int | None = _f(None, "Use at most this many training items (pairs, examples) after shuffling with the seed.", min=1)
+    max_pairs: int | None = _f(None, "Use at most this many training items (pairs, examples) after shuffling with "
+                                     "the seed.", min=1)
     chat_template: str | None = _f(None, "A Jinja chat template to use instead of the tokenizer's own.")
 
 
@@ -135,8 +136,8 @@ class Config:
                                     "a mask; auto checks on the first pairs that the model gives the same outputs "
                                     "this way, else falls back to two sequences per pair.",
                             choices=("auto", "on", "off"))
-    reference_cache: bool = _f(True, "dpo and kto: keep reference log-probs on disk (by model, starting adapter and the "
-                                     "pair's tokens), so later epochs, evals, resumed runs and runs that change only "
+    reference_cache: bool = _f(True, "dpo and kto: keep reference log-probs on disk (by model, starting adapter and "
+                                     "the pair's tokens), so later epochs, evals, resumed runs and runs that change only "
                                      "beta or the loss type skip the reference forward.")
     patches: bool = _f(True, "Our overrides of PEFT / bitsandbytes / transformers internals (fused LoRA add, split "
                              "shared-prompt attention, 16-bit tables, ...), each only on the library versions it was "

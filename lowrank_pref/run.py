@@ -46,7 +46,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m lowrank_pref.run", description="QLoRA SFT, DPO, KTO and reward modelling on one GPU (or CPU).",
+    p = _Parser(prog="python -m lowrank_pref.run",
+                description="QLoRA SFT, DPO, KTO and reward modelling on one GPU (or CPU).",
                 epilog="Any config key can be given as key=value, e.g. lora.r=16 beta=0.05 learning_rate=5e-6")
     p.add_argument("--preset", help="preset name (see --list-presets) or a .yaml path; default: tiny")
     p.add_argument("--config", help="a YAML config file (applied after the preset)")
