@@ -137,8 +137,8 @@ class Config:
                                     "this way, else falls back to two sequences per pair.",
                             choices=("auto", "on", "off"))
     reference_cache: bool = _f(True, "dpo and kto: keep reference log-probs on disk (by model, starting adapter and "
-                                     "the pair's tokens), so later epochs, evals, resumed runs and runs that change only "
-                                     "beta or the loss type skip the reference forward.")
+                                     "the pair's tokens), so later epochs, evals, resumed runs and runs that change "
+                                     "only beta or the loss type skip the reference forward.")
     patches: bool = _f(True, "Our overrides of PEFT / bitsandbytes / transformers internals (fused LoRA add, split "
                              "shared-prompt attention, 16-bit tables, ...), each only on the library versions it was "
                              "tested on; false runs the libraries' own code paths, except where those give wrong "
