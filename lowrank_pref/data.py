@@ -280,6 +280,17 @@ MAX_FOLDER_ENTRIES = 10_000
 MAX_FOLDER_DEPTH = 6
 
 
+def _folder_files(path: Path) -> tuple[list[Path], str]:
+    """The data files of a folder and their one reader kind (json, csv, parquet), or a DataError naming the folder."""
+    files = _data_files(path)
+    if not files:
+        raise DataError(f"{path}: folder has no .jsonl, .json, .csv or .parquet files")
+    kinds = {LOCAL_KINDS[p.suffix.lower()] for p in files}
+    if len(kinds) > 1:
+        raise DataError(f"{path}: folder mixes file types ({', '.join(sorted(kinds))}); keep one kind")
+    return files, kinds.pop()
+
+
 def _data_files(path: Path) -> list[Path]:
     """The data files under a folder, sorted; DataError naming the folder when it holds more than
     MAX_FOLDER_ENTRIES files and folders, or folders deeper than MAX_FOLDER_DEPTH."""
@@ -311,16 +322,11 @@ def load_rows(source: str, split: str = "train", trust_remote_code: bool = False
                 if isinstance(ds, datasets.DatasetDict):
                     ds = _pick_split(ds, split, str(path))
             else:
-                files = _data_files(path)
-                if not files:
-                    raise DataError(f"{path}: folder has no .jsonl, .json, .csv or .parquet files")
-                kinds = {LOCAL_KINDS[p.suffix.lower()] for p in files}
-                if len(kinds) > 1:
-                    raise DataError(f"{path}: folder mixes file types ({', '.join(sorted(kinds))}); keep one kind")
+                files, kind = _folder_files(path)
                 for p in files:  # one empty or non-UTF-8 file would break the reader for all
                     if p.suffix.lower() != ".parquet":
                         _check_text(p)
-                ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+                ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train")
         elif path.suffix.lower() in LOCAL_KINDS or source.startswith((".", "/", "~")):
             raise DataError(f"dataset file '{source}' does not exist")
         else:
@@ -366,12 +372,7 @@ def sample_rows(source: str, limit: int, split: str = "train", trust_remote_code
                 ds = _pick_split(ds, split, str(path))
             return ds.select(range(min(limit, len(ds)))).to_list(), len(ds)
         if path.is_dir():
-            files = _data_files(path)
-            if not files:
-                raise DataError(f"{path}: folder has no .jsonl, .json, .csv or .parquet files")
-            kinds = {LOCAL_KINDS[p.suffix.lower()] for p in files}
-            if len(kinds) > 1:
-                raise DataError(f"{path}: folder mixes file types ({', '.join(sorted(kinds))}); keep one kind")
+            files, _ = _folder_files(path)
             rows, total = [], 0
             for f in files:
                 got, n = _sample_file(f, limit - len(rows)) if len(rows) < limit else ([], None)

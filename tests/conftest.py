@@ -154,3 +154,17 @@ def largest_step(cfg):
     items = task.load_data(load_tokenizer(cfg)).train
     schedule = Schedule(len(items), cfg.batch_size, 1, cfg.seed, sizes=[task.size(i) for i in items])
     return largest_micro_step(task, schedule, items)
+
+
+def wait_until(predicate, timeout: float = 120.0, every: float = 0.2):
+    """Poll ``predicate`` until it returns something truthy (returned), or fail after ``timeout`` seconds: tests wait
+    on a run's progress, not on a fixed clock."""
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out")

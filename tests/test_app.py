@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, write_pairs
+from conftest import free_port, wait_until, write_pairs
 from lowrank_pref.artifacts import RunDir
 from lowrank_pref.config import build_config, dump_yaml
 from lowrank_pref.diagnostics import LN2, diagnose
@@ -478,13 +478,7 @@ def app(tmp_path_factory):
 
 
 def _wait(predicate, timeout=120, every=0.3):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
+    return wait_until(predicate, timeout, every)
 
 
 def test_doctor_reports_an_uploaded_file(app, tmp_path):

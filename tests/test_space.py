@@ -15,7 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import free_port, write_pairs
+from conftest import free_port, wait_until, write_pairs
 from lowrank_pref.artifacts import RunDir, process_start
 from lowrank_pref.config import ConfigError, build_config, dump_yaml
 from lowrank_pref.runs import OWNER, RunBusy, RunManager, owner_key
@@ -55,13 +55,7 @@ def _form(preset="tiny", **changes):
 
 
 def _wait(predicate, timeout=60.0, every=0.1):
-    end = time.time() + timeout
-    while time.time() < end:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out")
+    return wait_until(predicate, timeout, every)
 
 
 def _running(manager: RunManager, name: str) -> bool:
