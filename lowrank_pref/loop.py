@@ -498,7 +498,7 @@ class Shell:
             if self.data.eval and (step % eval_every == 0 or step == total):
                 last.update(self.log_eval(step, final=step == total))
             run.write_status(step=step)
-            if (step % save_every == 0 and step < total) or (self.stop.set and step < total):
+            if step < total and (step % save_every == 0 or self.stop.set):
                 save_checkpoint(run, cfg, self.model, self.optimizer, self.scheduler, step, self.counters)
                 task.checkpoint()
                 self.saved = step

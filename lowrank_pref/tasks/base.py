@@ -20,6 +20,7 @@ from typing import Any
 
 from .. import data as data_mod
 from ..config import Config, ConfigError
+from ..refcache import RefCache
 
 log = logging.getLogger("lowrank_pref")
 
@@ -99,7 +100,13 @@ class Task:
         return loaded if self.uses_reference else None
 
     def setup(self, model, tokenizer, data: TaskData) -> dict:
-        """After the model loads: choose layouts, open caches. Returns facts for status.json."""
+        """After the model loads: choose layouts, open caches. Returns facts for status.json. The base keeps the
+        padding id and, for a task that reads the reference (``reference_cache`` on), opens the reference cache."""
+        self.pad_id = tokenizer.pad_token_id
+        if self.uses_reference and self.cfg.reference_cache:
+            self.ref_cache = RefCache.for_config(self.cfg)
+            log.info("reference log-probs cache: %s (%d %s known)", self.ref_cache.path, len(self.ref_cache),
+                     self.unit)
         return {}
 
     def losses(self, model, items: list) -> tuple[Any, dict, int]:

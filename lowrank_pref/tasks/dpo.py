@@ -15,7 +15,6 @@ import torch
 from ..logps import sequence_logps, shared_sequence_logps
 from ..losses import LOSSES, preference_loss
 from ..model import autocast, reference_mode
-from ..refcache import RefCache
 from .pairs import PairTask
 
 log = logging.getLogger("lowrank_pref")
@@ -42,13 +41,6 @@ class DpoTask(PairTask):
 
     def score(self, model, batch: dict, shared: bool) -> torch.Tensor:
         return (shared_sequence_logps if shared else sequence_logps)(model, batch)[0]
-
-    def setup(self, model, tokenizer, data) -> dict:
-        facts = super().setup(model, tokenizer, data)
-        if self.uses_reference and self.cfg.reference_cache:
-            self.ref_cache = RefCache.for_config(self.cfg)
-            log.info("reference log-probs cache: %s (%d pairs known)", self.ref_cache.path, len(self.ref_cache))
-        return facts
 
     def losses(self, model, pairs: list):
         cfg = self.cfg

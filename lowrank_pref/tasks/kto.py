@@ -22,7 +22,6 @@ from ..data import DataReport, RowError
 from ..logps import sequence_logps
 from ..losses import kto_loss
 from ..model import autocast, reference_mode
-from ..refcache import RefCache
 from .base import Task, TaskData
 
 log = logging.getLogger("lowrank_pref")
@@ -177,11 +176,6 @@ class KtoTask(Task):
 
     def micro_step_tokens(self, items: list) -> tuple[int, int]:
         return len(items) * max(e.num_tokens for e in items), sum(len(e.completion_ids) for e in items)
-
-    def setup(self, model, tokenizer, data) -> dict:
-        self.pad_id = tokenizer.pad_token_id
-        self.ref_cache = RefCache.for_config(self.cfg) if self.cfg.reference_cache else None
-        return {}
 
     def rows(self, items: list) -> tuple[list, list]:
         """(prompt + answer) rows and the KL rows: example i's prompt with example i-1's answer, cut to max_length."""

@@ -32,10 +32,10 @@ class PairTask(Task):
         return len(rows) * max(rows), sum(len(p.chosen_ids) + len(p.rejected_ids) for p in items)
 
     def setup(self, model, tokenizer, data: TaskData) -> dict:
-        self.pad_id = tokenizer.pad_token_id
+        facts = super().setup(model, tokenizer, data)
         self.shared, why = self.shared_prompt_works(model, data.train)
         log.info("shared-prompt forward: %s", why)
-        return {"shared_prompt": self.shared}
+        return {**facts, "shared_prompt": self.shared}
 
     def batch(self, pairs: list) -> tuple[dict, int]:
         """The micro-batch in this run's layout, and its real (unpadded) tokens."""

@@ -200,10 +200,6 @@ class SftTask(Task):
     def micro_step_tokens(self, items: list) -> tuple[int, int]:
         return len(items) * max(e.num_tokens for e in items), sum(e.answer_tokens for e in items)
 
-    def setup(self, model, tokenizer, data) -> dict:
-        self.pad_id = tokenizer.pad_token_id
-        return {}
-
     def losses(self, model, items: list):
         batch = data_mod.collate_rows([(e.input_ids, e.loss_mask) for e in items], self.pad_id)
         with autocast(self.cfg):
