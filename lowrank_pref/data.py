@@ -15,6 +15,7 @@ counted with the reason, or refused at the first one (``data.on_bad_rows=error``
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -307,17 +308,40 @@ def _data_files(path: Path) -> list[Path]:
     return sorted(files)
 
 
+def _saved_dataset(path: Path) -> bool:
+    """Whether a folder is one ``save_to_disk`` wrote (a Dataset or a DatasetDict), read with ``load_from_disk``."""
+    return any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json", "state.json"))
+
+
+@contextlib.contextmanager
+def _dataset_errors(source: str, split: str):
+    """The readers' and the hub's exceptions as one DataError naming the source (DataErrors pass as they are)."""
+    import datasets
+
+    try:
+        yield
+    except DataError:
+        raise
+    except ValueError as e:  # datasets' wording for unknown splits and the like
+        raise DataError(f"dataset '{source}' (split '{split}'): {e}") from None
+    except (FileNotFoundError, ConnectionError, OSError) as e:
+        raise DataError(f"dataset '{source}' could not be loaded: {e}. Check the path, or the hub id and your "
+                        "network (HF_HUB_OFFLINE=1 uses only the local cache)") from None
+    except datasets.exceptions.DatasetGenerationError as e:
+        raise DataError(f"dataset '{source}' could not be read: {e.__cause__ or e}") from None
+
+
 def load_rows(source: str, split: str = "train", trust_remote_code: bool = False) -> list[dict]:
     """Rows of a local file/folder or hub dataset as plain dicts (``datasets`` does the reading and caching)."""
     import datasets
 
     source = resolve_dataset(source)
     path = Path(source).expanduser()
-    try:
+    with _dataset_errors(source, split):
         if path.is_file():
             return _load_file(path)
         elif path.is_dir():
-            if any((path / name).is_file() for name in ("dataset_dict.json", "dataset_info.json", "state.json")):
+            if _saved_dataset(path):
                 ds = datasets.load_from_disk(str(path))
                 if isinstance(ds, datasets.DatasetDict):
                     ds = _pick_split(ds, split, str(path))
@@ -332,16 +356,6 @@ def load_rows(source: str, split: str = "train", trust_remote_code: bool = False
         else:
             ds = datasets.load_dataset(source, split=split, trust_remote_code=trust_remote_code) \
                 if trust_remote_code else datasets.load_dataset(source, split=split)
-    except DataError:
-        raise
-    except ValueError as e:  # datasets' wording for unknown splits and the like
-        raise DataError(f"dataset '{source}' (split '{split}'): {e}") from None
-    except (FileNotFoundError, ConnectionError, OSError) as e:
-        raise DataError(f"dataset '{source}' could not be loaded: {e}. Check the path, or the hub id and your "
-                        "network (HF_HUB_OFFLINE=1 uses only the local cache)") from None
-    except datasets.exceptions.DatasetGenerationError as e:
-        cause = e.__cause__ or e
-        raise DataError(f"dataset '{source}' could not be read: {cause}") from None
     return ds.to_list()
 
 
@@ -362,11 +376,10 @@ def sample_rows(source: str, limit: int, split: str = "train", trust_remote_code
 
     source = resolve_dataset(source)
     path = Path(source).expanduser()
-    try:
+    with _dataset_errors(source, split):
         if path.is_file():
             return _sample_file(path, limit)
-        saved = ("dataset_dict.json", "dataset_info.json", "state.json")  # a folder save_to_disk wrote
-        if path.is_dir() and any((path / n).is_file() for n in saved):
+        if path.is_dir() and _saved_dataset(path):
             ds = datasets.load_from_disk(str(path))  # memory-mapped: selecting rows reads only those
             if isinstance(ds, datasets.DatasetDict):
                 ds = _pick_split(ds, split, str(path))
@@ -387,15 +400,6 @@ def sample_rows(source: str, limit: int, split: str = "train", trust_remote_code
         sizes = getattr(ds.info, "splits", None) or {}
         total = sizes[split].num_examples if split in sizes and sizes[split].num_examples else None
         return rows, total
-    except DataError:
-        raise
-    except ValueError as e:
-        raise DataError(f"dataset '{source}' (split '{split}'): {e}") from None
-    except (FileNotFoundError, ConnectionError, OSError) as e:
-        raise DataError(f"dataset '{source}' could not be loaded: {e}. Check the path, or the hub id and your "
-                        "network (HF_HUB_OFFLINE=1 uses only the local cache)") from None
-    except datasets.exceptions.DatasetGenerationError as e:
-        raise DataError(f"dataset '{source}' could not be read: {e.__cause__ or e}") from None
 
 
 def _sample_file(path: Path, limit: int) -> tuple[list[dict], int]:

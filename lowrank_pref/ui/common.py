@@ -1,5 +1,5 @@
-"""What every tab shares: the app's state (runs, hardware, uploads, the model loaded to try), the tasks this
-install has, a run's task, the run list, and the wrapper that turns a plain handler into a Gradio event.
+"""What every tab shares: the app's state (runs, hardware, uploads, the model loaded to try), a run's task, the run
+list, and the wrapper that turns a plain handler into a Gradio event.
 
 Handlers in the tab modules are plain functions ``handler(app, *values) -> values``: tests call them directly, no
 browser and no server. Only :func:`event` knows about Gradio's error display and requests.
