@@ -115,6 +115,114 @@ def push(adapter: str | os.PathLike, repo_id: str, token: str | None = None, *, 
     return str(url)
 
 
+# The model card -----------------------------------------------------------------------------------------------------
+HUB_MODEL = __import__("re").compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def hub_id(model: str) -> str | None:
+    """``model`` if it names a Hub repo (user/name, not a folder on this machine), else None."""
+    return model if HUB_MODEL.match(model or "") and not Path(model).expanduser().exists() else None
+
+
+def model_card(run_path: str | os.PathLike, kind: str = "adapter") -> str:
+    """A README.md for the run's adapter (``kind="adapter"``) or merged model (``"merged"``): the base model as the
+    run named it (not the cache folder it was loaded from), the data, the settings and the final eval, read from the
+    run folder (config.yaml, data_report.json, metrics.jsonl)."""
+    import yaml
+
+    from .artifacts import RunDir
+
+    run = RunDir(run_path)
+    try:
+        cfg = yaml.safe_load(run.config.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        cfg = {}
+    try:
+        report = json.loads(run.data_report.read_text())
+    except (OSError, json.JSONDecodeError):
+        report = {}
+    metrics = run.read_metrics()
+    evals = [r for r in metrics if any(k.startswith("eval_") for k in r)]
+    status = run.read_status()
+    model, task = str(cfg.get("model", "unknown")), cfg.get("task", "dpo")
+    hub = hub_id(model)
+    about = {"builtin:tiny": " (lowrank-pref's offline toy model: random weights, a tokenizer trained on its "
+                             "bundled data)"}.get(model, "" if hub else " (a local folder on the machine it trained on)")
+    lora = cfg.get("lora") or {}
+    front = ["---", *([f"base_model: {hub}"] if hub else []),
+             *(["library_name: peft"] if kind == "adapter" else ["library_name: transformers"]),
+             "tags:", "- lowrank-pref", f"- {task}", "- qlora", "---", ""]
+    what = "a LoRA adapter" if kind == "adapter" else "an fp16 model (the LoRA adapter merged into its base)"
+    lines = [*front, f"# {run.path.name}: {what}, {task} on `{model}`", "",
+             f"Trained with lowrank-pref ({task}, QLoRA: LoRA adapters on the "
+             f"{cfg.get('quantization', '4bit')} base).", "",
+             "## Base model", "", f"`{model}`{about}" + (f", revision `{cfg['revision']}`" if cfg.get("revision")
+                                                           else "") + ".", "",
+             "## Data", "", f"- dataset: `{cfg.get('dataset')}` (split `{cfg.get('dataset_split', 'train')}`)"]
+    if cfg.get("eval_dataset"):
+        lines.append(f"- eval dataset: `{cfg['eval_dataset']}`")
+    unit = report.get("unit", "pairs")
+    if report.get("train_pairs") is not None:
+        lines.append(f"- {report['train_pairs']} training {unit}, {report.get('eval_pairs', 0)} held out for eval")
+    batch, accum = cfg.get("batch_size", 1), cfg.get("gradient_accumulation_steps", 1)
+    settings = [("task", task), ("loss_type", cfg.get("loss_type")) if task == "dpo" else None,
+                ("beta", cfg.get("beta")) if task in ("dpo", "kto") else None,
+                ("LoRA r / alpha / dropout", f"{lora.get('r')} / {lora.get('alpha')} / {lora.get('dropout')}"),
+                ("LoRA target modules", lora.get("target_modules")), ("learning_rate", cfg.get("learning_rate")),
+                ("schedule", f"{cfg.get('lr_scheduler_type')}, warmup {cfg.get('warmup_ratio')}"),
+                ("items per step", f"{batch} x {accum} accumulation = {batch * accum}"),
+                ("max_length / max_prompt_length", f"{cfg.get('max_length')} / {cfg.get('max_prompt_length')}"),
+                ("steps", f"{status.get('step', '?')} of {status.get('total_steps', '?')} ({status.get('state', '?')})"),
+                ("seed", cfg.get("seed"))]
+    lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in filter(None, settings)]
+    lines += ["", "## Final eval", ""]
+    if evals:
+        last = evals[-1]
+        lines += [f"At step {last.get('step')}:", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k[5:]} | {v:.4g} |" if isinstance(v, float) else f"| {k[5:]} | {v} |"
+                  for k, v in last.items() if k.startswith("eval_")]
+    else:
+        lines.append("No eval ran (no held-out data).")
+    base_line = f'"{hub}"' if hub else '"BASE"  # the base model above'
+    if kind == "adapter":
+        use = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+               f"base = AutoModelForCausalLM.from_pretrained({base_line})",
+               'model = PeftModel.from_pretrained(base, "this folder")',
+               'tokenizer = AutoTokenizer.from_pretrained("this folder")']
+    else:
+        use = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+               'model = AutoModelForCausalLM.from_pretrained("this folder")',
+               'tokenizer = AutoTokenizer.from_pretrained("this folder")']
+    lines += ["", "## Use it", "", "```python", *use, "```", "",
+              "The run's whole config is in `config.yaml`: `python -m lowrank_pref.run --config config.yaml` trains it "
+              "again.", ""]
+    return "\n".join(lines)
+
+
+def package_adapter(run_path: str | os.PathLike, adapter: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A copy of ``adapter`` at ``dest`` that stands on its own: our model card as README.md, the run's config.yaml,
+    and, when the run named a Hub model, that id as the adapter's base (PEFT records the folder it loaded)."""
+    import shutil
+
+    from .artifacts import RunDir
+
+    dest = Path(dest)
+    shutil.copytree(adapter, dest)
+    (dest / "README.md").write_text(model_card(run_path, "adapter"))
+    run = RunDir(run_path)
+    if run.config.is_file():
+        shutil.copy(run.config, dest / "config.yaml")
+        import yaml
+
+        hub = hub_id(str((yaml.safe_load(run.config.read_text()) or {}).get("model", "")))
+        if hub:
+            info = json.loads((dest / "adapter_config.json").read_text())
+            info["base_model_name_or_path"] = hub
+            (dest / "adapter_config.json").write_text(json.dumps(info, indent=2))
+    return dest
+
+
 # GGUF ---------------------------------------------------------------------------------------------------------------
 CONVERTER_PACKAGE = "llama-cpp-python==0.3.36"  # the converter the overrides in llamacpp.py were tested on
 CONVERTER_FILES = ("convert_hf_to_gguf.py", "conversion/", "gguf-py/", "LICENSE")
