@@ -192,6 +192,7 @@ class Config:
                                 min=1)
     save_steps: int | None = _f(None, "Write a resumable checkpoint every N steps (default: 4 times a run).", min=1)
     save_total_limit: int = _f(2, "Keep at most this many checkpoints.", min=1)
+    report_to: str = _f("none", "Also send the metrics to: tensorboard, wandb, mlflow, trackio (comma list), or none.")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -452,7 +453,9 @@ def validate(cfg: Config) -> None:
                           "gradient_checkpointing is false; turn checkpointing on (true or auto) or leave "
                           "checkpoint_offload at auto")
     from .tasks import task_class
+    from .trackers import parse
 
+    parse(cfg.report_to)
     task_class(cfg.task).validate(cfg)
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from . import memory
+from . import memory, trackers
 from .artifacts import FolderBusy, RunDir, atomic_write_text, this_process
 from .config import Config, ConfigError, dump_yaml
 from .memory import available_memory_gb, choose_plan, current_memory_mb, peak_memory_mb, reset_peak_memory
@@ -319,6 +319,7 @@ def train(cfg: Config, output_dir: str | os.PathLike, *, resume: bool = False) -
 
     Raises RunStopped when SIGTERM stopped it (status "stopped"), ConfigError without writing anything when the
     folder is not this run's to write (another live run holds it, or it holds a finished run and resume is off)."""
+    trackers.check(cfg.report_to)  # a tracker package that is missing stops the run before anything is written
     run = RunDir(output_dir).create()
     try:
         lock = run.lock()
@@ -345,7 +346,8 @@ def _train_locked(cfg: Config, run: RunDir, resume: bool) -> dict:
         with logging_redirect_tqdm(loggers=[logging.root]):
             shell = Shell(cfg, run, stop)
             shell.setup(resume)
-            return shell.loop()
+            with trackers.report(cfg, run, shell.start):  # metrics.jsonl's lines go to report_to's trackers too
+                return shell.loop()
     except BaseException as e:
         stop.immediate = False  # a second SIGTERM now must not cut the status write short
         run.remove_partial()
