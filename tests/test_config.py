@@ -65,6 +65,9 @@ def test_every_preset_loads_and_validates(name):
     if name.startswith("tiny"):
         assert name == "tiny" or name == f"tiny-{cfg.task}"
         assert cfg.model == "builtin:tiny" and cfg.dataset.startswith("builtin:")
+    elif name == "smollm2":  # a real model on a CPU: the Hub id (offline: --model with tools/smollm2.py's folder)
+        assert cfg.model == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg.dataset == "builtin:tiny-prefs"
+        assert cfg.quantization == "4bit" and cfg.task == "dpo"
     else:
         assert name.endswith(f"gb-{cfg.task}")
         card = int(name.split("gb")[0])
