@@ -147,7 +147,8 @@ def model_card(run_path: str | os.PathLike, kind: str = "adapter") -> str:
     model, task = str(cfg.get("model", "unknown")), cfg.get("task", "dpo")
     hub = hub_id(model)
     about = {"builtin:tiny": " (lowrank-pref's offline toy model: random weights, a tokenizer trained on its "
-                             "bundled data)"}.get(model, "" if hub else " (a local folder on the machine it trained on)")
+                             "bundled data)"}.get(model, "" if hub else
+                                                  " (a local folder on the machine it trained on)")
     lora = cfg.get("lora") or {}
     front = ["---", *([f"base_model: {hub}"] if hub else []),
              *(["library_name: peft"] if kind == "adapter" else ["library_name: transformers"]),
@@ -172,7 +173,8 @@ def model_card(run_path: str | os.PathLike, kind: str = "adapter") -> str:
                 ("schedule", f"{cfg.get('lr_scheduler_type')}, warmup {cfg.get('warmup_ratio')}"),
                 ("items per step", f"{batch} x {accum} accumulation = {batch * accum}"),
                 ("max_length / max_prompt_length", f"{cfg.get('max_length')} / {cfg.get('max_prompt_length')}"),
-                ("steps", f"{status.get('step', '?')} of {status.get('total_steps', '?')} ({status.get('state', '?')})"),
+                ("steps", f"{status.get('step', '?')} of {status.get('total_steps', '?')} "
+                          f"({status.get('state', '?')})"),
                 ("seed", cfg.get("seed"))]
     lines += ["", "## Settings", "", "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in filter(None, settings)]
@@ -470,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--adapter", required=True)
     g.add_argument("--output", required=True, help="the .gguf file to write; the Modelfile goes beside it")
     g.add_argument("--quant", default="q8_0", choices=GGUF_QUANTS,
-                   help="f16: exact; q8_0 (default): half the size, near exact; q4_k_m: a quarter, needs llama-quantize")
+                   help="f16: exact; q8_0 (default): half the size, near exact; q4_k_m: a quarter, needs "
+                        "llama-quantize")
     g.add_argument("--base", help="base model (default: the one the adapter names)")
     g.add_argument("--llama-cpp", help="a llama.cpp folder with convert_hf_to_gguf.py (default: $LLAMA_CPP_DIR, "
                                        "then the one get-converter keeps)")
