@@ -77,9 +77,9 @@ def test_tiny_adapter_exports_to_gguf_that_matches_the_merged_model(tiny_model_d
     merged = export.merge(adapter, tmp_path / "merged")
     f16 = export.gguf(adapter, tmp_path / "f16" / "model.gguf", quant="f16", llama_cpp=CONVERTER)
     # the merged model is stored in fp16 and f16 keeps it bit for bit: only the arithmetic order differs
-    assert _compare(f16["gguf"], merged, 1e-2) < 1e-3
+    assert _compare(f16["gguf"], merged, 1e-2) < 1e-5  # measured: 0.0
     q8 = export.gguf(adapter, tmp_path / "q8" / "model.gguf", quant="q8_0", llama_cpp=CONVERTER)
-    _compare(q8["gguf"], merged, 0.15)  # 8-bit blocks: close, not exact
+    _compare(q8["gguf"], merged, 0.05)  # 8-bit blocks: close, not exact (measured: 0.0076)
     assert q8["gguf"].stat().st_size < 0.7 * f16["gguf"].stat().st_size
     assert not list((tmp_path / "q8").glob(".gguf-*"))  # the temporary merge is gone
     text = f16["modelfile"].read_text()

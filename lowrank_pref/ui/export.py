@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import zipfile
@@ -98,9 +99,17 @@ def to_gguf(app: AppState, name: str | None, quant: str) -> tuple[str, list[str]
     adapter = _adapter(app, name)
     done = gguf(adapter, app.run_dir(name).path / "gguf" / f"{name}-{quant}.gguf", quant=quant)
     where = "in the run's folder, under gguf/" if app.public else f"to `{done['gguf'].parent}`"
+    # the downloads are served from the exports folder (a temporary folder Gradio may serve from), as links to the
+    # files, not copies of a file that may be gigabytes
+    offered = _download_dir(app, "gguf-")
+    for f in (done["gguf"], done["modelfile"]):
+        try:
+            os.link(f, offered / f.name)
+        except OSError:  # another filesystem
+            shutil.copy(f, offered / f.name)
     return (f"GGUF ({quant}) and Modelfile saved {where}. Put both in one folder and run "
             f"`ollama create {name} -f Modelfile`, or `llama-cli -m {done['gguf'].name}`.",
-            [str(done["gguf"]), str(done["modelfile"])])
+            [str(offered / done["gguf"].name), str(offered / done["modelfile"].name)])
 
 
 def push(app: AppState, name: str | None, repo_id: str, token: str) -> str:
