@@ -186,15 +186,18 @@ def model_card(run_path: str | os.PathLike, kind: str = "adapter") -> str:
                   for k, v in last.items() if k.startswith("eval_")]
     else:
         lines.append("No eval ran (no held-out data).")
-    base_line = f'"{hub}"' if hub else '"BASE"  # the base model above'
+    base_line = f'"{hub}"' if hub else '"BASE"'
+    auto = "AutoModelForSequenceClassification" if task == "reward" else "AutoModelForCausalLM"
+    labels = ", num_labels=1" if task == "reward" else ""  # a reward model: its score head is in the adapter
     if kind == "adapter":
-        use = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-               f"base = AutoModelForCausalLM.from_pretrained({base_line})",
+        use = [*([] if hub else ["# BASE: the base model above, where it is on your machine"]),
+               "from peft import PeftModel", f"from transformers import {auto}, AutoTokenizer", "",
+               f"base = {auto}.from_pretrained({base_line}{labels})",
                'model = PeftModel.from_pretrained(base, "this folder")',
                'tokenizer = AutoTokenizer.from_pretrained("this folder")']
     else:
-        use = ["from transformers import AutoModelForCausalLM, AutoTokenizer", "",
-               'model = AutoModelForCausalLM.from_pretrained("this folder")',
+        use = [f"from transformers import {auto}, AutoTokenizer", "",
+               f'model = {auto}.from_pretrained("this folder")',
                'tokenizer = AutoTokenizer.from_pretrained("this folder")']
     lines += ["", "## Use it", "", "```python", *use, "```", "",
               "The run's whole config is in `config.yaml`: `python -m lowrank_pref.run --config config.yaml` trains it "
@@ -419,6 +422,7 @@ def gguf(adapter: str | os.PathLike, output: str | os.PathLike, *, quant: str = 
          llama_cpp: str | os.PathLike | None = None, trust_remote_code: bool = False) -> dict:
     """Merge (as :func:`merge`), convert to a GGUF file at ``output`` and write ``Modelfile`` beside it. Returns
     ``{"gguf": path, "modelfile": path}``. Everything that can be refused is refused before the merge."""
+    import importlib.util
     import shutil
     import tempfile
 
@@ -444,6 +448,9 @@ def gguf(adapter: str | os.PathLike, output: str | os.PathLike, *, quant: str = 
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".gguf-", dir=out.parent) as work:
         merged = merge(adapter, Path(work) / "merged", base=base, trust_remote_code=trust_remote_code)
+        if (merged / "tokenizer.model").is_file() and importlib.util.find_spec("sentencepiece") is None:
+            raise ExportError("this model's tokenizer is a SentencePiece one (tokenizer.model), which llama.cpp's "
+                              "converter reads with the sentencepiece package: pip install sentencepiece")
         converted = Path(work) / "model.gguf"
         _run([sys.executable, str(Path(__file__).with_name("llamacpp.py")), str(llama_dir), str(merged), "--outfile",
               str(converted), "--outtype", "f16" if quant == "q4_k_m" else quant], "llama.cpp's converter")

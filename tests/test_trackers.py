@@ -41,10 +41,22 @@ def test_tensorboard_gets_the_runs_metrics(tmp_path, tiny_model_dir, pairs_file)
     assert "lora.r" in str(events.PluginTagToContent("hparams"))
     config_text = events.Tensors("config/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "beta: 0.1" in config_text and "report_to: tensorboard" in config_text
-    # the run ends with its trackers closed and the folder's own metrics writer back
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="pip install tensorboard")
+def test_a_failed_run_closes_its_trackers_and_the_folder_writes_alone_again(tmp_path):
     from lowrank_pref.artifacts import RunDir
 
-    assert "append_metrics" not in vars(RunDir(tmp_path / "run"))
+    run = RunDir(tmp_path / "run").create()
+    cfg = build_config("tiny", overrides={"report_to": "tensorboard"})
+    with pytest.raises(RuntimeError, match="boom"):
+        with trackers.report(cfg, run, start=0):
+            run.append_metrics({"step": 1, "loss": 0.5})
+            raise RuntimeError("boom")
+    assert "append_metrics" not in vars(run)  # the class's own writer again
+    run.append_metrics({"step": 2, "loss": 0.4})
+    assert [m["step"] for m in read_metrics(run.metrics)] == [1, 2]
+    assert list((tmp_path / "run" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_a_missing_tracker_package_is_one_line_with_the_install_command(tmp_path, tiny_model_dir, pairs_file):
