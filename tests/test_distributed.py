@@ -271,3 +271,57 @@ def test_launch_settings_that_would_not_run_as_asked_are_refused(monkeypatch):
         distributed.init(build_config("tiny"))
     assert distributed.world().size == 1
 
+
+def test_memory_estimate_per_rank():
+    """python -m lowrank_pref.memory --processes N: DDP keeps the whole model on every rank plus the all-reduced
+    gradients; FSDP shards weights, tables and LoRA state N ways and gathers a layer (two, prefetched) at a time."""
+    from lowrank_pref.config import build_config
+    from lowrank_pref.memory import GB, arch_of, estimate, main, per_rank
+
+    cfg = build_config("24gb-dpo")
+    a = arch_of(cfg.model)
+    one = estimate(cfg, a, gpu=True)
+    ddp = per_rank(one, cfg, 4, a)
+    assert ddp["weights"] == one["weights"] and ddp["activations"] == one["activations"]
+    assert ddp["gradient_all_reduce"] == pytest.approx(a.lora_params(cfg.lora.r) * 8 / GB, abs=1e-4)
+    cfg.distributed = "fsdp"
+    fsdp = per_rank(one, cfg, 4, a)
+    layer = a.linear_params / a.layers * 0.516 / GB
+    assert fsdp["weights"] == pytest.approx(one["weights"] / 4 + 2 * layer, abs=1e-3)
+    assert fsdp["lora_and_optimizer"] == pytest.approx(one["lora_and_optimizer"] / 4, abs=1e-3)
+    assert fsdp["activations"] == one["activations"]
+    assert fsdp["total"] == pytest.approx(sum(v for k, v in fsdp.items() if k != "total"), abs=1e-3)
+    assert fsdp["total"] < one["total"] < ddp["total"]
+    assert per_rank(one, cfg, 1, a) == one
+    assert main(["--preset", "24gb-dpo", "--processes", "2", "distributed=fsdp"]) == 0
+
+
+def test_the_app_offers_all_gpus_and_starts_the_run_through_the_launcher(tmp_path, monkeypatch):
+    """On a machine with 2 GPUs the Setup form carries "use all 2 GPUs": the command shown and the child started
+    go through torchrun (a stand-in records what it was given), and Resume starts it on as many again."""
+    from conftest import wait_until
+    from lowrank_pref import runs
+    from lowrank_pref.config import build_config
+    from lowrank_pref.ui.common import AppState
+    from lowrank_pref.ui.setup import form_values, settings_changed
+    from lowrank_pref.ui.train import start
+
+    recorder = tmp_path / "torchrun.py"
+    recorder.write_text("import json, sys\nopen(sys.argv[1], 'a').write(json.dumps(sys.argv[2:]) + '\\n')\n")
+    calls = tmp_path / "calls.jsonl"
+    monkeypatch.setattr(runs, "launcher", lambda n: [sys.executable, str(recorder), str(calls), f"--nproc={n}"])
+    app = AppState(tmp_path / "runs", hw={"gpu": "card", "memory_gb": 24.0, "gpus": 2})
+    values = form_values(build_config("tiny"))
+    _, command, _ = settings_changed(app, "tiny", None, False, *values, True)
+    assert command.startswith("torchrun --nproc-per-node 2 -m lowrank_pref.run --preset tiny")
+    _, plain, _ = settings_changed(app, "tiny", None, False, *values, False)
+    assert plain.startswith("python -m lowrank_pref.run --preset tiny")
+    start(app, "tiny", None, False, *values, True)
+    (argv,) = [json.loads(line) for line in wait_until(lambda: calls.exists() and calls.read_text()).splitlines()]
+    assert argv[:3] == ["--nproc=2", "-m", "lowrank_pref.run"] and argv[3] == "--config"
+    name = app.runs()[0]["name"]
+    assert app.run_dir(name).read_status()["processes"] == 2
+    wait_until(lambda: app.manager.active() is None)
+    app.manager.resume(name)
+    wait_until(lambda: len(calls.read_text().splitlines()) == 2)
+    assert json.loads(calls.read_text().splitlines()[1])[:3] == ["--nproc=2", "-m", "lowrank_pref.run"]
