@@ -227,8 +227,9 @@ def init(cfg: Config) -> World:
     global _WORLD
     size = launched()
     mode = cfg.distributed
-    if size == 1:
-        if mode in ("ddp", "fsdp"):
+    under_launcher = "LOCAL_RANK" in os.environ  # torchrun and accelerate launch set it, on 1 process too
+    if size == 1 and not (mode == "fsdp" and under_launcher):  # FSDP on one GPU still needs its process group
+        if mode in ("ddp", "fsdp") and not under_launcher:
             raise ConfigError(f"distributed={mode} needs several processes, started by a launcher: torchrun "
                               "--nproc-per-node N -m lowrank_pref.run ... (or accelerate launch --num-processes N -m "
                               "lowrank_pref.run ...); or leave distributed at auto for one process")
@@ -265,6 +266,53 @@ def init(cfg: Config) -> World:
         logging.getLogger("lowrank_pref").setLevel(logging.WARNING)
         os.environ["LOWRANK_PREF_PROGRESS"] = "0"
     return _WORLD
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# FSDP-QLoRA (distributed=fsdp, GPUs)
+
+FSDP_PREFIX = "_fsdp_wrapped_module."
+
+
+def shard(model) -> int:
+    """distributed=fsdp: shard the decoder layers' frozen 4-bit weights over the ranks; returns the layers wrapped.
+
+    Each decoder layer becomes an FSDP unit (PyTorch FSDP, flat parameters) whose 4-bit weights, stored in the
+    compute dtype (``bnb_4bit_quant_storage``, model.nf4_config) so FSDP can flatten and shard them, are gathered
+    while the layer runs, in forward and again in backward, and freed after; bitsandbytes restores their quant
+    state from the module (``fix_4bit_weight_quant_state_from_module``). Everything else in a layer (LoRA, norms)
+    is left to the rank, whole, as are the tables and the head outside the layers: the LoRA gradients are added by
+    :meth:`World.sum_gradients` as under DDP, and the optimizer, checkpoints, adapter and reference are unchanged.
+    The decoder and the chunked LM head are called apart (logps.py), so the root model is not wrapped."""
+    import bitsandbytes as bnb
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import ShardingStrategy
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    wrapped = 0
+    for parent in list(model.modules()):
+        for name, layer in list(parent.named_children()):
+            if not isinstance(layer, GradientCheckpointingLayer):
+                continue
+            kept = [p for p in layer.parameters() if not isinstance(p, bnb.nn.Params4bit)]
+            setattr(parent, name, FSDP(layer, sharding_strategy=ShardingStrategy.FULL_SHARD, ignored_states=kept,
+                                       device_id=torch.cuda.current_device(), use_orig_params=False,
+                                       limit_all_gathers=True))
+            wrapped += 1
+    if not wrapped:
+        raise ConfigError("distributed=fsdp found no decoder layers to shard in this model; use distributed=ddp")
+    log.info("fsdp: %d decoder layers sharded over %d ranks", wrapped, _WORLD.size)
+    return wrapped
+
+
+def adapter_state(model) -> dict:
+    """``save_pretrained`` keyword arguments that keep a saved adapter free of collectives: under FSDP
+    ``model.state_dict()`` gathers every shard (all ranks must call it), but rank 0 saves alone, so the trainable
+    tensors (whole on every rank) are handed over by name instead. ``{}`` when nothing is sharded."""
+    if _WORLD.mode != "fsdp":
+        return {}
+    return {"state_dict": {name.replace(FSDP_PREFIX, ""): p.detach() for name, p in model.named_parameters()
+                           if p.requires_grad}}
 
 
 def shutdown() -> None:

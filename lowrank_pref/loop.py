@@ -192,7 +192,8 @@ def save_checkpoint(run: RunDir, cfg: Config, model, optimizer, scheduler, step:
     if not run.writes:
         return None
     tmp = run.new_checkpoint_dir(step)
-    model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"], safe_serialization=True)
+    model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"], safe_serialization=True,
+                          **distributed.adapter_state(model))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng or _rng_state(), tmp / "rng.pt")
@@ -434,6 +435,8 @@ class Shell:
                            answer_tokens=answers)
         log.info("gradient checkpointing: %s (%s)", plan.describe(), plan.why)
         self.model, loaded = load_model(cfg, self.tokenizer, plan, keep_reference=task.uses_reference)
+        if self.world.mode == "fsdp":  # the 4-bit layers sharded over the GPUs (FSDP-QLoRA)
+            distributed.shard(self.model)
         run.write_status(gradient_checkpointing=plan.checkpointing, checkpointed_layers=checkpointed_layers(self.model),
                          checkpoint_offload=plan.offload)
         reference = task.reference(loaded)
@@ -672,6 +675,8 @@ class Shell:
         """The adapter, written whole or not at all, and the final status."""
         run = self.run
         run.write_status(**self.task.finish())
+        if self.world.size > 1:  # each rank's peak, for the per-rank memory (benchmarks/distributed.py)
+            run.write_status(rank_peak_memory_mb=self.world.gather(round(peak_memory_mb(), 1)))
         if run.writes:  # rank 0's
             tmp = run.path / f".adapter.tmp-{os.getpid()}"
             save_adapter(self.model, self.tokenizer, tmp)

@@ -179,9 +179,10 @@ def per_rank(parts: dict, cfg, processes: int, arch: Arch | None = None) -> dict
     """:func:`estimate`'s parts for each of ``processes`` ranks (``batch_size`` and accumulation are per rank).
 
     DDP (``distributed`` auto or ddp): every rank holds the whole model and its own micro-batch's activations, plus
-    the flat LoRA gradients it all-reduces (and their concatenated copy). FSDP: the 4-bit weights, the tables and the
-    LoRA parameters with their optimizer are sharded N ways; each decoder layer is gathered whole while it runs (one
-    layer's weights on top, two with the next one prefetched)."""
+    the flat LoRA gradients it all-reduces (and their concatenated copy). FSDP (distributed.shard): the decoder
+    layers' 4-bit weights are sharded N ways, each layer gathered whole while it runs (two layers' worth allowed for
+    the one running and the one being gathered); the tables, norms and LoRA state stay whole on every rank, as with
+    DDP."""
     if processes <= 1:
         return parts
     a = arch or arch_of(cfg.model)
@@ -189,11 +190,8 @@ def per_rank(parts: dict, cfg, processes: int, arch: Arch | None = None) -> dict
     if cfg.distributed == "fsdp":
         per_weight = {"4bit": 0.516, "8bit": 1.03, "none": 2.0}[cfg.quantization]
         gathered = 2 * a.linear_params / a.layers * per_weight / GB
-        for name in ("weights", "embeddings", "lora_and_optimizer"):
-            out[name] = parts[name] / processes
-        out["weights"] += gathered
-    else:
-        out["gradient_all_reduce"] = a.lora_params(cfg.lora.r) * 4 * 2 / GB
+        out["weights"] = parts["weights"] / processes + gathered
+    out["gradient_all_reduce"] = a.lora_params(cfg.lora.r) * 4 * 2 / GB
     out.pop("total", None)
     out.pop("host_offload", None)
     out["total"] = sum(out.values())
