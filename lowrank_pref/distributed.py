@@ -1,7 +1,7 @@
 """One run on several processes: data-parallel (DDP) on every task, FSDP-QLoRA for a model no card holds alone.
 
     torchrun --nproc-per-node 2 -m lowrank_pref.run --preset tiny --output-dir runs/a
-    accelerate launch --num-processes 2 -m lowrank_pref.run --preset 24gb-dpo --output-dir runs/b
+    accelerate launch --multi_gpu --num_processes 2 -m lowrank_pref.run --preset 24gb-dpo --output-dir runs/b
     torchrun --nproc-per-node 4 -m lowrank_pref.run --preset 24gb-dpo distributed=fsdp ...   # GPUs only
 
 A run on N processes is the single-process run with N times the micro-batches per step: each rank (process) loads
@@ -231,8 +231,9 @@ def init(cfg: Config) -> World:
     if size == 1 and not (mode == "fsdp" and under_launcher):  # FSDP on one GPU still needs its process group
         if mode in ("ddp", "fsdp") and not under_launcher:
             raise ConfigError(f"distributed={mode} needs several processes, started by a launcher: torchrun "
-                              "--nproc-per-node N -m lowrank_pref.run ... (or accelerate launch --num-processes N -m "
-                              "lowrank_pref.run ...); or leave distributed at auto for one process")
+                              "--nproc-per-node N -m lowrank_pref.run ... (or accelerate launch --multi_gpu "
+                              "--num_processes N -m lowrank_pref.run ...); or leave distributed at auto for one "
+                              "process")
         if torch.cuda.is_available() and torch.cuda.device_count() > 1:
             log.info("%d GPUs visible, this run uses one: torchrun --nproc-per-node %d -m lowrank_pref.run ... uses "
                      "them all", torch.cuda.device_count(), torch.cuda.device_count())

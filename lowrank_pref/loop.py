@@ -425,7 +425,8 @@ class Shell:
         # the memory plan from the largest micro-step this run will take
         # on N processes a step is N times the micro-batches, rank r taking the r-th share (distributed.py)
         self.schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps * self.world.size,
-                                 cfg.seed, sizes=[task.size(item) for item in data.train], token_budget=cfg.token_budget)
+                                 cfg.seed, sizes=[task.size(item) for item in data.train],
+                                 token_budget=cfg.token_budget)
         tokens, answers = largest_micro_step(task, self.schedule, data.train)
         gpu = device().type == "cuda"
         refusal = memory.beyond_machine(cfg, memory.machine_memory_gb(), gpu=gpu, tokens=tokens, answer_tokens=answers)
