@@ -144,6 +144,8 @@ def run_alive(status: dict) -> bool:
 
 
 class RunDir:
+    writes = True  # False for a rank other than 0 of a run on several processes (ReaderRunDir)
+
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.config = self.path / "config.yaml"
@@ -185,6 +187,10 @@ class RunDir:
                 shutil.rmtree(tmp, ignore_errors=True)
             else:
                 tmp.unlink(missing_ok=True)
+
+    def write_text(self, path: Path, text: str) -> None:
+        """A file of the run folder (data_report.json, config.yaml), written atomically."""
+        atomic_write_text(path, text)
 
     # status -----------------------------------------------------------------------------------------------------
     def write_status(self, **fields) -> None:
@@ -300,3 +306,43 @@ class RunDir:
         _fsync_dir(final.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+
+
+class ReaderRunDir(RunDir):
+    """The run folder as a rank other than 0 of a run on several processes sees it: it reads the checkpoints to
+    resume from and writes nothing (rank 0 writes status, metrics, checkpoints, the adapter; see distributed.py)."""
+    writes = False
+
+    class _NoLock:
+        def close(self) -> None:
+            pass
+
+    def create(self) -> "RunDir":
+        return self
+
+    def lock(self):
+        return self._NoLock()
+
+    def write_text(self, path: Path, text: str) -> None:
+        pass
+
+    def write_status(self, **fields) -> None:
+        pass
+
+    def write_final_status(self, **fields) -> bool:
+        return True
+
+    def append_metrics(self, record: dict) -> None:
+        pass
+
+    def truncate_metrics(self, last_step: int) -> None:
+        pass
+
+    def remove_partial(self) -> None:
+        pass
+
+    def move_aside(self, checkpoint: Path) -> Path:
+        return checkpoint  # rank 0 moves it; this rank only skips it
+
+    def install_dir(self, tmp: Path, final: Path) -> None:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -176,6 +176,11 @@ class Config:
     max_grad_norm: float = _f(1.0, "Clip the gradient norm to this (0 disables).", min=0.0)
     optimizer: str = _f("auto", "auto: paged 8-bit AdamW on GPU, torch AdamW on CPU.",
                         choices=("auto", "adamw_torch", "paged_adamw_8bit", "adamw_8bit"))
+    distributed: str = _f("auto", "Several processes (started by torchrun or accelerate launch): auto runs them "
+                                  "data-parallel (ddp), the single-process run's batches split over them; fsdp: "
+                                  "FSDP-QLoRA, the 4-bit layers sharded over the GPUs; none refuses a launch on "
+                                  "several.",
+                          choices=("auto", "none", "ddp", "fsdp"))
     num_epochs: float = _f(1.0, f"Passes over the training data (ignored when max_steps is set; at most "
                                 f"{MAX_EPOCHS:,}).", min=0.0, min_exclusive=True, max=MAX_EPOCHS)
     max_steps: int | None = _f(None, f"Stop after this many optimizer steps (at most {MAX_STEPS:,}).", min=1,

@@ -12,6 +12,7 @@ split into micro-steps.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -26,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from . import memory, trackers
-from .artifacts import FolderBusy, RunDir, atomic_write_text, this_process
+from . import distributed, memory, trackers
+from .artifacts import FolderBusy, ReaderRunDir, RunDir, atomic_write_text, this_process
 from .config import Config, ConfigError, dump_yaml
 from .memory import available_memory_gb, choose_plan, current_memory_mb, peak_memory_mb, reset_peak_memory
 from .model import checkpointed_layers, device, load_model, load_tokenizer, save_adapter, trainable_parameters
@@ -188,14 +189,19 @@ def _set_rng_state(state: dict) -> None:
 def save_checkpoint(run: RunDir, cfg: Config, model, optimizer, scheduler, step: int, counters: dict,
                     rng: dict | None = None) -> Path:
     """Checkpoint of the run after ``step``; ``rng``: the RNG state to store when it is not the current one (a step
-    cut short by a stop has moved the RNG on since ``step`` ended)."""
+    cut short by a stop has moved the RNG on since ``step`` ended). Rank 0 alone writes it (a reader run folder)."""
+    if not run.writes:
+        return None
     tmp = run.new_checkpoint_dir(step)
-    model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"], safe_serialization=True)
+    model.save_pretrained(str(tmp / "adapter"), selected_adapters=["default"], safe_serialization=True,
+                          **distributed.adapter_state(model))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng or _rng_state(), tmp / "rng.pt")
     # written last: a checkpoint without state.json is incomplete and never picked up
-    state = {"step": step, "micro_batches_done": step * cfg.gradient_accumulation_steps, **counters}
+    size = distributed.world().size  # the data position is global: micro-batches of every rank
+    state = {"step": step, "micro_batches_done": step * cfg.gradient_accumulation_steps * size, "world_size": size,
+             **counters}
     (tmp / "state.json").write_text(json.dumps(state))
     return run.commit_checkpoint(tmp, step, cfg.save_total_limit)
 
@@ -291,20 +297,28 @@ class _Window:
 
 def evaluate(task, model, items: list, batch_size: int, should_stop=None) -> dict | None:
     """Eval metrics over ``items``: each summed metric divided by the items' weight, as in training. None when
-    ``should_stop()`` turns true between batches (a stop request: an eval of many items must not hold it up)."""
+    ``should_stop()`` turns true between batches (a stop request: an eval of many items must not hold it up).
+    On several processes rank r evaluates batches r, r + N, ... (the same batches as one process) and the sums are
+    added over the ranks; every rank asks ``should_stop`` once a round, so all stop at the same batch."""
+    world = distributed.world()
     was_training = model.training
     model.eval()
     totals: dict[str, float] = {}
+    batches = [items[i:i + batch_size] for i in range(0, len(items), batch_size)]
+    mine = batches[world.rank::world.size]
     try:
         with torch.no_grad():
-            for i in range(0, len(items), batch_size):
+            for k in range(math.ceil(len(batches) / world.size)):
                 if should_stop is not None and should_stop():
                     return None
-                _, sums, _ = task.losses(model, items[i:i + batch_size])
-                for k, v in sums.items():
-                    totals[k] = totals.get(k, 0.0) + float(v)
+                if k >= len(mine):
+                    continue
+                _, sums, _ = task.losses(model, mine[k])
+                for key, v in sums.items():
+                    totals[key] = totals.get(key, 0.0) + float(v)
     finally:
         model.train(was_training)
+    totals = world.sum_dicts(totals)
     weight = sum(task.weight(item) for item in items)
     record = {f"eval_{k}": v / weight for k, v in totals.items()}
     task.derived(record, prefix="eval_")
@@ -320,22 +334,26 @@ def train(cfg: Config, output_dir: str | os.PathLike, *, resume: bool = False) -
     Raises RunStopped when SIGTERM stopped it (status "stopped"), ConfigError without writing anything when the
     folder is not this run's to write (another live run holds it, or it holds a finished run and resume is off)."""
     trackers.check(cfg.report_to)  # a tracker package that is missing stops the run before anything is written
-    run = RunDir(output_dir).create()
+    world = distributed.world()
+    run = RunDir(output_dir).create() if world.main else ReaderRunDir(output_dir)  # rank 0 alone writes the folder
+    problem = None
     try:
         lock = run.lock()
     except FolderBusy as e:
-        raise ConfigError(str(e)) from None
+        lock, problem = None, str(e)
     try:
-        if not resume and (run.metrics.exists() or run.checkpoints()):
-            raise ConfigError(f"output_dir '{run.path}' already holds a run; use --resume to continue it, or choose "
-                              "another --output-dir")
+        if not problem and not resume and (run.metrics.exists() or run.checkpoints()):
+            problem = (f"output_dir '{run.path}' already holds a run; use --resume to continue it, or choose another "
+                       "--output-dir")
+        world.agree(problem if world.main else None)  # rank 0's refusal ends every rank, not rank 0 alone
         return _train_locked(cfg, run, resume)
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
 def _train_locked(cfg: Config, run: RunDir, resume: bool) -> dict:
-    handler = logging.FileHandler(run.log)
+    handler = logging.FileHandler(run.log) if run.writes else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     log.addHandler(handler)
     stop = _StopFlag()
@@ -346,8 +364,12 @@ def _train_locked(cfg: Config, run: RunDir, resume: bool) -> dict:
         with logging_redirect_tqdm(loggers=[logging.root]):
             shell = Shell(cfg, run, stop)
             shell.setup(resume)
-            with trackers.report(cfg, run, shell.start):  # metrics.jsonl's lines go to report_to's trackers too
-                return shell.loop()
+            try:
+                # metrics.jsonl's lines go to report_to's trackers too (rank 0 alone: it alone writes metrics)
+                with trackers.report(cfg, run, shell.start) if run.writes else contextlib.nullcontext():
+                    return shell.loop()
+            except distributed.PeerLost as e:  # another rank ended: keep what this one can, and say which
+                raise shell.lost(e) from None
     except BaseException as e:
         stop.immediate = False  # a second SIGTERM now must not cut the status write short
         run.remove_partial()
@@ -378,6 +400,7 @@ class Shell:
     def __init__(self, cfg: Config, run: RunDir, stop: _StopFlag):
         self.cfg, self.run, self.stop = cfg, run, stop
         self.task = task_class(cfg.task)(cfg)
+        self.world = distributed.world()
         self.started = time.time()
 
     def setup(self, resume: bool) -> None:
@@ -398,14 +421,16 @@ class Shell:
         if data.eval_report:
             log.info("eval %s", data.eval_report.summary())
         log.info("train %s: %d, eval %s: %d", task.unit, len(data.train), task.unit, len(data.eval))
-        atomic_write_text(run.data_report, json.dumps({
+        run.write_text(run.data_report, json.dumps({
             "train": data.report.as_dict(), "examples": data.examples,
             "eval": data.eval_report.as_dict() if data.eval_report else None,
             "train_pairs": len(data.train), "eval_pairs": len(data.eval), "unit": task.unit}, indent=1))
 
         # the memory plan from the largest micro-step this run will take
-        self.schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps, cfg.seed,
-                                 sizes=[task.size(item) for item in data.train], token_budget=cfg.token_budget)
+        # on N processes a step is N times the micro-batches, rank r taking the r-th share (distributed.py)
+        self.schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps * self.world.size,
+                                 cfg.seed, sizes=[task.size(item) for item in data.train],
+                                 token_budget=cfg.token_budget)
         tokens, answers = largest_micro_step(task, self.schedule, data.train)
         gpu = device().type == "cuda"
         refusal = memory.beyond_machine(cfg, memory.machine_memory_gb(), gpu=gpu, tokens=tokens, answer_tokens=answers)
@@ -415,6 +440,8 @@ class Shell:
                            answer_tokens=answers)
         log.info("gradient checkpointing: %s (%s)", plan.describe(), plan.why)
         self.model, loaded = load_model(cfg, self.tokenizer, plan, keep_reference=task.uses_reference)
+        if self.world.mode == "fsdp":  # the 4-bit layers sharded over the GPUs (FSDP-QLoRA)
+            distributed.shard(self.model)
         run.write_status(gradient_checkpointing=plan.checkpointing, checkpointed_layers=checkpointed_layers(self.model),
                          checkpoint_offload=plan.offload)
         reference = task.reference(loaded)
@@ -425,8 +452,13 @@ class Shell:
                 "none": f" ({cfg.loss_type} is reference-free)"}[reference])
         self.params = trainable_parameters(self.model)
         log.info("trainable parameters: %s", f"{sum(p.numel() for p in self.params):,}")
+        if self.world.size > 1:  # every rank starts from rank 0's adapter, and the log says who runs where
+            self.world.ranks = self.world.gather(distributed.rank_facts(device()))
+            self.world.broadcast_parameters(self.params)
+            log.info("%s", self.world.describe(cfg, task.unit))
+            run.write_status(**self.world.status(cfg))
         header = f"# resolved config of this run; repeat it with: python -m lowrank_pref.run --config {run.config}\n"
-        atomic_write_text(run.config, header + (f"reference: {reference}\n" if reference else "") + dump_yaml(cfg))
+        run.write_text(run.config, header + (f"reference: {reference}\n" if reference else "") + dump_yaml(cfg))
 
         # optimizer and schedule; a checkpoint restores both with the adapter and the RNG
         from transformers import get_scheduler
@@ -437,7 +469,10 @@ class Shell:
                                        num_warmup_steps=round(cfg.warmup_ratio * total), num_training_steps=total)
         self.counters = {"nonfinite_steps": 0, "nonfinite_in_a_row": 0}
         self.start = self.restore(candidates) if candidates else 0
-        self.saved = self.start  # the step of the newest checkpoint on disk (0: none)
+        starts = self.world.gather(self.start)
+        self.world.agree(None if len(set(starts)) == 1 else f"the ranks resumed from different steps {starts}: the run "
+                         "folder must be the same folder for every rank (one machine, or a shared filesystem)")
+        self.saved = self.completed = self.start  # the newest checkpoint on disk; the last step taken (0: none)
         run.write_status(state="running", step=self.start, total_steps=total, reference=reference)
         run.write_status(**task.setup(self.model, self.tokenizer, data))
         self.model.train()
@@ -457,6 +492,14 @@ class Shell:
                 log.warning("checkpoint %s is damaged (%s): moved aside to %s; trying the one before it", path, e,
                             aside.name)
                 continue
+            per_step = checkpoint["state"].get("micro_batches_done", 0) // max(step, 1)
+            if per_step and per_step != self.schedule.accum:  # the data position would not be the same
+                runs = checkpoint["state"].get("world_size", 1)
+                raise ConfigError(
+                    f"{path.name} was written by a run of {per_step} micro-batches per step ({runs} process(es)), this "
+                    f"one takes {self.schedule.accum}: resume with gradient_accumulation_steps x processes = "
+                    f"{per_step}, e.g. gradient_accumulation_steps={max(1, per_step // self.world.size)} on "
+                    f"{self.world.size} process(es), or --nproc-per-node {runs}")
             state = apply_checkpoint(checkpoint, path, self.model, self.optimizer, self.scheduler)
             self.counters.update({k: v for k, v in state.items() if k in self.counters})
             self.run.truncate_metrics(step)
@@ -476,19 +519,24 @@ class Shell:
         for step in range(self.start + 1, total + 1):
             t0 = time.perf_counter()
             rng = _rng_state()  # what a checkpoint of step - 1 holds, should a stop cut this step short
+            self.current = (step, rng)  # for a checkpoint when another rank ends (lost)
             # the step's micro-batches are a pure function of (seed, step), so a resumed run sees the same data
             batches = [[self.data.train[i] for i in idx] for idx in self.schedule.step_batches(step)]
             weight = sum(task.weight(item) for batch in batches for item in batch)
             lr = self.scheduler.get_last_lr()[0]
-            # forward and backward each micro-batch, its loss scaled to its share of the step's mean
-            sums, tokens, finite = self.accumulate(batches, weight)
+            # forward and backward each micro-batch (on N processes, this rank's share of them), its loss scaled to
+            # its share of the step's mean
+            sums, tokens, finite = self.accumulate(self.world.share(batches), weight)
             if finite is None:  # stopped between micro-batches: this step is dropped, the one before is saved
                 bar.close()
                 raise self.stop_within(step, rng)
+            # on N processes the ranks' gradients and sums are added: every rank takes the whole step's update
+            sums, tokens, finite = self.reduce(sums, tokens, finite)
             # clip, then step; a non-finite loss or gradient skips the step (too many in a row stop the run)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm or float("inf"))
             self.update(step, finite and bool(torch.isfinite(grad_norm)), finite)
             self.scheduler.step()
+            self.completed = step
             if finite:
                 window.add(sums, weight, sum(map(len, batches)), tokens, time.perf_counter() - t0)
                 bar.set_postfix(loss=f"{sums['loss'] / weight:.4f}", refresh=False)
@@ -500,18 +548,51 @@ class Shell:
             if self.data.eval and (step % eval_every == 0 or step == total):
                 last.update(self.log_eval(step, final=step == total))
             run.write_status(step=step)
-            if step < total and (step % save_every == 0 or self.stop.set):
+            stop = step < total and self.stopping()
+            if step < total and (step % save_every == 0 or stop):
                 save_checkpoint(run, cfg, self.model, self.optimizer, self.scheduler, step, self.counters)
                 task.checkpoint()
                 self.saved = step
             # SIGTERM (the app's Stop): the checkpoint above is written; end here, resumable
-            if self.stop.set and step < total:
+            if stop:
                 bar.close()
                 message = f"stopped at step {step} (checkpoint written); continue with --resume"
                 run.write_status(state="stopped", step=step, message=message)
                 raise RunStopped(message)
         bar.close()
         return self.finish(last)
+
+    def stopping(self) -> bool:
+        """Whether a stop was asked for. On N processes the ranks agree (SIGTERM may reach one, or reach them at
+        different moments), so all stop at the same micro-batch; a SIGTERM during the agreement counts at the next."""
+        agreed = self.world.any(self.stop.set)
+        self.stop.set = self.stop.set or agreed
+        return agreed
+
+    def reduce(self, sums: dict, tokens: int, finite: bool) -> tuple[dict, int, bool]:
+        """The step's gradients, metric sums and tokens added over the ranks; finite only if it is on every rank."""
+        if self.world.size == 1:
+            return sums, tokens, finite
+        finite = self.world.all(finite)
+        if finite:
+            self.world.sum_gradients(self.params)
+        total = self.world.sum_dicts({**sums, "_tokens": tokens})
+        return total, int(total.pop("_tokens")), finite
+
+    def lost(self, error: distributed.PeerLost) -> distributed.PeerLost:
+        """Another rank ended mid-run (``error`` says which): the last complete step is checkpointed (by rank 0),
+        unless it is on disk already, and the run ends failed, resumable from there."""
+        self.optimizer.zero_grad(set_to_none=True)
+        step, rng = getattr(self, "current", (self.start + 1, None))
+        done = self.completed
+        if done > self.saved:
+            # cut before its update: the RNG of the step's start; after it: the RNG now (nothing since drew on it)
+            save_checkpoint(self.run, self.cfg, self.model, self.optimizer, self.scheduler, done, self.counters,
+                            rng=rng if done < step else None)
+            self.saved = done if self.run.writes else self.saved
+        self.run.write_status(step=done)  # the step may have ended without its status line (lost in its logging)
+        where = f"; continue with --resume (from step {self.saved})" if self.saved else ""
+        return distributed.PeerLost(f"{error} during step {step}: the run stopped{where}")
 
     def stop_within(self, step: int, rng: dict) -> RunStopped:
         """End the run in the middle of ``step`` (a stop request): its gradients are dropped, and the state after
@@ -533,10 +614,9 @@ class Shell:
 
     def log_train(self, step: int, window: _Window, lr: float, grad_norm: float) -> dict:
         """The window's means and the run's vitals, one line of metrics.jsonl."""
-        record = {"step": step, "epoch": round(step * self.cfg.gradient_accumulation_steps
-                                               / self.schedule.batches_per_epoch, 4),
+        record = {"step": step, "epoch": round(step * self.schedule.accum / self.schedule.batches_per_epoch, 4),
                   **window.record(self.task.unit), "learning_rate": lr, "grad_norm": grad_norm,
-                  "peak_memory_mb": peak_memory_mb(), "loaded_memory_mb": self.loaded_mb,
+                  "peak_memory_mb": self.world.max(peak_memory_mb()), "loaded_memory_mb": self.loaded_mb,
                   "nonfinite_steps": self.counters["nonfinite_steps"]}
         self.task.derived(record)
         self.run.append_metrics(record)
@@ -546,7 +626,7 @@ class Shell:
         """Eval metrics over the held-out items, one line of metrics.jsonl and one of the log. A stop request cuts an
         eval short (not the final one): the step is complete, and is checkpointed without its eval line."""
         metrics = evaluate(self.task, self.model, self.data.eval, self.cfg.eval_batch_size or self.cfg.batch_size,
-                           should_stop=None if final else lambda: self.stop.set)
+                           should_stop=None if final else self.stopping)
         if metrics is None:
             log.info("step %d eval: skipped (stopping)", step)
             return {}
@@ -556,22 +636,26 @@ class Shell:
         return record
 
     def accumulate(self, batches: list[list], weight: float) -> tuple[dict, int, bool | None]:
-        """Backward over the step's micro-batches. Returns the metric sums, the real tokens, and False at the first
-        non-finite loss (whose backward is skipped), None when a stop request came before a micro-batch."""
+        """Backward over the step's micro-batches. Returns the metric sums, the real tokens, and False after a
+        non-finite loss (whose backward and the rest of the step's are skipped), None when a stop request came before a
+        micro-batch. Every micro-batch asks ``stopping`` (on N processes a collective: each rank asks as often)."""
         sums: dict[str, float] = {}
-        tokens = 0
+        tokens, finite = 0, True
         for items in batches:
-            if self.stop.set:
+            if self.stopping():
                 return sums, tokens, None
+            if not finite:
+                continue
             losses, batch_sums, t = self.task.losses(self.model, items)
             loss = losses.sum() / weight
             if not torch.isfinite(loss):
-                return sums, tokens, False
+                finite = False
+                continue
             loss.backward()
             tokens += t
             for k, v in batch_sums.items():
                 sums[k] = sums.get(k, 0.0) + float(v)
-        return sums, tokens, True
+        return sums, tokens, finite
 
     def update(self, step: int, ok: bool, finite_loss: bool) -> None:
         """The optimizer step, or a skipped one counted in ``nonfinite_steps``."""
@@ -596,9 +680,12 @@ class Shell:
         """The adapter, written whole or not at all, and the final status."""
         run = self.run
         run.write_status(**self.task.finish())
-        tmp = run.path / f".adapter.tmp-{os.getpid()}"
-        save_adapter(self.model, self.tokenizer, tmp)
-        run.install_dir(tmp, run.adapter)
+        if self.world.size > 1:  # each rank's peak, for the per-rank memory (benchmarks/distributed.py)
+            run.write_status(rank_peak_memory_mb=self.world.gather(round(peak_memory_mb(), 1)))
+        if run.writes:  # rank 0's
+            tmp = run.path / f".adapter.tmp-{os.getpid()}"
+            save_adapter(self.model, self.tokenizer, tmp)
+            run.install_dir(tmp, run.adapter)
         summary = {k: v for k, v in last.items() if k.startswith("eval_")}
         run.write_status(state="completed", step=self.total, message="", seconds=round(time.time() - self.started, 1),
                          final=summary)

@@ -175,6 +175,31 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     return {name: round(v, 4) for name, v in parts.items()}
 
 
+def per_rank(parts: dict, cfg, processes: int, arch: Arch | None = None) -> dict:
+    """:func:`estimate`'s parts for each of ``processes`` ranks (``batch_size`` and accumulation are per rank).
+
+    DDP (``distributed`` auto or ddp): every rank holds the whole model and its own micro-batch's activations, plus
+    the flat LoRA gradients it all-reduces (and their concatenated copy). FSDP (distributed.shard): the decoder
+    layers' 4-bit weights are sharded N ways, each layer gathered whole while it runs (two layers' worth allowed for
+    the one running and the one being gathered); the tables, norms and LoRA state stay whole on every rank, as with
+    DDP."""
+    if processes <= 1:
+        return parts
+    a = arch or arch_of(cfg.model)
+    out = dict(parts)
+    if cfg.distributed == "fsdp":
+        per_weight = {"4bit": 0.516, "8bit": 1.03, "none": 2.0}[cfg.quantization]
+        gathered = 2 * a.linear_params / a.layers * per_weight / GB
+        out["weights"] = parts["weights"] / processes + gathered
+    out["gradient_all_reduce"] = a.lora_params(cfg.lora.r) * 4 * 2 / GB
+    out.pop("total", None)
+    out.pop("host_offload", None)
+    out["total"] = sum(out.values())
+    if "host_offload" in parts:
+        out["host_offload"] = parts["host_offload"]
+    return {name: round(v, 4) for name, v in out.items()}
+
+
 def training_gb(parts: dict) -> float:
     """What training adds to the loaded model: activations, the LM-head chunk, adapter gradients and optimizer."""
     return parts["activations"] + parts["lm_head_chunk"] + parts["lora_and_optimizer"]
@@ -299,6 +324,8 @@ def main(argv=None) -> int:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--gpu-gb", type=float, help="a GPU with this much memory: also say which checkpointing a run "
                                                   "there would choose, and estimate with it (memory_limit_gb wins)")
+    p.add_argument("--processes", type=int, default=1, help="a run on this many GPUs (torchrun --nproc-per-node N): "
+                                                              "the estimate per rank (distributed=fsdp shards)")
     p.add_argument("overrides", nargs="*", help="key=value settings, as for python -m lowrank_pref.run")
     args = p.parse_args(argv)
     try:
@@ -309,13 +336,16 @@ def main(argv=None) -> int:
     try:
         budget = cfg.memory_limit_gb or args.gpu_gb
         plan = choose_plan(cfg, budget, gpu=True) if budget else None
-        parts = plan_estimate(cfg, plan, gpu=True)
+        parts = per_rank(plan_estimate(cfg, plan, gpu=True), cfg, max(1, args.processes))
     except Exception as e:  # an architecture that can't be read (unknown offline, a typo in the model id)
         print(f"error: no estimate for model '{cfg.model}': {type(e).__name__}: {str(e).splitlines()[0][:200]}",
               file=sys.stderr)
         return 2
     if plan:
         print(f"gradient checkpointing: {plan.describe()} ({plan.why})")
+    if args.processes > 1:
+        print(f"per rank of {args.processes} ({'fsdp' if cfg.distributed == 'fsdp' else 'ddp'}): "
+              f"{cfg.batch_size * cfg.gradient_accumulation_steps * args.processes} items per optimizer step")
     print(json.dumps(parts, indent=1))
     return 0
 

@@ -34,7 +34,8 @@ class ModelError(ValueError):
 
 
 def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's device: its own GPU (on N processes the launcher's LOCAL_RANK, set by distributed.init)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def compute_dtype(cfg: Config) -> torch.dtype:
@@ -96,19 +97,20 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def nf4_config(dtype: torch.dtype):
-    """QLoRA's quantization: NF4 with double quantization, computing in ``dtype``."""
+def nf4_config(dtype: torch.dtype, storage: torch.dtype = torch.uint8):
+    """QLoRA's quantization: NF4 with double quantization, computing in ``dtype``; the packed weights stored as
+    ``storage`` (the compute dtype under FSDP, which shards them as flat tensors of one dtype)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=torch.uint8)
+                              bnb_4bit_compute_dtype=dtype, bnb_4bit_quant_storage=storage)
 
 
 def quantization_config(cfg: Config):
     from transformers import BitsAndBytesConfig
 
     if cfg.quantization == "4bit":
-        return nf4_config(compute_dtype(cfg))
+        return nf4_config(compute_dtype(cfg), compute_dtype(cfg) if cfg.distributed == "fsdp" else torch.uint8)
     if cfg.quantization == "8bit":
         return BitsAndBytesConfig(load_in_8bit=True)
     return None
@@ -314,5 +316,7 @@ def reference_mode(model):
 
 def save_adapter(model, tokenizer, path: str | os.PathLike) -> None:
     """PEFT format (adapter_config.json + adapter_model.safetensors) + tokenizer; only the policy adapter."""
-    model.save_pretrained(str(path), selected_adapters=[POLICY], safe_serialization=True)
+    from .distributed import adapter_state
+
+    model.save_pretrained(str(path), selected_adapters=[POLICY], safe_serialization=True, **adapter_state(model))
     tokenizer.save_pretrained(str(path))

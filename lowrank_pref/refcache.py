@@ -88,6 +88,7 @@ class RefCache:
         self.path, self.meta = path, meta
         self.hits = self.misses = 0
         self._dirty = False
+        self._new: dict[str, list[float]] = {}  # computed since the last save (rank 0 stores every rank's)
         self.values: dict[str, list[float]] = self._read()
 
     def _read(self) -> dict[str, list[float]]:
@@ -140,10 +141,22 @@ class RefCache:
         values = ref.detach().float().cpu().tolist()
         for i, p in enumerate(pairs):
             if _valid(pair := [values[i], values[n + i]]):  # a NaN reference is not kept for the next run
-                self.values[pair_key(p)] = pair
+                self.values[pair_key(p)] = self._new[pair_key(p)] = pair
         self._dirty = True
 
     def save(self) -> None:
+        """Store the cache (rank 0 of a run on several processes, with what every rank computed: each rank calls
+        this at the same points, a checkpoint and the end)."""
+        from .distributed import world
+
+        if world().size > 1:
+            for part in world().gather(self._new):
+                self.values.update(part)
+                self._dirty = self._dirty or bool(part)
+            self._new = {}
+            if not world().main:
+                self._dirty = False
+                return
         if not self._dirty:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -152,6 +165,7 @@ class RefCache:
         self.values = merged
         atomic_write_text(self.path, json.dumps({"fingerprint": self.meta, "values": self.values}))
         self._dirty = False
+        self._new = {}
 
     def __len__(self) -> int:
         return len(self.values)

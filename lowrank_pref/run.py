@@ -5,6 +5,7 @@
     python -m lowrank_pref.run seed=3 --output-dir runs/a batch_size=4   # key=value anywhere on the line
     python -m lowrank_pref.run --output-dir out --resume          # continue a stopped or killed run
     python -m lowrank_pref.run --list-presets | --list-keys
+    torchrun --nproc-per-node 2 -m lowrank_pref.run --preset tiny   # on 2 processes (GPUs), see distributed.py
 
 Exit status: 0 success, 2 a user error (bad config, data, model path, a run folder in use), 1 an internal error
 (see train.log) or a full disk, 130 stopped (SIGTERM, Ctrl-C; continue with --resume).
@@ -102,27 +103,45 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     quiet_libraries()
 
-    from .data import DataError
-    from .model import ModelError
-    from .loop import TrainingStopped
+    from . import distributed
 
     try:
         cfg = resolve(args)
+        world = distributed.init(cfg)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return USER_ERROR
+    try:
+        return _train_and_report(cfg, args, world)
+    finally:
+        distributed.shutdown()
+
+
+def _train_and_report(cfg: Config, args, world) -> int:
+    from .data import DataError
+    from .distributed import PeerLost
+    from .model import ModelError
+    from .loop import TrainingStopped
+
+    # on N processes the ranks meet the same user errors and stops: rank 0 says them; what only one rank meets
+    # (another rank lost, an internal error) each says, naming itself
+    say = print if world.main else (lambda *a, **k: None)
+    rank = f"[rank {world.rank}] " if world.size > 1 else ""
     try:
         from .loop import train
 
         result = train(cfg, cfg.output_dir, resume=args.resume)
     except (ConfigError, DataError, ModelError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return USER_ERROR
+    except PeerLost as e:
+        print(f"{rank}error: {e}", file=sys.stderr)
+        return INTERNAL_ERROR
     except TrainingStopped as e:
-        print(f"error: {e}", file=sys.stderr)
+        say(f"error: {e}", file=sys.stderr)
         return INTERNAL_ERROR
     except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (loop.RunStopped, which says where it stopped)
-        print(f"stopped: {e}" if str(e) else "interrupted; continue with --resume", file=sys.stderr)
+        say(f"stopped: {e}" if str(e) else "interrupted; continue with --resume", file=sys.stderr)
         return 130
     except OSError as e:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
@@ -131,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
               f"--resume", file=sys.stderr)
         return INTERNAL_ERROR
     except Exception as e:
-        return _internal_error(e, cfg)
+        return _internal_error(e, cfg, rank)
+    if not world.main:
+        return 0
     shown = {k: v for k, v in result.items() if k.startswith("eval_")}
     if shown:
         print("final eval: " + ", ".join(f"{k}={v:.4f}" for k, v in shown.items()))
@@ -139,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _internal_error(e: Exception, cfg: Config) -> int:
+def _internal_error(e: Exception, cfg: Config, rank: str = "") -> int:
     """An internal error: say it plainly, keep the traceback in the run's log (called inside the except block)."""
     logging.getLogger("lowrank_pref").debug("internal error", exc_info=True)
     _log_traceback(cfg.output_dir)
@@ -147,7 +168,7 @@ def _internal_error(e: Exception, cfg: Config) -> int:
     hint = (" Lower batch_size or max_length, set gradient_checkpointing=true (on a GPU also checkpoint_offload="
             "true), or memory_limit_gb below what the card has if other programs use it." if oom else
             f" The traceback is in {os.path.join(cfg.output_dir, 'train.log')}.")
-    print(f"internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}.{hint}",
+    print(f"{rank}internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}.{hint}",
           file=sys.stderr)
     return INTERNAL_ERROR
 

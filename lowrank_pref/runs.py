@@ -70,6 +70,13 @@ def default_root() -> Path:
     return Path("runs")
 
 
+def launcher(processes: int) -> list[str]:
+    """What starts a run on ``processes`` GPUs: torchrun, one process each (distributed.py); none for one."""
+    if processes <= 1:
+        return []
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+
+
 class RunManager:
     """``kill_after``: seconds Stop waits after SIGTERM before SIGKILL. ``hub_token``: whether runs may use this
     machine's Hugging Face token (HF_TOKEN, the saved login); a public app passes False, so visitors can't load the
@@ -124,14 +131,16 @@ class RunManager:
         return None
 
     # start, resume, stop ---------------------------------------------------------------------------------------
-    def start(self, cfg: Config, name: str | None = None, then: Config | None = None, owner: str | None = None) -> str:
+    def start(self, cfg: Config, name: str | None = None, then: Config | None = None, owner: str | None = None,
+              processes: int = 1) -> str:
         """Start a new run of ``cfg``; returns its name. Refused while another run trains. ``then``: the run to start
         when this one completes, from this run's adapter (``then.adapter`` is set to it). ``owner``: an
-        :func:`owner_key`, recorded in the folder (and inherited by the follow-up)."""
+        :func:`owner_key`, recorded in the folder (and inherited by the follow-up). ``processes`` > 1: on that many
+        GPUs, through the launcher (the follow-up too)."""
         with self._lock:
             self._start_follow_ups()  # a chain that is due goes first: it was asked for earlier
             self._refuse_if_busy()
-            return self._start(cfg, name, then, owner=owner)
+            return self._start(cfg, name, then, owner=owner, processes=processes)
 
     def follow_up(self, name: str) -> str | None:
         """The run started after ``name`` completed, once there is one."""
@@ -149,7 +158,8 @@ class RunManager:
             run = self.run_dir(name)
             if run.state() == "completed":
                 raise ConfigError(f"run '{name}' is complete; there is nothing to resume")
-            self._spawn(run, ["--output-dir", str(run.path), "--resume"])
+            self._spawn(run, ["--output-dir", str(run.path), "--resume"],
+                        processes=run.read_status().get("processes", 1))  # on as many GPUs as it started on
             return name
 
     def stop(self, name: str | None = None) -> str:
@@ -252,7 +262,8 @@ class RunManager:
                 first.write_status(then_error=f"the follow-up could not start: {e}")
                 log.warning("follow-up of %s not started: %s", first.path.name, e)
                 continue
-            name = self._start(cfg, None, owner=owner_of(first), after=first.path.name)
+            name = self._start(cfg, None, owner=owner_of(first), after=first.path.name,
+                               processes=first.read_status().get("processes", 1))
             first.write_status(then_run=name)
             log.info("%s completed: started its follow-up %s", first.path.name, name)
             started.append(name)
@@ -270,15 +281,16 @@ class RunManager:
             env["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
         return env
 
-    def _spawn(self, run: RunDir, args: list[str], **status) -> None:
+    def _spawn(self, run: RunDir, args: list[str], processes: int = 1, **status) -> None:
+        command = [*launcher(processes), *self.command[1:]] if processes > 1 else self.command
         with open(run.path / CONSOLE, "a") as console:
-            child = subprocess.Popen([*self.command, *args], stdout=console, stderr=subprocess.STDOUT,
+            child = subprocess.Popen([*command, *args], stdout=console, stderr=subprocess.STDOUT,
                                      stdin=subprocess.DEVNULL, env=self.child_env(), start_new_session=True)
         self._children[run.path.name] = child
         # written before the child writes its own, so a second start is refused from this moment; with the child's
         # start time, so Stop never signals another process that gets this pid later
         run.write_status(state="running", pid=child.pid, process={"pid": child.pid, "start": process_start(child.pid)},
-                         message="starting", killed=False, **status)
+                         message="starting", killed=False, processes=processes, **status)
 
     def reap(self) -> None:
         """Collect finished children; a child that died before it could say why gets its last console line."""

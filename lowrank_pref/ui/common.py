@@ -67,7 +67,8 @@ def detect_hardware() -> dict:
 
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
-        return {"gpu": props.name, "memory_gb": round(props.total_memory / 2**30, 1)}
+        return {"gpu": props.name, "memory_gb": round(props.total_memory / 2**30, 1),
+                "gpus": torch.cuda.device_count()}
     try:
         ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     except (ValueError, OSError, AttributeError):
@@ -148,11 +149,11 @@ class AppState:
         return name if name and self.owns(self.manager.run_dir(name)) else None
 
     # acting on runs --------------------------------------------------------------------------------------------
-    def start(self, cfg, then=None) -> str:
+    def start(self, cfg, then=None, processes: int = 1) -> str:
         if self.public and not self.owner:
             raise UserError(NO_SESSION)
         try:
-            return self.manager.start(cfg, then=then, owner=self.owner)
+            return self.manager.start(cfg, then=then, owner=self.owner, processes=processes)
         except RunBusy as e:
             raise self._busy(e) from None
 

@@ -205,11 +205,12 @@ def sft_preset(preset: str, cfg: Config) -> str:
     return own if own != preset and own in list_presets() else preset
 
 
-def cli_command(preset: str, cfg: Config) -> str:
-    """The terminal command that repeats this run."""
+def cli_command(preset: str, cfg: Config, processes: int = 1) -> str:
+    """The terminal command that repeats this run (on ``processes`` GPUs: through torchrun)."""
     base = to_dict(build_config(preset))
     mine = to_dict(cfg)
-    parts = ["python -m lowrank_pref.run", f"--preset {preset}"]
+    launch = f"torchrun --nproc-per-node {processes} -m" if processes > 1 else "python -m"
+    parts = [f"{launch} lowrank_pref.run", f"--preset {preset}"]
 
     def diff(a, b, prefix=""):
         for k, v in b.items():
@@ -223,12 +224,20 @@ def cli_command(preset: str, cfg: Config) -> str:
     return " ".join(parts)
 
 
-def chain_command(preset: str, cfg: Config) -> str:
+def chain_command(preset: str, cfg: Config, processes: int = 1) -> str:
     """The two commands of an SFT-first run: the SFT run into a folder, then the run asked for from its adapter."""
     sft = sft_first_config(preset, cfg)
     folder = f"runs/{SFT_TASK}-first"
-    return (f"{cli_command(sft_preset(preset, cfg), sft)} --output-dir {folder} &&\n"
-            f"{cli_command(preset, cfg)} adapter={folder}/adapter")
+    return (f"{cli_command(sft_preset(preset, cfg), sft, processes)} --output-dir {folder} &&\n"
+            f"{cli_command(preset, cfg, processes)} adapter={folder}/adapter")
+
+
+def processes_of(app: AppState, values: tuple) -> tuple[list, int]:
+    """The form's values and the processes to run on: the "use all N GPUs" box, when the machine has more than one
+    GPU, comes after the form's values (:func:`create_setup_tab`)."""
+    if len(values) > len(KEYS):
+        return list(values[:len(KEYS)]), app.hw.get("gpus", 1) if values[len(KEYS)] else 1
+    return list(values), 1
 
 
 def memory_line(cfg: Config, hw: dict) -> str:
@@ -270,10 +279,11 @@ def task_changed(app: AppState, task: str) -> list[dict]:
 
 def settings_changed(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> tuple[str, str, str]:
     """Any change in the form: the estimate, the command and the resolved YAML, for what Start would run."""
-    cfg = config_from_form(preset, upload, list(values), public=app.public)
+    values, processes = processes_of(app, values)
+    cfg = config_from_form(preset, upload, values, public=app.public)
     if upload:
         cfg.dataset = f"<uploaded: {Path(upload).name}>"
-    command = chain_command(preset, cfg) if sft_first else cli_command(preset, cfg)
+    command = chain_command(preset, cfg, processes) if sft_first else cli_command(preset, cfg, processes)
     return memory_line(cfg, app.hw), command, dump_yaml(cfg)
 
 
@@ -287,10 +297,12 @@ class SetupTab:
     inputs: dict
     sft_first: gr.Checkbox
     summary: list  # estimate, command, resolved YAML: what a settings change updates
+    all_gpus: gr.Checkbox | None = None  # "use all N GPUs", on a machine with several
 
     @property
     def form(self) -> list:
-        return [self.inputs[k] for k in KEYS]
+        """The form's inputs (in :data:`KEYS` order), then the GPUs box where there is one."""
+        return [self.inputs[k] for k in KEYS] + ([self.all_gpus] if self.all_gpus is not None else [])
 
 
 def _field(key: str, label: str, cfg: Config):
@@ -326,13 +338,17 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupT
     sft_first = gr.Checkbox(label="SFT first", value=False,
                             info="Train an SFT adapter on the chosen answers first, then this run from it (the SFT "
                                  "adapter is then also the frozen reference). Two runs, one after the other.")
+    gpus = app.hw.get("gpus") or 1
+    all_gpus = gr.Checkbox(label=f"use all {gpus} GPUs", value=True, info="One process per GPU (torchrun), the same "
+                           "steps as on one card with the batch split over them.") if gpus > 1 else None
     estimate = gr.Markdown(memory_line(cfg0, app.hw))
     with gr.Accordion("Repeat this in a terminal", open=False):
         command = gr.Code(cli_command(preset_name, cfg0), language="shell", label="Command")
         yaml_box = gr.Code(dump_yaml(cfg0), language="yaml", label="Resolved config")
-    tab = SetupTab(preset, inputs, sft_first, [estimate, command, yaml_box])
+    tab = SetupTab(preset, inputs, sft_first, [estimate, command, yaml_box], all_gpus)
 
-    preset.change(event(preset_changed, app), preset, [*tab.form, *tab.summary], api_name="preset")
+    preset.change(event(preset_changed, app), preset, [*(tab.inputs[k] for k in KEYS), *tab.summary],
+                  api_name="preset")
     # a new task (chosen, or set by a preset) shows its own objective keys
     inputs["task"].change(event(task_changed, app), inputs["task"], [inputs[k] for k in task_field_keys()],
                           api_name=False, show_progress="hidden")

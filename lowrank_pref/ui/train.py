@@ -20,7 +20,7 @@ from ..diagnostics import diagnose
 from ..runs import tail
 from ..tasks import TASKS, task_class
 from .common import NO_SESSION, AppState, UserError, on, run_list, task_of
-from .setup import SetupTab, config_from_form, sft_first_config
+from .setup import SetupTab, config_from_form, processes_of, sft_first_config
 
 PLOTS_PER_ROW = 2
 
@@ -125,14 +125,15 @@ def start(app: AppState, preset: str, upload: str | None, sft_first: bool, *valu
 
     if app.public and not app.owner:  # before the upload is kept
         raise UserError(NO_SESSION)
-    cfg = config_from_form(preset, upload, list(values), app.uploads, public=app.public)
+    values, processes = processes_of(app, values)
+    cfg = config_from_form(preset, upload, values, app.uploads, public=app.public)
     sample_rows(cfg.dataset, START_CHECK_ROWS, cfg.dataset_split, cfg.trust_remote_code)
     if sft_first:
         sft = sft_first_config(preset, cfg)
-        run = app.start(sft, then=cfg)
+        run = app.start(sft, then=cfg, processes=processes)
         return (f"Started **{run}**: SFT on the chosen answers. The {cfg.task} run starts from its adapter when it "
                 "completes.", run_list(app, run))
-    run = app.start(cfg)
+    run = app.start(cfg, processes=processes)
     return f"Started **{run}**. The curves appear after the first steps.", run_list(app, run)
 
 
