@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from . import distributed, memory, trackers
-from .artifacts import FolderBusy, ReaderRunDir, RunDir, atomic_write_text, this_process
+from .artifacts import FolderBusy, ReaderRunDir, RunDir, this_process
 from .config import Config, ConfigError, dump_yaml
 from .memory import available_memory_gb, choose_plan, current_memory_mb, peak_memory_mb, reset_peak_memory
 from .model import checkpointed_layers, device, load_model, load_tokenizer, save_adapter, trainable_parameters
