@@ -88,7 +88,7 @@ class World:
         try:
             return fn(*args)
         except (RuntimeError, dist.DistError) as e:  # gloo: "Connection closed by peer"; a timeout; NCCL's errors
-            raise PeerLost(self._who_ended(e)) from None
+            raise PeerLost(self._who_ended(e)) from e
 
     def _who_ended(self, error: Exception) -> str:
         """Which rank ended, where this host can tell (its pid is gone: the collective may fail while it is still
