@@ -9,10 +9,13 @@
     python benchmarks/bench.py --ours-checkpoint-offload true            # GPU: ours keeps checkpoints in host RAM
     python benchmarks/bench.py --all --json results.json                 # all of the above, one table
     python benchmarks/bench.py --arch llama3-8b --workdir /tmp/bench      # GPU: Llama-3-8B's shapes, random weights
+    python benchmarks/bench.py --cases "dpo smollm2 real"               # CPU: SmolLM2-135M on 32 ShareGPT pairs
 
 On the CPU the model is a small Llama built from a config (--layers, --hidden, --ffn, --vocab); --arch builds a real
 architecture instead (Llama-3.1-8B, Qwen2.5-7B, ...: widths, heads, vocabulary; random weights), --arch-layers cuts
-its depth, and --workdir keeps the built model for the next command.
+its depth, and --workdir keeps the built model for the next command. --arch smollm2 is the real SmolLM2-135M-Instruct
+folder (../shared/tools/smollm2.py builds it) with --pairs real: the first 32 ShareGPT pairs of ../shared/data that fit
+512 tokens untruncated, as conversations, so each side applies the model's chat template to the same messages.
 
 Each side runs in its own process (so peak memory is its own), TRL and ours interleaved round by round.
 Throughput is the median over rounds of each round's median step time after the warm-up steps; the speed ratio is
@@ -43,7 +46,7 @@ sys.path.insert(0, str(ROOT))
 # --arch: real architectures with random weights (the GPU benchmark), by the memory model's name for them
 ARCHS = {"llama3-8b": "meta-llama/Llama-3.1-8B-Instruct", "qwen2.5-7b": "Qwen/Qwen2.5-7B-Instruct",
          "mistral-7b": "mistralai/Mistral-7B-Instruct-v0.3", "qwen2.5-1.5b": "Qwen/Qwen2.5-1.5B-Instruct",
-         "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct"}
+         "qwen2.5-0.5b": "Qwen/Qwen2.5-0.5B-Instruct", "smollm2": "smollm2"}
 
 
 def build_model(workdir: Path, args, tok) -> Path:
@@ -55,6 +58,12 @@ def build_model(workdir: Path, args, tok) -> Path:
 
     from lowrank_pref.memory import KNOWN
 
+    if args.arch == "smollm2":  # the real model (see the module docstring)
+        from memory_check import SMOLLM2
+
+        if not (SMOLLM2 / "config.json").is_file():
+            raise SystemExit(f"no SmolLM2 at {SMOLLM2}: run python ../shared/tools/smollm2.py first")
+        return SMOLLM2
     special = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     if args.arch == "small":
         model_dir = workdir / f"model-small-{args.layers}x{args.hidden}-{args.vocab or len(tok)}"
@@ -92,6 +101,19 @@ def build_assets(workdir: Path, args) -> tuple[Path, Path]:
 
     tok = build_tokenizer()
     model_dir = build_model(workdir, args, tok)
+    if args.pairs == "real":
+        from transformers import AutoTokenizer
+
+        from memory_check import sharegpt_pairs
+
+        data = workdir / "pairs-sharegpt-32.jsonl"
+        pairs = sharegpt_pairs(AutoTokenizer.from_pretrained(model_dir), 32, args.prompt + args.answer)
+        data.write_text("".join(json.dumps({
+            "prompt": [{"role": "user" if t["from"] == "human" else "assistant", "content": t["value"]}
+                       for t in row["conversations"]],
+            "chosen": [{"role": "assistant", "content": row["chosen"]["value"]}],
+            "rejected": [{"role": "assistant", "content": row["rejected"]["value"]}]}) + "\n" for row in pairs))
+        return model_dir, data
     words = " ".join(_corpus()).split()
     rng = random.Random(0)
 
@@ -162,6 +184,15 @@ def memory_estimate(cfg, out: Path, args) -> dict:
     status = json.loads((out / "status.json").read_text())
     gpu = torch.cuda.is_available()
     tokens, answers = micro_step_tokens(cfg, args.prompt, args.answer)
+    if args.pairs == "real":  # rows of their own lengths: the largest micro-step, as the run plans by
+        from lowrank_pref.loop import Schedule, largest_micro_step
+        from lowrank_pref.model import load_tokenizer
+        from lowrank_pref.tasks import task_class
+
+        task = task_class(cfg.task)(cfg)
+        items = task.load_data(load_tokenizer(cfg)).train
+        schedule = Schedule(len(items), cfg.batch_size, 1, cfg.seed, sizes=[task.size(i) for i in items])
+        tokens, answers = largest_micro_step(task, schedule, items)
     parts = estimate(cfg, gpu=gpu, tokens=tokens, answer_tokens=answers,
                      checkpointed_layers=status.get("checkpointed_layers"), offload=status.get("checkpoint_offload"))
     result = {"estimated_delta_mb": training_gb(parts) * 1024}
@@ -290,6 +321,10 @@ CASES = {  # name: overrides of the command-line defaults
     "dpo vocab 32k": {"vocab": 32768},
     "dpo prompt-heavy, ckpt auto": {"ours_checkpointing": "auto"},
     "dpo prompt-heavy, epoch 2+": {"ours_reference_cache": True, "warmup": 4},  # timed steps all in epoch 2+
+    # a real architecture on the CPU: SmolLM2-135M (30 layers, GQA 9/3, a tied 49k vocabulary), 32 real pairs, one
+    # epoch of 8 steps of 4; TRL's DPOTrainer keeps its gradient checkpointing, ours chooses (auto)
+    "dpo smollm2 real": {"arch": "smollm2", "pairs": "real", "prompt": 256, "answer": 256, "batch": 4, "warmup": 2,
+                         "steps": 6, "ours_checkpointing": "auto"},
 }
 
 
@@ -397,6 +432,8 @@ def main() -> int:
     p.add_argument("--arch", choices=("small", *ARCHS), default="small",
                    help="small: a Llama of --layers x --hidden (--ffn, --vocab); else that model's real architecture "
                         "with random weights, bf16 on disk (for a GPU)")
+    p.add_argument("--pairs", choices=("synthetic", "real"), default="synthetic",
+                   help="real: 32 ShareGPT pairs (../shared/data) as conversations (with --arch smollm2)")
     p.add_argument("--arch-layers", type=int, default=None, help="with --arch: this many layers, not the model's")
     p.add_argument("--sides", choices=("both", "ours", "trl"), default="both", help="run only one side")
     p.add_argument("--workdir", help="build the model and data here and reuse them (default: a new temp folder)")

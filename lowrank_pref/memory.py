@@ -50,20 +50,38 @@ class Arch:
     kv_heads: int
     tied: bool
     softcap: bool = False  # final-logit softcapping (Gemma 2): one more chunk of logits in the LM head
+    head_dim: int | None = None  # None: hidden // heads (Gemma's are wider: 256 on a 1152 or 2304 width)
+    qk_norm: bool = False  # RMS norms on queries and keys (Gemma 3, Qwen 3): their inputs are saved too
+    sandwich_norms: bool = False  # Gemma 2/3: norms after attention and the MLP as well as before (4 a layer)
+
+    @property
+    def q_dim(self) -> int:
+        return self.heads * (self.head_dim or self.hidden // self.heads)
 
     @property
     def kv_dim(self) -> int:
-        return self.hidden // self.heads * self.kv_heads
+        return self.kv_heads * (self.head_dim or self.hidden // self.heads)
 
     @property
     def linear_params(self) -> int:
-        d, f, kv = self.hidden, self.ffn, self.kv_dim
-        return self.layers * (2 * d * d + 2 * d * kv + 3 * d * f)
+        d, f, q, kv = self.hidden, self.ffn, self.q_dim, self.kv_dim
+        return self.layers * (2 * d * q + 2 * d * kv + 3 * d * f)
 
     def lora_params(self, r: int) -> int:
-        d, f, kv = self.hidden, self.ffn, self.kv_dim
-        per_layer = r * ((d + d) * 2 + (d + kv) * 2 + (d + f) * 3)
+        d, f, q, kv = self.hidden, self.ffn, self.q_dim, self.kv_dim
+        per_layer = r * ((d + q) * 2 + (d + kv) * 2 + (d + f) * 3)
         return self.layers * per_layer
+
+    def saved_per_token(self, r: int) -> int:
+        """Values one decoder layer saves for backward per token (LoRA on every linear layer), as counted with
+        torch.autograd.graph.saved_tensors_hooks on SmolLM2 (11,580 against 11,440 here) and Gemma 3 (about 39,000
+        against 39,024): the inputs of the norms and the normed inputs of the linear layers (4 d; 6 d with Gemma's
+        norms after attention and the MLP as well), the queries, the rotated queries, the attention output and the
+        o_proj input (4 q), the keys, rotated keys and values at their own width (3 kv: grouped-query heads are not
+        expanded in what is saved; with q/k norms, Gemma 3, one kv), the MLP's gate, up, activation and product
+        (4 f), and the seven LoRA A outputs (7 r)."""
+        d, q, kv = self.hidden, self.q_dim, self.kv_dim
+        return (6 if self.sandwich_norms else 4) * d + 4 * q + (1 if self.qk_norm else 3) * kv + 4 * self.ffn + 7 * r
 
 
 def arch_of(model: str) -> Arch:
@@ -75,9 +93,11 @@ def arch_of(model: str) -> Arch:
 
     c = AutoConfig.from_pretrained(resolve_model(model)).get_text_config()
     heads = c.num_attention_heads
+    kind = c.model_type
     return Arch(c.hidden_size, c.num_hidden_layers, c.intermediate_size, c.vocab_size, heads,
                 getattr(c, "num_key_value_heads", None) or heads, bool(getattr(c, "tie_word_embeddings", False)),
-                bool(getattr(c, "final_logit_softcapping", None)))
+                bool(getattr(c, "final_logit_softcapping", None)), getattr(c, "head_dim", None),
+                qk_norm=kind.startswith(("gemma3", "qwen3", "olmo2")), sandwich_norms=kind.startswith(("gemma2", "gemma3")))
 
 
 def _task(cfg):
@@ -122,13 +142,16 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     the config's choice (on, or auto: all but the last). ``offload``: the
     checkpointed layers' inputs wait in host RAM (``host_offload``, not part of the total) instead of on the device.
 
-    Activations per token and layer: (12 d + 4 f + 7 r) values saved for backward (LoRA on every linear layer: the
-    normed inputs, q/k/v and their rotated copies, the attention output, the MLP's gate, up and product, the seven
-    LoRA A outputs), plus the attention weights with eager attention (SDPA's kernels, flash on CPU too, keep none).
+    Activations per token and layer: :meth:`Arch.saved_per_token` values saved for backward (grouped-query keys and
+    values at their own width, Gemma's wide heads and extra norms), plus the attention weights with eager attention
+    (SDPA's kernels, flash on CPU too, keep none; the shared-prompt split keeps only its outputs and log-sum-exps).
     A checkpointed layer keeps only its input, one fp32 d-vector per token, and is recomputed in full in backward,
     after the layers above it (which keep everything) have been freed: the peak is max(L - k, 1) layers' activations
-    plus k inputs plus the hidden-state gradients.
-    Checked against measured CPU peaks in tests/test_memory.py."""
+    plus k inputs plus the hidden-state gradients. The LM head's chunk of fp32 logits (tied or not: the frozen head
+    is never copied) comes on top: it runs after the last layer, while everything saved is still held.
+    Checked against measured CPU peaks in tests/test_memory.py (a 4-layer Llama; SmolLM2, Qwen2.5 and Gemma 3 shapes
+    cut to 2 layers) and benchmarks/memory_check.py (SmolLM2 on real pairs, Llama 3.2 1B, Qwen2.5 0.5B, Gemma 3 1B,
+    Mistral 7B shapes)."""
     a = arch or arch_of(cfg.model)
     per_weight = {"4bit": 0.516, "8bit": 1.03, "none": 2.0}[cfg.quantization]
     act_bytes = 2 if gpu and cfg.dtype != "fp32" else 4  # autocast to bf16/fp16 on a GPU; fp32 on the CPU
@@ -142,7 +165,7 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     default_tokens, default_answers = micro_step_tokens(cfg)
     tokens = tokens or default_tokens
     answer_tokens = answer_tokens or default_answers
-    layer = tokens * (12 * a.hidden + 4 * a.ffn + 7 * cfg.lora.r) * act_bytes
+    layer = tokens * a.saved_per_token(cfg.lora.r) * act_bytes
     shared = shared_layout_possible(cfg)
     rows = cfg.batch_size * (1 if shared else task.sequences_per_item)
     row = tokens / rows
@@ -154,11 +177,16 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     k = min(checkpointed_layers, a.layers)
     checkpoint = tokens * a.hidden * 4  # one layer's input, fp32
     host = k * checkpoint if offload else 0
+    # backward's temporaries inside one layer: the gradients of two of the MLP's f-wide intermediates and of one
+    # d-wide tensor live at once (measured: 1,609 values per token on the 4-layer 256/704 model with checkpointing,
+    # whose peak falls in a layer's backward; 2 f + d = 1,664)
+    workspace = tokens * (2 * a.ffn + a.hidden) * act_bytes
     if k:
         on_device = 1 if offload else k  # offloaded: each comes back to the device for its layer's recompute
-        activations = max(a.layers - k, 1) * layer + on_device * checkpoint + tokens * 2 * a.hidden * 4 + mask
+        activations = (max(a.layers - k, 1) * layer + on_device * checkpoint + tokens * 2 * a.hidden * 4 + mask
+                       + workspace)
     else:
-        activations = a.layers * layer + mask
+        activations = a.layers * layer + mask + workspace
     if task.head == "lm":
         chunk = min(cfg.logprob_chunk_size or auto_chunk_size(a.vocab), answer_tokens)
         # fp32 logits and their log-softmax, the gradient written over the latter (losses._FrozenHeadLogps); with
@@ -235,12 +263,21 @@ def default_plan(cfg, *, gpu: bool, why: str = "as configured") -> MemoryPlan:
     return MemoryPlan(None, 0, offload=bool(cfg.checkpoint_offload) and gpu, why=why)
 
 
+# Where both layouts fit, the faster one, by kind of device, as benchmarks/memory_check.py --layouts measured it (one
+# process, steps of the two layouts interleaved, median of each round's ratio). "off": no checkpointing (fewest
+# layers checkpointed that fit); "on": every layer but the last. See FASTER_WHY for the measurement.
+FASTER_LAYOUT = {"cpu": "off", "cuda": "off"}
+FASTER_WHY = {"cpu": "", "cuda": "no recompute: a GPU step is compute-bound, so the recompute is pure cost (not yet "
+                                  "measured here)"}
+
+
 def choose_plan(cfg, available_gb: float, *, gpu: bool, tokens: int | None = None,
                 answer_tokens: int | None = None) -> MemoryPlan:
     """The memory plan of a run, from the memory model with 10% of ``available_gb`` to spare.
 
-    ``gradient_checkpointing`` auto: off when the run fits without it; else the fewest layers checkpointed that make
-    it fit (each layer left out saves 1/L of the recompute); else all of them. ``checkpoint_offload`` auto (GPU
+    ``gradient_checkpointing`` auto: where the device kind's faster layout (FASTER_LAYOUT) is "on", checkpointing on;
+    else off when the run fits without it; else the fewest layers checkpointed that make it fit (each layer left out
+    saves 1/L of the recompute); else all of them. ``checkpoint_offload`` auto (GPU
     only): on when checkpointing is on and the run would not fit with the checkpoints on the card. Set values win;
     an architecture the estimate can't read gets the config's plan (auto: checkpointing on)."""
     try:
@@ -262,10 +299,17 @@ def choose_plan(cfg, available_gb: float, *, gpu: bool, tokens: int | None = Non
     if cfg.checkpoint_offload and not gpu:
         log.info("checkpoint_offload: nothing to do on the CPU (activations are in host RAM already)")
     offload_asked = bool(cfg.checkpoint_offload) and gpu
+    kind = "cuda" if gpu else "cpu"
+    if cfg.gradient_checkpointing is None and not offload_asked and FASTER_LAYOUT[kind] == "on":
+        on = need(full)
+        more = "" if on <= budget else ", more than fits: lower batch_size or max_length"
+        return plan(full, False, f"faster than off on this kind of device ({FASTER_WHY[kind]}); about {on:.1f} GB "
+                                 f"with it, {need(0):.1f} GB without{more}")
     if cfg.gradient_checkpointing is None and not offload_asked:
         none = need(0)
         if none <= budget:
-            return plan(0, False, f"the run needs about {none:.1f} GB without checkpointing")
+            return plan(0, False, f"the run needs about {none:.1f} GB without checkpointing, which fits, and off is "
+                                  f"the faster layout on this kind of device ({FASTER_WHY[kind]})")
         for k in range(1, full + 1):
             if (needed := need(k)) <= budget:
                 return plan(k, False, f"about {needed:.1f} GB with {k} of {a.layers} layers checkpointed, "

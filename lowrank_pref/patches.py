@@ -186,6 +186,8 @@ def _fused_lora_forward(self, x, *args, **kwargs):
     result = self.base_layer(x)  # saves nothing for backward, so a checkpoint's recompute can stop before it
     if torch.promote_types(result.dtype, delta.dtype) != result.dtype:  # a narrower base output: PEFT's sum
         return result + delta * self.scaling[name]
+    if result._is_view():  # bitsandbytes' output with a bias (Qwen2's q/k/v) is a view autograd won't let us write
+        return result.add(delta, alpha=self.scaling[name])
     # in place: the base output is a fresh tensor that no backward reads (a linear saves its input, not its output).
     # Under a GPU's autocast the 4-bit layer returns fp32 (its input's dtype) and the branch bf16: the sum is fp32
     # either way, and the scaling is applied in fp32 where PEFT rounds the scaled branch to bf16 first.

@@ -193,3 +193,30 @@ def test_estimate_within_15_percent_of_the_gpu_peak(small_model, tmp_path, check
     tokens, answers = largest_step(cfg)
     estimated = training_gb(estimate(cfg, gpu=True, tokens=tokens, answer_tokens=answers))
     assert estimated == pytest.approx(measured, rel=0.15), (estimated * 1024, measured * 1024)
+
+
+@pytest.mark.parametrize("checkpointing", ["true", "false"])
+@pytest.mark.parametrize("arch", ["smollm2", "llama3.2-1b", "qwen2.5-0.5b", "gemma3-1b"])
+def test_estimate_within_15_percent_of_the_gpu_peak_on_real_architectures(tokenizer, tmp_path_factory, arch,
+                                                                         checkpointing):
+    """The real architectures of benchmarks/memory_check.py (their widths, heads and vocabularies; 4 layers, random
+    weights) on 384/128-token pairs: training's peak allocated memory over the loaded model against the estimate."""
+    import sys
+
+    from conftest import ROOT
+    from lowrank_pref.memory import training_gb
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from memory_check import build_model, estimate_for, measure, synthetic_pairs
+
+    work = tmp_path_factory.getbasetemp() / "gpu_shapes"
+    work.mkdir(exist_ok=True)
+    model_dir = build_model(arch, 4, work, tok=tokenizer)
+    data = synthetic_pairs(tokenizer, work / "pairs-384-128.jsonl", 384, 128, n=4)
+    overrides = {"task": "dpo", "batch_size": 2, "max_length": 528, "max_prompt_length": 392,
+                 "gradient_checkpointing": checkpointing, "checkpoint_offload": False, "lora.r": 16, "lora.alpha": 32,
+                 "reference_cache": False, "data.eval_fraction": 0, "save_steps": 100, "eval_steps": 100}
+    got = measure(model_dir, data, overrides, work / f"run-{arch}-{checkpointing}", steps=2)
+    measured = (got["last"]["peak_memory_mb"] - got["last"]["loaded_memory_mb"]) / 1024
+    estimated = training_gb(estimate_for(model_dir, data, overrides, got["status"]["checkpointed_layers"], gpu=True))
+    assert estimated == pytest.approx(measured, rel=0.15), (estimated * 1024, measured * 1024)

@@ -14,7 +14,7 @@ import os
 
 import pytest
 
-from conftest import largest_step, run_cli
+from conftest import ROOT, largest_step, run_cli
 from lowrank_pref.artifacts import read_metrics
 from lowrank_pref.config import ConfigError, build_config
 from lowrank_pref.memory import choose_plan, estimate, training_gb
@@ -128,3 +128,37 @@ def test_memory_command_plans_for_a_card_and_refuses_bad_input(capsys):
         v for k, v in parts.items() if k not in ("total", "host_offload")), abs=1e-3)
     assert main(["--preset", "12gb-dpo", "lora.rank=8"]) == 2
     assert "unknown config key 'lora.rank'" in capsys.readouterr().err
+
+
+# Real architectures' shapes, cut to 2 layers and SmolLM2's 49k vocabulary so each run takes seconds (the benchmark,
+# benchmarks/memory_check.py, runs them deeper and with their own vocabularies, and SmolLM2 itself on real pairs):
+# grouped-query heads (9/3, 14/2), Gemma 3's 256-wide heads on a 1152 width with one key/value head, q/k norms and
+# four norms a layer.
+REAL_SHAPES = [("smollm2", "false", 4, (192, 96)), ("qwen2.5-0.5b", "true", 4, (192, 96)),
+               ("gemma3-1b", "false", 2, (160, 64))]
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("shapes")
+
+
+@pytest.mark.parametrize("arch,checkpointing,batch,lengths", REAL_SHAPES, ids=[s[0] for s in REAL_SHAPES])
+def test_estimate_within_15_percent_on_real_architecture_shapes(tokenizer, shapes_dir, arch, checkpointing, batch,
+                                                                lengths):
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from memory_check import build_model, estimate_for, measure, synthetic_pairs
+
+    model_dir = build_model(arch, 2, shapes_dir, tok=tokenizer, vocab=49152)
+    prompt, answer = lengths
+    data = synthetic_pairs(tokenizer, shapes_dir / f"pairs-{prompt}-{answer}-{batch}.jsonl", prompt, answer, n=batch * 2)
+    overrides = {"task": "dpo", "batch_size": batch, "max_length": prompt + answer + 16, "max_prompt_length": prompt + 8,
+                 "gradient_checkpointing": checkpointing, "lora.r": 16, "lora.alpha": 32, "reference_cache": False,
+                 "data.eval_fraction": 0, "save_steps": 100, "eval_steps": 100}
+    got = measure(model_dir, data, overrides, shapes_dir / f"run-{arch}", steps=2, env=RETURNING)
+    assert got["status"]["checkpointed_layers"] == (1 if checkpointing == "true" else 0)
+    measured = (got["last"]["peak_memory_mb"] - got["last"]["loaded_memory_mb"]) / 1024
+    estimated = training_gb(estimate_for(model_dir, data, overrides, got["status"]["checkpointed_layers"], gpu=False))
+    assert estimated == pytest.approx(measured, rel=0.15), (estimated * 1024, measured * 1024)
