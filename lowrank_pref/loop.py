@@ -543,8 +543,12 @@ class Shell:
     def log_eval(self, step: int, final: bool = False) -> dict:
         """Eval metrics over the held-out items, one line of metrics.jsonl and one of the log. A stop request cuts an
         eval short (not the final one): the step is complete, and is checkpointed without its eval line."""
-        metrics = evaluate(self.task, self.model, self.data.eval, self.cfg.eval_batch_size or self.cfg.batch_size,
-                           should_stop=None if final else lambda: self.stop.set)
+        size, should_stop = self.cfg.eval_batch_size or self.cfg.batch_size, None if final else lambda: self.stop.set
+        if hasattr(self.task, "evaluate"):  # a task with its own eval (rl: generation judged by the reward model)
+            metrics = self.task.evaluate(self.model, self.data.eval, size, should_stop=should_stop, step=step,
+                                         run_dir=self.run.path)
+        else:
+            metrics = evaluate(self.task, self.model, self.data.eval, size, should_stop=should_stop)
         if metrics is None:
             log.info("step %d eval: skipped (stopping)", step)
             return {}
