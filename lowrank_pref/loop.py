@@ -549,6 +549,9 @@ class Shell:
                                          run_dir=self.run.path)
         else:
             metrics = evaluate(self.task, self.model, self.data.eval, size, should_stop=should_stop)
+            if metrics is not None and getattr(self.task, "judge", None):  # reward_model given: judged generations
+                judged = self.task.judge(self.model, size, should_stop=should_stop, step=step, run_dir=self.run.path)
+                metrics = None if judged is None else {**metrics, **judged}
         if metrics is None:
             log.info("step %d eval: skipped (stopping)", step)
             return {}

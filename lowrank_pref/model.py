@@ -366,7 +366,17 @@ def check_reward_model(cfg: Config) -> Path:
 
 def attach_reward(model, cfg: Config) -> torch.nn.Linear:
     """Load the reward model's LoRA weights as a second, frozen adapter ``reward`` on the policy's base (one copy of
-    the base weights) and return its score head (hidden -> 1, frozen). The policy stays the active adapter."""
+    the base weights) and return its score head (hidden -> 1, frozen). The policy stays the active adapter.
+
+    The new LoRA's and the head's initial weights (overwritten at once) are drawn from a fork of the global RNG: a
+    resumed run attaches the reward model after restoring the RNG from its checkpoint, and its rollouts must be the
+    uninterrupted run's."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        return _attach_reward(model, cfg)
+
+
+def _attach_reward(model, cfg: Config) -> torch.nn.Linear:
     import json
 
     from peft import LoraConfig, set_peft_model_state_dict

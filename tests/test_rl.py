@@ -177,7 +177,7 @@ def test_reward_score_on_the_policys_base_equals_the_reward_runs_own(tiny_model_
         ours = pooled_scores(model, head, batch["input_ids"], batch["attention_mask"], tok.pad_token_id)
     assert model.active_adapter == POLICY and model.training
     # the reward run's own model: a 4-bit sequence classifier with the adapter loaded by PEFT, pooled by transformers
-    reward_cfg = _rl_config(tiny_model_dir, reward_adapter, task="reward")
+    reward_cfg = _rl_config(tiny_model_dir, reward_adapter, task="reward", reward_model="null")
     own = PeftModel.from_pretrained(load_base(reward_cfg, tok, for_training=False), str(reward_adapter))
     own.eval()
     with torch.no_grad():
@@ -247,3 +247,155 @@ def test_reward_model_of_another_base_is_refused_plainly(tmp_path, unseen_model_
 def test_rl_needs_a_reward_model(tmp_path):
     res = run_cli("--preset", "tiny-rl", "--output-dir", str(tmp_path / "rl"), env=ONE_THREAD)
     assert res.returncode == 2 and "needs reward_model=" in res.stderr and "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# End to end from the CLI: SFT -> reward model -> RL, on a toy model
+
+@pytest.fixture(scope="module")
+def rl_world(tokenizer, tmp_path_factory):
+    """The pipeline's first two steps on a 2-layer, 64-wide Llama: an SFT adapter that answers either kindly ("Thank
+    you for asking. The x is near the y.") or curtly ("The x is near the y."), and a reward model trained on pairs
+    that prefer the kind answer. (The model is initialised with std 0.2, not transformers' 0.02: at 0.02 a 64-wide
+    LM head cannot make any token much likelier than the others, and SFT barely moves it.)"""
+    import random
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("rl_world")
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                         pad_token_id=tokenizer.pad_token_id, initializer_range=0.2)
+    torch.manual_seed(3)
+    LlamaForCausalLM(config).save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    rng = random.Random(0)
+    pairs, sft = [], []
+    for _ in range(120):
+        a, b = rng.sample(WORDS, 2)
+        prompt = f"Tell me about the {a} and the {b}."
+        kind, curt = f"Thank you for asking. The {a} is near the {b}.", f"The {a} is near the {b}."
+        pairs.append({"prompt": prompt, "chosen": kind, "rejected": curt})
+        sft.append({"prompt": prompt, "completion": kind if rng.random() < 0.5 else curt})
+    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in pairs))
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    model = ["--model", str(root / "model")]
+    res = run_cli("--preset", "tiny-sft", *model, "--dataset", str(root / "sft.jsonl"), "--output-dir",
+                  str(root / "sft"), "max_steps=60", "eval_steps=60", "save_steps=60", "learning_rate=1e-2",
+                  env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr
+    res = run_cli("--preset", "tiny-reward", *model, "--dataset", str(root / "pairs.jsonl"), "--output-dir",
+                  str(root / "rm"), "max_steps=30", "eval_steps=30", "save_steps=30", env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr
+    return root
+
+
+def _rl_args(world, *extra):
+    return ["--preset", "tiny-rl", "--model", str(world / "model"), "--dataset", str(world / "pairs.jsonl"),
+            f"adapter={world / 'sft' / 'adapter'}", f"reward_model={world / 'rm'}", "rl.max_new_tokens=16",
+            "learning_rate=2e-3", "beta=0.1", "max_steps=40", "eval_steps=20", "save_steps=10", "seed=1", *extra]
+
+
+@pytest.fixture(scope="module")
+def rloo_run(rl_world):
+    out = rl_world / "rloo"
+    res = run_cli(*_rl_args(rl_world), "--output-dir", str(out), env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr
+    return out
+
+
+def test_rloo_from_the_cli_beats_the_reference_on_heldout_prompts(rloo_run):
+    metrics = read_metrics(rloo_run / "metrics.jsonl")
+    final = [m for m in metrics if "eval_reward" in m][-1]
+    assert final["step"] == 40
+    assert final["eval_reward"] > final["eval_reward_reference"] + 0.2, final
+    assert final["eval_win_rate"] > 0.5, final
+    assert 0 < final["eval_kl"] < 40, final  # reported, and bounded by the KL penalty
+    train = [m for m in metrics if "loss" in m]
+    assert len(train) == 40
+    for key in ("reward", "reward_std", "kl", "entropy", "length", "eos", "prompts_per_second", "grad_norm"):
+        assert all(math.isfinite(m[key]) for m in train), key
+    assert abs(train[0]["kl"]) < 1.0  # it starts at the reference (the frozen SFT adapter)
+    config = (rloo_run / "config.yaml").read_text()
+    assert "reference: adapter" in config
+    samples = [json.loads(line) for line in (rloo_run / "samples.jsonl").read_text().splitlines()]
+    assert sorted({s["step"] for s in samples}) == [20, 40]
+    for s in samples:
+        assert s["prompt"].startswith("Tell me about") and isinstance(s["completion"], str)
+        assert math.isfinite(s["reward"]) and math.isfinite(s["reference_reward"])
+    status = json.loads((rloo_run / "status.json").read_text())
+    assert status["state"] == "completed" and status["reward_model"].endswith("rm")
+    assert (rloo_run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_rl_resume_after_sigkill_samples_what_the_uninterrupted_run_did(rl_world, rloo_run):
+    killed = rl_world / "killed"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), **ONE_THREAD)
+    proc = subprocess.Popen([sys.executable, "-m", "lowrank_pref.run", *_rl_args(rl_world), "--output-dir",
+                             str(killed)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and not (killed / "checkpoint-20" / "state.json").exists():
+            if proc.poll() is not None:
+                break
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL) if proc.poll() is None else None
+        proc.wait()
+    assert (killed / "checkpoint-20").exists() and not (killed / "adapter").exists()
+    res = run_cli("--output-dir", str(killed), "--resume", env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr
+    a = {m["step"]: m for m in read_metrics(rloo_run / "metrics.jsonl") if "loss" in m}
+    b = {m["step"]: m for m in read_metrics(killed / "metrics.jsonl") if "loss" in m}
+    assert sorted(a) == sorted(b) == list(range(1, 41))
+    for step in a:  # the same rollouts (RNG restored), so the same rewards, KL and loss
+        for key in ("reward", "kl", "length", "loss"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-4, abs=1e-5), (step, key)
+    samples = (killed / "samples.jsonl").read_text().splitlines()
+    assert samples == (rloo_run / "samples.jsonl").read_text().splitlines()
+
+
+def test_memory_model_counts_generation_and_the_reward_adapter():
+    from lowrank_pref.config import build_config
+    from lowrank_pref.memory import arch_of, estimate
+    from lowrank_pref.tasks.rl import kv_cache_bytes
+
+    cfg = build_config("8gb-rl")
+    a = arch_of(cfg.model)  # Qwen2.5-1.5B: 28 layers, kv width 1536 / 12 x 2 = 256
+    # keys and values x 28 layers x 256 x (4 completions x 1 prompt) rows x (512 + 128) tokens x 2 bytes (bf16)
+    assert kv_cache_bytes(cfg, a, 2) == 2 * 28 * 256 * 4 * 640 * 2
+    parts = estimate(cfg)
+    assert parts["reward_adapter"] == pytest.approx(a.lora_params(16) * 4 / 2**30, abs=1e-3)
+    bigger = estimate(build_config("8gb-rl", overrides={"rl.k": "64", "batch_size": "16",
+                                                        "gradient_checkpointing": "true"}))
+    assert bigger["generation"] > parts["generation"] and bigger["total"] > parts["total"]
+    dpo = estimate(build_config("8gb-dpo"))
+    assert "generation" not in dpo and "reward_adapter" not in dpo
+
+
+def test_online_dpo_from_the_cli_beats_the_reference(rl_world):
+    out = rl_world / "online_dpo"
+    res = run_cli(*_rl_args(rl_world, "rl.algorithm=online_dpo", "save_steps=100"), "--output-dir", str(out),
+                  env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr
+    metrics = read_metrics(out / "metrics.jsonl")
+    final = [m for m in metrics if "eval_reward" in m][-1]
+    assert final["eval_reward"] > final["eval_reward_reference"] + 0.2 and final["eval_win_rate"] > 0.5, final
+    assert 0 < final["eval_kl"] < 40, final
+    train = [m for m in metrics if "loss" in m]
+    assert all("rewards/margins" in m and "pair/reward_gap" in m for m in train)
+
+
+def test_a_dpo_run_given_a_reward_model_is_judged_against_its_reference(rl_world):
+    out = rl_world / "dpo"
+    res = run_cli("--preset", "tiny", "--model", str(rl_world / "model"), "--dataset", str(rl_world / "pairs.jsonl"),
+                  f"adapter={rl_world / 'sft' / 'adapter'}", f"reward_model={rl_world / 'rm'}", "max_steps=4",
+                  "eval_steps=4", "save_steps=4", "rl.max_new_tokens=8", "--output-dir", str(out), env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr
+    final = [m for m in read_metrics(out / "metrics.jsonl") if "eval_loss" in m][-1]
+    for key in ("eval_rewards/accuracies", "eval_reward", "eval_reward_reference", "eval_win_rate", "eval_kl"):
+        assert math.isfinite(final[key]), key  # the task's own eval and the reward model's judgement, side by side
+    assert 0 <= final["eval_win_rate"] <= 1 and 1 <= final["eval_length"] <= 8
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert samples and all(s["step"] == 4 for s in samples)

@@ -20,7 +20,7 @@ One micro-batch of B prompts (one item = one prompt):
    ``online_dpo``, the best and worst of the k completions by the reward model as a DPO pair (Guo et al. 2024).
 
 Rollouts draw from the global torch RNG, which the run shell checkpoints, so a resumed run samples what an
-uninterrupted one does. Eval samples one completion per held-out prompt from the policy and, with the same seed, one
+uninterrupted one does. Eval samples k completions per held-out prompt from the policy and, with the same seed, k
 from the reference, scores both with the reward model and logs the policy's mean reward against the reference's,
 the win rate (ties count half) and the KL; a few of them go to ``samples.jsonl`` so a person reads what changed.
 """
@@ -39,7 +39,7 @@ from ..config import ConfigError
 from ..data import DataError, DataReport, RowError
 from ..logps import _decoder_and_head, selected_token_logps
 from ..losses import KL_ESTIMATORS, kl_k1, preference_loss, reinforce_loss, rloo_advantages, whiten
-from ..model import REWARD, adapter_role, attach_reward, autocast, check_reward_model, reference_mode
+from ..model import REWARD, adapter_role, attach_reward, autocast, reference_mode
 from .base import Task, TaskData
 
 log = logging.getLogger("lowrank_pref")
@@ -171,59 +171,22 @@ class Rollout:
         self.prompts, self.completions, self.ended, self.entropy = prompts, completions, ended, entropy
 
 
-class RlTask(Task):
-    name = "rl"
-    unit = "prompts"
-    sequences_per_item = 4  # the default rl.k; the memory plan's own numbers come from micro_step_tokens
-    shared_prompt = False
-    uses_reference = True
-    plots = [("Reward", {"reward": "train (policy samples)", "eval_reward": "eval policy",
-                         "eval_reward_reference": "eval reference"}),
-             ("KL to the reference", {"kl": "train", "eval_kl": "eval"}),
-             ("Win rate over the reference", {"eval_win_rate": "eval"}),
-             ("Completions", {"length": "tokens", "eos": "share ending in eos"}),
-             ("Entropy", {"entropy": "train"}),
-             ("Loss", {"loss": "train"})]
-    fields = ("reward_model", "rl.algorithm", "beta", "rl.k", "rl.max_new_tokens")
+def kv_cache_bytes(cfg, arch, act_bytes: int) -> int:
+    """The KV cache of one rollout: keys and values of every layer for k x batch_size rows of max_prompt_length +
+    max_new_tokens tokens, ``act_bytes`` each (2 under a GPU's 16-bit autocast, 4 in fp32)."""
+    rows = cfg.rl.k * cfg.batch_size
+    return 2 * arch.layers * arch.kv_dim * rows * (cfg.max_prompt_length + cfg.rl.max_new_tokens) * act_bytes
 
-    @classmethod
-    def validate(cls, cfg) -> None:
-        super().validate(cfg)
-        if cfg.max_prompt_length + cfg.rl.max_new_tokens > cfg.max_length:
-            raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) + rl.max_new_tokens "
-                              f"({cfg.rl.max_new_tokens}) exceed max_length ({cfg.max_length}); raise max_length or "
-                              "lower one of them")
 
-    # -- data ------------------------------------------------------------------------------------------------------
-    def prepare_rows(self, rows, tokenizer, source):
-        return prepare_prompts(rows, tokenizer, source=source, cfg=self.cfg)
+class RewardRoles:
+    """Sampling from the policy (or the reference) and scoring with the reward adapter, on one base. Needs ``cfg``,
+    and, after :meth:`attach_roles`, the tokenizer, the padding and eos ids and the reward model's score head."""
 
-    def load_data(self, tokenizer) -> TaskData:
-        # before the data and the model: a missing or wrong reward model fails in seconds (the presets leave it to the
-        # command line, so it is not a config check)
-        if not self.cfg.reward_model:
-            raise ConfigError("task=rl needs reward_model=<a reward run folder>: train one first with --task reward "
-                              "on the same model, then give its run folder (or its adapter/)")
-        check_reward_model(self.cfg)
-        return super().load_data(tokenizer)
-
-    def size(self, item: Prompt) -> int:
-        return item.num_tokens + self.cfg.rl.max_new_tokens
-
-    def micro_step_tokens(self, items: list) -> tuple[int, int]:
-        rows = self.cfg.rl.k * len(items)
-        return rows * (max(p.num_tokens for p in items) + self.cfg.rl.max_new_tokens), rows * self.cfg.rl.max_new_tokens
-
-    # -- the model -------------------------------------------------------------------------------------------------
-    def setup(self, model, tokenizer, data: TaskData) -> dict:
-        facts = super().setup(model, tokenizer, data)
-        self.ref_cache = None  # reference log-probs of fresh samples are never asked for twice
-        self.tokenizer = tokenizer
-        self.eos_id = tokenizer.eos_token_id
+    def attach_roles(self, model, tokenizer) -> None:
+        self.tokenizer, self.pad_id, self.eos_id = tokenizer, tokenizer.pad_token_id, tokenizer.eos_token_id
         self.score_head = attach_reward(model, self.cfg)
         log.info("reward model: %s (adapter '%s' on the same base, with its score head)", self.cfg.reward_model,
                  REWARD)
-        return {**facts, "reward_model": str(self.cfg.reward_model)}
 
     def generate(self, model, prompts: list[Prompt], k: int, role=None) -> Rollout:
         """k sampled completions per prompt from the policy (or, with ``role``, e.g. ``reference_mode``, from that
@@ -284,6 +247,93 @@ class RlTask(Task):
         """prompt + sampled completion rows (right-padded), completion tokens marked, for the log-prob passes."""
         return data_mod.collate_rows([(p.prompt_ids + c, [0] * len(p.prompt_ids) + [1] * len(c))
                                       for p, c in zip(rollout.prompts, rollout.completions)], self.pad_id)
+
+
+
+class Judge(RewardRoles):
+    """The eval of a dpo, sft or kto run given ``reward_model=``: its policy against its reference on the held-out
+    prompts, judged by the reward model (:func:`judge`), beside the task's own eval metrics."""
+
+    def __init__(self, cfg, model, tokenizer, eval_items: list):
+        self.cfg = cfg
+        self.attach_roles(model, tokenizer)
+        # the held-out rows' prompts, read again as prompts (the task's items keep tokens, not the prompt to render
+        # completions after)
+        source = cfg.eval_dataset or cfg.dataset
+        split = (cfg.eval_split or "train") if cfg.eval_dataset else cfg.dataset_split
+        rows = data_mod.load_rows(source, split, cfg.trust_remote_code)
+        prompts, _, _ = prepare_prompts(rows, tokenizer, source=source, cfg=cfg)
+        wanted = {item.row for item in eval_items}
+        self.prompts = [p for p in prompts if p.row in wanted]
+
+    def __call__(self, model, batch_size: int, *, should_stop=None, step: int = 0, run_dir=None) -> dict | None:
+        return judge(self, model, self.prompts, batch_size, should_stop=should_stop, step=step, run_dir=run_dir)
+
+
+class RlTask(RewardRoles, Task):
+    name = "rl"
+    unit = "prompts"
+    sequences_per_item = 4  # the default rl.k; the memory plan's own numbers come from micro_step_tokens
+    shared_prompt = False
+    uses_reference = True
+    plots = [("Reward", {"reward": "train (policy samples)", "eval_reward": "eval policy",
+                         "eval_reward_reference": "eval reference"}),
+             ("KL to the reference", {"kl": "train", "eval_kl": "eval"}),
+             ("Win rate over the reference", {"eval_win_rate": "eval"}),
+             ("Completions", {"length": "tokens", "eos": "share ending in eos"}),
+             ("Entropy", {"entropy": "train"})]
+    fields = ("reward_model", "rl.algorithm", "beta", "rl.k", "rl.max_new_tokens")
+
+    @classmethod
+    def validate(cls, cfg) -> None:
+        super().validate(cfg)
+        if cfg.max_prompt_length + cfg.rl.max_new_tokens > cfg.max_length:
+            raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) + rl.max_new_tokens "
+                              f"({cfg.rl.max_new_tokens}) exceed max_length ({cfg.max_length}); raise max_length or "
+                              "lower one of them")
+
+    # -- data ------------------------------------------------------------------------------------------------------
+    def prepare_rows(self, rows, tokenizer, source):
+        return prepare_prompts(rows, tokenizer, source=source, cfg=self.cfg)
+
+    def load_data(self, tokenizer) -> TaskData:
+        # before the data and the model: a missing or wrong reward model fails in seconds (the presets leave it to the
+        # command line, so it is not a config check)
+        if not self.cfg.reward_model:
+            raise ConfigError("task=rl needs reward_model=<a reward run folder>: train one first with --task reward "
+                              "on the same model, then give its run folder (or its adapter/)")
+        return super().load_data(tokenizer)
+
+    def size(self, item: Prompt) -> int:
+        return item.num_tokens + self.cfg.rl.max_new_tokens
+
+    def micro_step_tokens(self, items: list) -> tuple[int, int]:
+        rows = self.cfg.rl.k * len(items)
+        return rows * (max(p.num_tokens for p in items) + self.cfg.rl.max_new_tokens), rows * self.cfg.rl.max_new_tokens
+
+    @classmethod
+    def memory_terms(cls, cfg, arch, act_bytes: int, parts: dict) -> dict[str, float]:
+        """GB this task adds to the memory model's parts (memory.estimate), from the architecture alone:
+
+        - ``reward_adapter``: the reward model's LoRA (fp32, at this run's rank; the reward run's own may differ) and
+          its score head, held for the whole run;
+        - ``generation``: while sampling, the KV cache of k x batch_size rows of (max_prompt_length + max_new_tokens)
+          tokens (keys and values, every layer) and each step's fp32 logits (the sampler's and the entropy
+          record's). Generation runs without grad before the training pass builds its graph, so only what it needs
+          beyond training's own activations and LM-head chunk adds to the peak."""
+        GB = 1024 ** 3
+        logits = 3 * cfg.rl.k * cfg.batch_size * arch.vocab * 4
+        reward = arch.lora_params(cfg.lora.r) * 4 + arch.hidden * 4
+        training = (parts.get("activations", 0) + parts.get("lm_head_chunk", 0)) * GB
+        generation = kv_cache_bytes(cfg, arch, act_bytes) + logits
+        return {"reward_adapter": reward / GB, "generation": max(0.0, generation - training) / GB}
+
+    # -- the model -------------------------------------------------------------------------------------------------
+    def setup(self, model, tokenizer, data: TaskData) -> dict:
+        facts = super().setup(model, tokenizer, data)
+        self.ref_cache = None  # reference log-probs of fresh samples are never asked for twice
+        self.attach_roles(model, tokenizer)
+        return {**facts, "reward_model": str(self.cfg.reward_model)}
 
     # -- the loss --------------------------------------------------------------------------------------------------
     def losses(self, model, prompts: list):
@@ -366,11 +416,11 @@ class RlTask(Task):
 
 def judge(task, model, prompts: list, batch_size: int, *, should_stop=None, step: int = 0,
           run_dir: Path | None = None) -> dict | None:
-    """Eval of the policy against the reference by the reward model, on held-out prompts: one completion each from
-    the policy and, with the same seed, from the reference; their mean rewards, the policy's win rate (ties count
-    half), its KL and completion length. A few go to ``samples.jsonl``. The RNG is forked and seeded, so eval neither
+    """Eval of the policy against the reference by the reward model, on held-out prompts: ``rl.k`` completions each
+    from the policy and, with the same seed, from the reference; their mean rewards, the policy's win rate over the
+    paired samples (ties count half), its KL and completion length. A few go to ``samples.jsonl``. The RNG is forked and seeded, so eval neither
     moves training's RNG nor depends on when it runs. None when ``should_stop()`` turns true between batches."""
-    cfg = task.cfg
+    cfg, k = task.cfg, task.cfg.rl.k
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     totals = {"reward": 0.0, "reward_reference": 0.0, "win_rate": 0.0, "kl": 0.0, "length": 0.0, "eos": 0.0}
     samples = []
@@ -382,7 +432,7 @@ def judge(task, model, prompts: list, batch_size: int, *, should_stop=None, step
         for name, role in (("policy", None), ("reference", reference_mode)):
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(cfg.seed * 1_000_003 + start)  # the same draws for both: a paired comparison
-                rolls[name] = task.generate(model, batch, 1, role=role)
+                rolls[name] = task.generate(model, batch, k, role=role)
         mine, theirs = task.rewards(model, rolls["policy"]), task.rewards(model, rolls["reference"])
         seqs = task.sequences(rolls["policy"])
         with autocast(cfg):
@@ -404,14 +454,14 @@ def judge(task, model, prompts: list, batch_size: int, *, should_stop=None, step
         for i, p in enumerate(batch):
             if start + i >= cfg.rl.eval_samples:
                 break
-            decode = task.tokenizer.decode
+            decode, j = task.tokenizer.decode, i * k  # each prompt's first sample
             samples.append({"step": step, "row": p.row, "prompt": p.text,
-                            "completion": decode(rolls["policy"].completions[i], skip_special_tokens=True),
-                            "reward": round(float(mine[i]), 4),
-                            "reference_completion": decode(rolls["reference"].completions[i],
+                            "completion": decode(rolls["policy"].completions[j], skip_special_tokens=True),
+                            "reward": round(float(mine[j]), 4),
+                            "reference_completion": decode(rolls["reference"].completions[j],
                                                            skip_special_tokens=True),
-                            "reference_reward": round(float(theirs[i]), 4)})
-    n = max(len(prompts), 1)
+                            "reference_reward": round(float(theirs[j]), 4)})
+    n = max(len(prompts) * k, 1)
     if run_dir is not None and samples:
         write_samples(Path(run_dir) / "samples.jsonl", samples, step)
     return {f"eval_{k}": v / n for k, v in totals.items()}
