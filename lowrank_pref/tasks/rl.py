@@ -418,8 +418,9 @@ def judge(task, model, prompts: list, batch_size: int, *, should_stop=None, step
           run_dir: Path | None = None) -> dict | None:
     """Eval of the policy against the reference by the reward model, on held-out prompts: ``rl.k`` completions each
     from the policy and, with the same seed, from the reference; their mean rewards, the policy's win rate over the
-    paired samples (ties count half), its KL and completion length. A few go to ``samples.jsonl``. The RNG is forked and seeded, so eval neither
-    moves training's RNG nor depends on when it runs. None when ``should_stop()`` turns true between batches."""
+    paired samples (ties count half), its KL and completion length. A few go to ``samples.jsonl``. The RNG is forked
+    and seeded, so eval neither moves training's RNG nor depends on when it runs. None when ``should_stop()`` turns
+    true between batches."""
     cfg, k = task.cfg, task.cfg.rl.k
     devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     totals = {"reward": 0.0, "reward_reference": 0.0, "win_rate": 0.0, "kl": 0.0, "length": 0.0, "eos": 0.0}
