@@ -399,3 +399,15 @@ def test_a_dpo_run_given_a_reward_model_is_judged_against_its_reference(rl_world
     assert 0 <= final["eval_win_rate"] <= 1 and 1 <= final["eval_length"] <= 8
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["step"] == 4 for s in samples)
+
+
+def test_rl_diagnostics_read_the_kl_and_the_win_rate():
+    from lowrank_pref.tasks.rl import RlTask
+
+    calm = [{"step": s, "kl": 2.0} for s in range(1, 5)] + [{"step": 4, "eval_win_rate": 0.7},
+                                                           {"step": 8, "eval_win_rate": 0.8}]
+    assert RlTask.diagnose(calm) == []
+    drifting = [{"step": s, "kl": 5.0 * s} for s in range(1, 6)] + [{"step": 2, "eval_win_rate": 0.4},
+                                                                   {"step": 5, "eval_win_rate": 0.3}]
+    messages = " ".join(m for _, m in RlTask.diagnose(drifting))
+    assert "25.0 nats" in messages and "Raise beta" in messages and "win rate below one half" in messages
