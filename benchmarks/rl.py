@@ -33,6 +33,11 @@ SMOL = Path("~/.cache/lowrank_pref/smollm2-135m-instruct").expanduser()
 
 
 def rss_mb() -> float:
+    """This process's peak RSS (VmHWM). Not getrusage's ru_maxrss: Linux carries that across exec from the parent,
+    which has loaded a model to make the reward adapter, so both children would report at least its peak."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
