@@ -244,8 +244,9 @@ def test_reward_model_of_another_base_is_refused_plainly(tmp_path, unseen_model_
     assert "Traceback" not in res.stderr
 
 
-def test_rl_needs_a_reward_model(tmp_path):
-    res = run_cli("--preset", "tiny-rl", "--output-dir", str(tmp_path / "rl"), env=ONE_THREAD)
+def test_rl_needs_a_reward_model(tmp_path, tiny_model_dir, pairs_file):
+    res = run_cli("--preset", "tiny-rl", "--model", str(tiny_model_dir), "--dataset", str(pairs_file), "--output-dir",
+                  str(tmp_path / "rl"), env=ONE_THREAD)
     assert res.returncode == 2 and "needs reward_model=" in res.stderr and "Traceback" not in res.stderr
 
 
