@@ -96,12 +96,47 @@ class KtoSettings:
 
 
 @dataclass
+class RlSettings:
+    """rl task (tasks/rl.py). Defaults follow the published recipes: RLOO (Ahmadian et al. 2024; TRL's RLOOTrainer)
+    and online DPO (Guo et al. 2024). The KL coefficient is the top-level ``beta``."""
+    algorithm: str = _f("rloo", "rl task: rloo (REINFORCE, leave-one-out baseline over the k samples of a prompt; no "
+                                "value model) or online_dpo (the best and worst of the k samples by the reward model "
+                                "become a DPO pair).", choices=("rloo", "online_dpo"))
+    k: int = _f(4, "rl task: completions sampled per prompt (RLOO's k; 2 to 64). More: a better baseline and more "
+                   "generation memory (k x batch_size sequences in the KV cache).", min=2, max=64)
+    temperature: float = _f(1.0, "rl task: sampling temperature of the rollouts (1.0: the policy's own distribution, "
+                                 "which the KL and the REINFORCE gradient assume).", min=0.0, min_exclusive=True,
+                            max=10.0)
+    top_p: float = _f(1.0, "rl task: nucleus sampling of the rollouts (1.0: off, as the recipes sample).", min=0.0,
+                      min_exclusive=True, max=1.0)
+    max_new_tokens: int = _f(64, "rl task: longest completion in tokens; generation stops earlier at the eos token.",
+                             min=1, max=MAX_TOKENS)
+    kl_estimator: str = _f("k1", "rl task: per-token KL estimator: k1 = log pi - log pi_ref (RLOO's, summed into the "
+                                 "reward), k3 = exp(-d) + d - 1 >= 0 (GRPO's, as a loss term).", choices=("k1", "k3"))
+    kl_in_reward: bool = _f(True, "rl task: subtract beta x the sequence's KL from its reward before the advantages "
+                                  "(RLOO paper); false adds beta x the mean per-token KL to the loss instead (GRPO).")
+    missing_eos_penalty: float | None = _f(None, "rl task: subtract this from the reward of completions cut at "
+                                                 "max_new_tokens without eos (TRL's missing_eos_penalty; 1.0 is "
+                                                 "typical when answers run on).", min=0.0, max=1e6)
+    reward_clip: float | None = _f(None, "rl task: clip rewards to [-x, x] before anything else (guards against a "
+                                         "reward model's outliers).", min=0.0, min_exclusive=True, max=1e6)
+    whiten_rewards: bool = _f(False, "rl task: whiten the rewards of each micro-batch (mean kept), so the KL term's "
+                                     "weight does not depend on the reward model's scale.")
+    normalize_advantages: bool = _f(False, "rl task: scale the advantages of each micro-batch to zero mean, unit "
+                                           "std (TRL's normalize_advantages; off in the RLOO paper).")
+    eval_samples: int = _f(4, "rl task (and runs given reward_model): held-out prompts whose completions go to "
+                              "samples.jsonl at each eval.", min=0, max=MAX_ITEMS)
+
+
+@dataclass
 class Config:
     # what to train
     task: str = _f("dpo", "; ".join(f"{name}: {about}" for name, (_, about) in TASKS.items()) + ".",
                    choices=tuple(TASKS))
     model: str = _f("builtin:tiny", "Hub id or local folder of a causal LM; builtin:tiny builds an offline toy model.")
     revision: str | None = _f(None, "Hub revision (branch, tag or commit) of the model.")
+    reward_model: str | None = _f(None, "A reward run folder (or its adapter/) on the same base: the rl task's "
+                                        "reward; for dpo, sft and kto runs it judges policy vs reference at eval.")
     adapter: str | None = _f(None, "Start from this LoRA adapter (e.g. your SFT adapter); it is also the frozen "
                                    "reference.")
     trust_remote_code: bool = _f(False, "Run model code shipped in the model repo. Off unless you trust it.")
@@ -149,9 +184,10 @@ class Config:
     lora: LoraSettings = field(default_factory=LoraSettings)
     sft: SftSettings = field(default_factory=SftSettings)
     kto: KtoSettings = field(default_factory=KtoSettings)
+    rl: RlSettings = field(default_factory=RlSettings)
     # the objective
-    beta: float = _f(0.1, "DPO / KTO temperature: higher keeps the policy closer to the reference.", min=0.0,
-                     min_exclusive=True)
+    beta: float = _f(0.1, "DPO / KTO temperature, the rl task's KL coefficient: higher keeps the policy closer to "
+                          "the reference.", min=0.0, min_exclusive=True)
     loss_type: str = _f("sigmoid", "Preference loss (dpo task). simpo and orpo need no reference pass.",
                         choices=LOSS_TYPES)
     label_smoothing: float = _f(0.0, "Assumed share of flipped labels (conservative DPO / robust DPO).", min=0.0,

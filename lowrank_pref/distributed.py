@@ -244,6 +244,10 @@ def init(cfg: Config) -> World:
                           "run on its own, into the same folder; set distributed=auto (or ddp, fsdp), or run it with "
                           "python -m lowrank_pref.run")
     mode = "ddp" if mode == "auto" else mode
+    if cfg.task == "rl" or getattr(cfg, "reward_model", None):
+        # rollouts, the reward model's judged eval and samples.jsonl are one process's work today
+        raise ConfigError(f"task={cfg.task} with a reward model runs on one process for now: start it with python -m "
+                          "lowrank_pref.run (one GPU); several processes take dpo, reward, sft and kto runs")
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
     gpu = torch.cuda.is_available()

@@ -625,8 +625,15 @@ class Shell:
     def log_eval(self, step: int, final: bool = False) -> dict:
         """Eval metrics over the held-out items, one line of metrics.jsonl and one of the log. A stop request cuts an
         eval short (not the final one): the step is complete, and is checkpointed without its eval line."""
-        metrics = evaluate(self.task, self.model, self.data.eval, self.cfg.eval_batch_size or self.cfg.batch_size,
-                           should_stop=None if final else self.stopping)
+        size, should_stop = self.cfg.eval_batch_size or self.cfg.batch_size, None if final else self.stopping
+        if hasattr(self.task, "evaluate"):  # a task with its own eval (rl: generation judged by the reward model)
+            metrics = self.task.evaluate(self.model, self.data.eval, size, should_stop=should_stop, step=step,
+                                         run_dir=self.run.path)
+        else:
+            metrics = evaluate(self.task, self.model, self.data.eval, size, should_stop=should_stop)
+            if metrics is not None and getattr(self.task, "judge", None):  # reward_model given: judged generations
+                judged = self.task.judge(self.model, size, should_stop=should_stop, step=step, run_dir=self.run.path)
+                metrics = None if judged is None else {**metrics, **judged}
         if metrics is None:
             log.info("step %d eval: skipped (stopping)", step)
             return {}

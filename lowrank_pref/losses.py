@@ -220,3 +220,109 @@ def kto_loss(policy_logps: Tensor, reference_logps: Tensor, policy_kl_logps: Ten
     losses = torch.where(desirable, desirable_weight * (1 - torch.sigmoid(beta * (logratios - z0))),
                          undesirable_weight * (1 - torch.sigmoid(beta * (z0 - logratios))))
     return losses, beta * logratios.detach(), z0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reinforcement learning against a reward model (tasks/rl.py)
+#
+# Shapes: ``(B * k,)`` for B prompts with k completions each, the k of a prompt consecutive; ``(N, T)`` per-token
+# tensors with a ``mask`` (N, T) of the completion tokens. References:
+# - RLOO, Ahmadian et al. 2024 (arXiv 2402.14740), eq. 4-5: REINFORCE with the leave-one-out baseline.
+# - KL estimators k1 and k3: Schulman, "Approximating KL divergence" (2020); k3 as GRPO (arXiv 2402.03300, eq. 4).
+# - PPO, Schulman et al. 2017 (arXiv 1707.06347), eq. 7 (clipped surrogate) and eq. 11 (GAE, arXiv 1506.02438);
+#   value clipping and whitening as in InstructGPT's recipe (Ouyang et al. 2022) and TRL's former PPOTrainer.
+
+def rloo_advantages(rewards: Tensor, k: int) -> Tensor:
+    """Leave-one-out advantages: ``A_i = r_i - mean_{j != i} r_j`` over the k completions of the same prompt.
+
+    ``rewards`` (B * k,), grouped k per prompt. Equal to ``k / (k - 1) * (r_i - mean_j r_j)``."""
+    if k < 2:
+        raise ValueError("the leave-one-out baseline needs k >= 2 completions per prompt")
+    grouped = rewards.view(-1, k)  # (B, k)
+    baseline = (grouped.sum(1, keepdim=True) - grouped) / (k - 1)
+    return (grouped - baseline).reshape(-1)
+
+
+def kl_k1(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token k1 estimate of KL(pi || pi_ref) on tokens sampled from pi: ``log pi - log pi_ref``. Unbiased, can
+    be negative per token; summed over a sequence it is that sequence's log-ratio (RLOO's KL in the reward)."""
+    return logps - ref_logps
+
+
+def kl_k3(logps: Tensor, ref_logps: Tensor) -> Tensor:
+    """Per-token k3 estimate: ``exp(log pi_ref - log pi) - (log pi_ref - log pi) - 1``, >= 0, unbiased, lower variance
+    than k1 (GRPO's KL term)."""
+    d = ref_logps - logps
+    return torch.exp(d) - d - 1
+
+
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k3": kl_k3}
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    mask = mask.to(values.dtype)
+    if dim is None:
+        return (values * mask).sum() / mask.sum().clamp(min=1)
+    return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
+
+
+def whiten(values: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """``(x - mean) / std`` over the masked entries (population variance); ``shift_mean=False`` adds the mean back
+    (reward whitening keeps the rewards' level, advantage whitening centres them). Unmasked entries come back as 0."""
+    if mask is None:
+        mask = torch.ones_like(values, dtype=torch.bool)
+    mean = masked_mean(values, mask)
+    var = masked_mean((values - mean) ** 2, mask)
+    out = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        out = out + mean
+    return out * mask.to(values.dtype)
+
+
+def reinforce_loss(logps: Tensor, advantages: Tensor) -> Tensor:
+    """REINFORCE with a baseline (RLOO eq. 5): ``-A_i * log pi(y_i | x)`` per completion, the advantage a constant.
+    ``logps`` (N,) sequence log-probs with grad; returns (N,)."""
+    return -advantages.detach() * logps
+
+
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, *, gamma: float = 1.0, lam: float = 0.95
+        ) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over the completion tokens (GAE eq. 16).
+
+    ``rewards``, ``values``, ``mask`` (N, T); the value after a row's last masked token is 0 (the episode ends).
+    ``delta_t = r_t + gamma V_{t+1} - V_t``, ``A_t = delta_t + gamma lam A_{t+1}``; returns (advantages, returns =
+    advantages + values), both (N, T) and 0 outside the mask."""
+    mask = mask.to(values.dtype)
+    values = values * mask
+    T = rewards.shape[1]
+    next_value = torch.zeros_like(values[:, 0])
+    last = torch.zeros_like(values[:, 0])
+    out = []
+    for t in reversed(range(T)):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        last = (delta + gamma * lam * last) * mask[:, t]
+        # a masked position (padding after the end) passes nothing back: the next real step sees V = 0, A = 0
+        next_value = values[:, t] * mask[:, t]
+        out.append(last)
+    advantages = torch.stack(out[::-1], dim=1)
+    return advantages, (advantages + values) * mask
+
+
+def ppo_policy_loss(logps: Tensor, old_logps: Tensor, advantages: Tensor, mask: Tensor, *, cliprange: float = 0.2
+                    ) -> tuple[Tensor, Tensor]:
+    """PPO's clipped surrogate (eq. 7), per token: ``max(-A r, -A clip(r, 1 - eps, 1 + eps))`` with ``r = exp(log pi
+    - log pi_old)``, averaged over each row's completion tokens. Returns (loss (N,), clip fraction (N,): the share of
+    tokens where the clipped term was the larger)."""
+    ratio = torch.exp(logps - old_logps)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1 - cliprange, 1 + cliprange)
+    return masked_mean(torch.max(unclipped, clipped), mask, 1), masked_mean((clipped > unclipped).float(), mask, 1)
+
+
+def ppo_value_loss(values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, *, cliprange_value: float = 0.2
+                   ) -> tuple[Tensor, Tensor]:
+    """The clipped value loss: ``0.5 max((V - R)^2, (clip(V, V_old - eps, V_old + eps) - R)^2)`` averaged over each
+    row's tokens. Returns (loss (N,), clip fraction (N,))."""
+    clipped_values = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    plain, clipped = (values - returns) ** 2, (clipped_values - returns) ** 2
+    return 0.5 * masked_mean(torch.max(plain, clipped), mask, 1), masked_mean((clipped > plain).float(), mask, 1)

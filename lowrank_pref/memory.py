@@ -197,6 +197,8 @@ def estimate(cfg, arch: Arch | None = None, *, gpu: bool = True, tokens: int | N
     parts = {"weights": a.linear_params * per_weight / GB, "embeddings": n_embed * embed_bytes / GB,
              "lora_and_optimizer": lora / GB, "activations": activations / GB, "lm_head_chunk": head / GB,
              "runtime": 0.6 if gpu else 0.3}
+    if hasattr(task, "memory_terms"):  # a task's own terms (rl: generation's KV cache, the reward adapter)
+        parts.update(task.memory_terms(cfg, a, act_bytes, parts))
     parts["total"] = sum(parts.values())
     if host:
         parts["host_offload"] = host / GB

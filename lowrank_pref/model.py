@@ -320,3 +320,119 @@ def save_adapter(model, tokenizer, path: str | os.PathLike) -> None:
 
     model.save_pretrained(str(path), selected_adapters=[POLICY], safe_serialization=True, **adapter_state(model))
     tokenizer.save_pretrained(str(path))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# More roles on the same base (the RL loop): a frozen reward adapter with its score head
+
+REWARD = "reward"
+
+
+def reward_adapter_dir(spec: str) -> Path:
+    """The adapter folder of ``reward_model=``: a reward run folder (its ``adapter/``) or an adapter folder itself.
+    Raises ModelError naming what is missing."""
+    path = Path(spec).expanduser()
+    if (path / "adapter" / "adapter_config.json").is_file():
+        path = path / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise ModelError(f"reward_model '{spec}' is neither a reward run folder (with adapter/) nor an adapter folder "
+                         "(with adapter_config.json); train one with --task reward and give its run folder")
+    return path
+
+
+def _same_base(a: str, b: str) -> bool:
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    if pa.exists() and pb.exists():
+        return pa.resolve() == pb.resolve()
+    return a.rstrip("/") == b.rstrip("/")
+
+
+def check_reward_model(cfg: Config) -> Path:
+    """The reward adapter folder of ``cfg.reward_model``, checked without loading any weights: it must be a reward
+    model (a SEQ_CLS adapter with a saved score head) trained on this run's base model. Raises ModelError."""
+    import json
+
+    path = reward_adapter_dir(cfg.reward_model)
+    meta = json.loads((path / "adapter_config.json").read_text())
+    if meta.get("task_type") != "SEQ_CLS":
+        raise ModelError(f"reward_model '{cfg.reward_model}' is a {meta.get('task_type') or 'plain'} adapter, not a "
+                         "reward model (a score head); give the folder of a --task reward run")
+    if meta.get("peft_type", "LORA") != "LORA":
+        raise ModelError(f"reward_model '{cfg.reward_model}' is a {meta.get('peft_type')} adapter; only LoRA ones load")
+    trained_on, ours = str(meta.get("base_model_name_or_path") or ""), _source(cfg)
+    if not _same_base(trained_on, ours):
+        raise ModelError(f"reward_model '{cfg.reward_model}' was trained on the base model '{trained_on}', but this "
+                         f"run's model is '{cfg.model}' ({ours}): its adapter and score head only mean something on "
+                         "the base they were trained on. Train a reward model on this base (--task reward "
+                         f"--model {cfg.model}), or set model to the reward model's base")
+    return path
+
+
+def attach_reward(model, cfg: Config) -> torch.nn.Linear:
+    """Load the reward model's LoRA weights as a second, frozen adapter ``reward`` on the policy's base (one copy of
+    the base weights) and return its score head (hidden -> 1, frozen). The policy stays the active adapter.
+
+    The new LoRA's and the head's initial weights (overwritten at once) are drawn from a fork of the global RNG: a
+    resumed run attaches the reward model after restoring the RNG from its checkpoint, and its rollouts must be the
+    uninterrupted run's."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    with torch.random.fork_rng(devices=devices):
+        return _attach_reward(model, cfg)
+
+
+def _attach_reward(model, cfg: Config) -> torch.nn.Linear:
+    import json
+
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    path = check_reward_model(cfg)
+    meta = json.loads((path / "adapter_config.json").read_text())
+    weights = load_file(str(path / "adapter_model.safetensors"))
+    score = {k: v for k, v in weights.items() if k.split(".")[-2] == "score" or ".score." in k}
+    lora = {k: v for k, v in weights.items() if k not in score}
+    if len(score) != 1:
+        raise ModelError(f"reward_model '{cfg.reward_model}' holds no single score head weight ({sorted(score)[:3]})")
+    config = LoraConfig(r=meta["r"], lora_alpha=meta["lora_alpha"], lora_dropout=0.0,
+                        target_modules=meta["target_modules"], use_rslora=meta.get("use_rslora", False),
+                        use_dora=meta.get("use_dora", False), bias="none", task_type="CAUSAL_LM",
+                        inference_mode=True)
+    with _from_pretrained_errors("reward adapter", str(path)):
+        model.add_adapter(REWARD, config)
+        result = set_peft_model_state_dict(model, lora, adapter_name=REWARD)
+    if getattr(result, "unexpected_keys", None):
+        raise ModelError(f"reward_model '{cfg.reward_model}' does not fit this model: {result.unexpected_keys[:3]}")
+    missing = [k for k in getattr(result, "missing_keys", []) if f".{REWARD}." in k]
+    if missing:
+        raise ModelError(f"reward_model '{cfg.reward_model}' lacks weights for {missing[:3]}")
+    model.set_adapter(POLICY)  # PEFT made the new adapter trainable; only the policy is
+    for name, p in model.named_parameters():
+        if f".{REWARD}." in name:
+            p.requires_grad_(False)
+    (weight,) = score.values()
+    hidden = model.get_base_model().config.get_text_config().hidden_size
+    if weight.shape != (1, hidden):
+        raise ModelError(f"reward_model '{cfg.reward_model}' has a score head of shape {tuple(weight.shape)}; this "
+                         f"model needs (1, {hidden})")
+    head = torch.nn.Linear(hidden, 1, bias=False).to(device=next(model.parameters()).device)
+    with torch.no_grad():
+        head.weight.copy_(weight.to(head.weight.dtype))
+    head.requires_grad_(False)
+    return head
+
+
+@contextlib.contextmanager
+def adapter_role(model, name: str):
+    """Another frozen role of the same base (e.g. ``reward``): that adapter active, eval mode, no grad; the policy
+    active again afterwards. Nothing is loaded or copied."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model.set_adapter(name, inference_mode=True)
+            try:
+                yield model
+            finally:
+                model.set_adapter(POLICY)
+    finally:
+        model.train(was_training)

@@ -190,7 +190,7 @@ def test_setup_handlers_fill_the_form_and_show_the_command(tmp_path):
     assert "beta=0.2" in command and "'dataset=<uploaded: mine.jsonl>'" in command and "mine.jsonl" in yaml_text
     # the form is three named rows, and the task radio offers the tasks this install has
     assert KEYS == [k for row in (setup_tab.WHAT_ROW, setup_tab.OBJECTIVE_ROW, setup_tab.SIZE_ROW) for k, _ in row]
-    assert set(TASKS) == {"sft", "dpo", "kto", "reward"}
+    assert set(TASKS) == {"sft", "dpo", "kto", "reward", "rl"}
 
 
 def test_the_form_shows_and_reads_only_the_tasks_own_fields(tmp_path):

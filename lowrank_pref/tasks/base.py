@@ -65,6 +65,9 @@ class Task:
                                   "(leave loss_type at sigmoid)")
             if cfg.rpo_alpha:
                 raise ConfigError(f"rpo_alpha applies to the dpo task only; remove it for task={cls.name}")
+        if cfg.reward_model and cls.head != "lm":
+            raise ConfigError(f"reward_model applies to the rl task and to judging dpo, sft and kto runs; remove it "
+                              f"for task={cls.name}")
 
     # -- data ------------------------------------------------------------------------------------------------------
     def prepare_rows(self, rows: list[dict], tokenizer, source: str) -> tuple[list, Any, list[dict]]:
@@ -78,6 +81,10 @@ class Task:
 
     def load_data(self, tokenizer) -> TaskData:
         """Train and eval items (a given eval set, else held-out rows) and the reports, from :meth:`prepare_rows`."""
+        if self.cfg.reward_model:  # a wrong reward model fails now, not after the model has loaded
+            from ..model import check_reward_model
+
+            check_reward_model(self.cfg)
         d = data_mod.load_task_data(self.cfg, tokenizer, self.prepare_rows, unit=self.unit)
         return TaskData(d.train, d.eval, d.report, d.eval_report, d.examples)
 
@@ -107,6 +114,10 @@ class Task:
             self.ref_cache = RefCache.for_config(self.cfg)
             log.info("reference log-probs cache: %s (%d %s known)", self.ref_cache.path, len(self.ref_cache),
                      self.unit)
+        if self.cfg.reward_model and not hasattr(self, "evaluate"):  # judge policy vs reference at each eval too
+            from .rl import Judge
+
+            self.judge = Judge(self.cfg, model, tokenizer, data.eval)
         return {}
 
     def losses(self, model, items: list) -> tuple[Any, dict, int]:

@@ -28,7 +28,10 @@ FIELD_LABELS = {"loss_type": "Loss type", "beta": "beta", "rpo_alpha": "rpo_alph
                 "kto.desirable_weight": "Desirable (thumbs-up) weight",
                 "kto.undesirable_weight": "Undesirable (thumbs-down) weight",
                 "sft.completion_only": "Loss on the answers only",
-                "center_rewards_coefficient": "Center rewards coefficient"}
+                "center_rewards_coefficient": "Center rewards coefficient",
+                "reward_model": "Reward model (a finished reward run's folder, same model)",
+                "rl.algorithm": "RL algorithm (rloo or online_dpo)", "rl.k": "Completions per prompt (k)",
+                "rl.max_new_tokens": "Max new tokens per completion"}
 
 
 def task_field_keys() -> list[str]:
@@ -51,7 +54,7 @@ SIZE_ROW = [("lora.r", "LoRA rank"), ("lora.alpha", "LoRA alpha"), ("max_length"
 KEYS = [key for row in (WHAT_ROW, OBJECTIVE_ROW, SIZE_ROW) for key, _ in row]  # the order handlers take values in
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 # The keys that name something to read; a public app takes hub ids and builtin: names in them, never server paths.
-SOURCE_KEYS = ("model", "dataset", "eval_dataset", "adapter")
+SOURCE_KEYS = ("model", "dataset", "eval_dataset", "adapter", "reward_model")
 HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?$")  # "name" or "user/name"
 BUILTIN = re.compile(r"^builtin:[a-z0-9-]+$")
 
