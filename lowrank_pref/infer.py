@@ -52,27 +52,43 @@ class Trained:
         self.model.eval()
         self.task = self.cfg.task
 
-    def _prompt_ids(self, prompt: str, raw: bool) -> torch.Tensor:
+    def _prompt_ids(self, prompt: str | list[dict], raw: bool) -> torch.Tensor:
+        """Token ids of a prompt: a user message, a conversation (a list of chat messages, the user's last), or with
+        ``raw`` the text as written. Cut from the left to max_prompt_length, as training cut prompts."""
         if raw:  # the prompt as written, for models trained on plain-text transcripts (HH-RLHF style)
-            ids = self.tokenizer(prompt, return_tensors="pt")["input_ids"]
+            text = prompt if isinstance(prompt, str) else prompt[-1]["content"]
+            ids = self.tokenizer(text, return_tensors="pt")["input_ids"]
         else:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
+            messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids[:, -self.cfg.max_prompt_length:].to(device())
 
     @torch.no_grad()
-    def generate(self, prompt: str, max_new_tokens: int = 64, raw: bool = False) -> tuple[str, str]:
-        """Greedy answers of the policy and of the reference to one user message (or a raw prompt)."""
+    def reply(self, prompt: str | list[dict], *, reference: bool = False, raw: bool = False, max_new_tokens: int = 64,
+              sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> str:
+        """One answer of the policy (or, ``reference``, of the reference) to a prompt or conversation: greedy, or
+        sampled at ``temperature`` with nucleus ``top_p`` (seeded, so one setting gives one answer)."""
         ids = self._prompt_ids(prompt, raw)
-        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=False, use_cache=True,
+        kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sample, use_cache=True,
                       pad_token_id=self.tokenizer.pad_token_id, attention_mask=torch.ones_like(ids))
-        policy = self.model.generate(input_ids=ids, **kwargs)
-        with reference_mode(self.model):
-            reference = self.model.generate(input_ids=ids, **kwargs)
-        n = ids.shape[1]
-        return (self.tokenizer.decode(policy[0, n:], skip_special_tokens=True).strip(),
-                self.tokenizer.decode(reference[0, n:], skip_special_tokens=True).strip())
+        if sample:
+            kwargs.update(temperature=temperature, top_p=top_p)
+            torch.manual_seed(seed)
+        else:  # the model's generation_config may carry sampling defaults that greedy decoding warns about
+            kwargs.update(temperature=None, top_p=None, top_k=None)
+        if reference:
+            with reference_mode(self.model):
+                out = self.model.generate(input_ids=ids, **kwargs)
+        else:
+            out = self.model.generate(input_ids=ids, **kwargs)
+        return self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+    def generate(self, prompt: str, max_new_tokens: int = 64, raw: bool = False, **sampling) -> tuple[str, str]:
+        """The answers of the policy and of the reference to one user message (or a raw prompt); greedy unless
+        ``sampling`` says ``sample=True`` (with ``temperature``, ``top_p``)."""
+        return (self.reply(prompt, raw=raw, max_new_tokens=max_new_tokens, **sampling),
+                self.reply(prompt, reference=True, raw=raw, max_new_tokens=max_new_tokens, **sampling))
 
     @torch.no_grad()
     def score(self, prompt: str, answer_a: str, answer_b: str) -> tuple[float, float]:

@@ -30,8 +30,10 @@ import torch
 from . import distributed, memory, trackers
 from .artifacts import FolderBusy, ReaderRunDir, RunDir, this_process
 from .config import Config, ConfigError, dump_yaml
+from .diagnostics import nonfinite_advice
 from .memory import available_memory_gb, choose_plan, current_memory_mb, peak_memory_mb, reset_peak_memory
-from .model import checkpointed_layers, device, load_model, load_tokenizer, save_adapter, trainable_parameters
+from .model import (checkpointed_layers, compute_dtype, device, load_model, load_tokenizer, save_adapter,
+                    trainable_parameters)
 from .tasks import task_class
 
 log = logging.getLogger("lowrank_pref")
@@ -443,7 +445,7 @@ class Shell:
         if self.world.mode == "fsdp":  # the 4-bit layers sharded over the GPUs (FSDP-QLoRA)
             distributed.shard(self.model)
         run.write_status(gradient_checkpointing=plan.checkpointing, checkpointed_layers=checkpointed_layers(self.model),
-                         checkpoint_offload=plan.offload)
+                         checkpoint_offload=plan.offload, dtype=dtype_name(cfg))  # the app's advice reads dtype
         reference = task.reference(loaded)
         if reference:
             log.info("reference: %s%s", reference, {
@@ -680,8 +682,7 @@ class Shell:
         if c["nonfinite_in_a_row"] >= self.cfg.max_nonfinite_steps:
             raise TrainingStopped(
                 f"stopped at step {step}: {c['nonfinite_in_a_row']} steps in a row had a non-finite loss "
-                "or gradient. With fp16 this is overflow: use dtype=bf16 (or fp32); otherwise lower "
-                "learning_rate or beta")
+                f"or gradient. {nonfinite_advice(dtype_name(self.cfg))}")
 
     def finish(self, last: dict) -> dict:
         """The adapter, written whole or not at all, and the final status."""
@@ -698,3 +699,9 @@ class Shell:
                          final=summary)
         log.info("done in %.0fs: adapter in %s", time.time() - self.started, run.adapter)
         return last
+
+
+def dtype_name(cfg: Config) -> str:
+    """The compute dtype this run uses, as the config spells dtypes (auto resolved on this machine)."""
+    return {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}[compute_dtype(cfg)]
+

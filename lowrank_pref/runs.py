@@ -21,6 +21,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -28,7 +30,7 @@ import threading
 import time
 from pathlib import Path
 
-from .artifacts import RunDir, process_start, run_alive
+from .artifacts import RunDir, atomic_write_text, process_start, run_alive
 from .config import Config, ConfigError, build_config, dump_yaml
 
 log = logging.getLogger("lowrank_pref.runs")
@@ -39,6 +41,7 @@ THEN_STARTED = "then.started.yaml"  # ... renamed once it has been started (the 
 OWNER = "owner"  # who started the run: owner_key() of their session, one line
 KILL_AFTER = 60.0  # seconds from Stop's SIGTERM to SIGKILL
 HUB_TOKEN_VARS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")  # a run's folder name
 
 
 class RunBusy(RuntimeError):
@@ -110,7 +113,7 @@ class RunManager:
         out = []
         for path in self.root.iterdir():
             run = RunDir(path)
-            if not path.is_dir() or not (run.status_file.exists() or run.config.exists()):
+            if path.name.startswith(".") or not path.is_dir() or not (run.status_file.exists() or run.config.exists()):
                 continue
             status = run.read_status()
             out.append({"name": path.name, "owner": owner_of(run), "state": run.state(), "step": status.get("step", 0),
@@ -126,7 +129,7 @@ class RunManager:
         """The run that is training now, if any (its process is alive)."""
         self.reap()
         for path in self.root.iterdir():
-            if path.is_dir() and RunDir(path).state() == "running":
+            if path.is_dir() and not path.name.startswith(".") and RunDir(path).state() == "running":
                 return path.name
         return None
 
@@ -178,6 +181,77 @@ class RunManager:
         threading.Thread(target=self._kill_if_alive, args=(name, status), daemon=True,
                          name=f"stop-{name}").start()
         return name
+
+    def delete(self, name: str) -> str:
+        """Remove a run and its files (checkpoints, adapter, merged model, logs). Refused while it trains, and while
+        another run starts from its adapter (that run's reference and Resume read it): delete that one first."""
+        with self._lock:
+            run = self._idle(name, "delete")
+            users = self._users_of(run)
+            if users:
+                raise ConfigError(f"run '{name}' can't be deleted: run '{users[0]}' starts from its adapter (it is "
+                                  f"that run's reference); delete '{users[0]}' first")
+            trash = self.root / f".deleting-{name}-{os.getpid()}"
+            os.rename(run.path, trash)  # at once: the run is gone from the list even if removing its files is slow
+            shutil.rmtree(trash, ignore_errors=True)
+            self._children.pop(name, None)
+            return name
+
+    def rename(self, name: str, new: str) -> str:
+        """Give a run another name (its folder's). Refused while it trains or when the name is taken. The run's own
+        configs and the runs chained to it (SFT first) are rewritten to the new folder, so Resume, Try it and a
+        queued follow-up still find its adapter."""
+        new = (new or "").strip()
+        if not RUN_NAME.match(new):
+            raise ConfigError(f"'{new[:40]}' can't name a run: use letters, digits, '.', '_' and '-' (up to 100, "
+                              "starting with a letter or digit)")
+        with self._lock:
+            run = self._idle(name, "rename")
+            if new == name:
+                return name
+            target = self.root / new
+            if target.exists():
+                raise ConfigError(f"a run named '{new}' exists already; choose another name")
+            os.rename(run.path, target)
+            old_path, new_path = str(run.path.resolve()), str(target.resolve())
+            for path in self.root.iterdir():
+                if not path.is_dir() or path.name.startswith("."):
+                    continue
+                for file in (REQUEST, "config.yaml", THEN, THEN_STARTED):
+                    f = path / file
+                    if f.is_file() and old_path in (text := f.read_text()):
+                        atomic_write_text(f, text.replace(old_path + "/", new_path + "/")
+                                          .replace(f": {old_path}\n", f": {new_path}\n"))
+                other = RunDir(path)
+                status = other.read_status()
+                links = {k: new for k in ("then_run", "after") if status.get(k) == name}
+                if links:
+                    other.write_status(**links)
+            if name in self._children:
+                self._children[new] = self._children.pop(name)
+            return new
+
+    def _idle(self, name: str, what: str) -> RunDir:
+        run = self.run_dir(name)
+        self.reap()
+        status = run.read_status()
+        if status.get("state") == "running" and run_alive(status):
+            raise ConfigError(f"run '{name}' is training: stop it before you {what} it")
+        return run
+
+    def _users_of(self, run: RunDir) -> list[str]:
+        """The runs whose config starts from this run's adapter."""
+        adapter = str(run.path.resolve() / "adapter")
+        users = []
+        for path in self.root.iterdir():
+            if path == run.path or not path.is_dir() or path.name.startswith("."):
+                continue
+            for file in (REQUEST, "config.yaml"):
+                f = path / file
+                if f.is_file() and adapter in f.read_text(errors="replace"):
+                    users.append(path.name)
+                    break
+        return users
 
     def _kill_if_alive(self, name: str, status: dict) -> None:
         """Stop's second half, on its own thread: wait up to ``kill_after`` seconds for the process to end, then kill

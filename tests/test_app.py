@@ -5,15 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 import zipfile
 from pathlib import Path
 
+import gradio as gr
 import pytest
 
 from conftest import free_port, wait_until, write_pairs
-from lowrank_pref.artifacts import RunDir
-from lowrank_pref.config import build_config, dump_yaml
+from lowrank_pref.artifacts import RunDir, process_start
+from lowrank_pref.config import ConfigError, build_config, dump_yaml
 from lowrank_pref.diagnostics import LN2, diagnose
 from lowrank_pref.run import parser, resolve
 from lowrank_pref.tasks import TASKS, task_class
@@ -126,6 +128,9 @@ def test_memory_estimate_says_whether_it_fits():
     cfg = build_config("24gb-dpo")  # an 8B model: known architecture, no download
     roomy = memory_line(cfg, {"gpu": "RTX 4090", "memory_gb": 24.0})
     assert roomy.startswith("Estimated peak memory") and " fits" in roomy
+    # each part with its unit, two decimals at most
+    part = r"[a-z ]+ \d+\.\d{1,2} [GM]B"
+    assert re.search(rf"\*\*\d+\.\d\d GB\*\* .*\. \((?:{part}, )+{part}\)$", roomy), roomy
     assert "does not fit" in memory_line(cfg, {"gpu": "GTX 1060", "memory_gb": 6.0})
 
 
@@ -185,12 +190,60 @@ def test_setup_handlers_fill_the_form_and_show_the_command(tmp_path):
     *values, estimate, command, yaml_text = setup_tab.preset_changed(app, "tiny")
     assert values == form_values(build_config("tiny")) and len(values) == len(KEYS)
     assert estimate.startswith("Estimated peak memory") and command == "python -m lowrank_pref.run --preset tiny"
-    estimate, command, yaml_text = setup_tab.settings_changed(app, "tiny", "/somewhere/mine.jsonl", False,
-                                                              *_form(beta=0.2))
+    estimate, command, yaml_text, marker = setup_tab.settings_changed(app, "tiny", "/somewhere/mine.jsonl", False,
+                                                                      *_form(beta=0.2))
     assert "beta=0.2" in command and "'dataset=<uploaded: mine.jsonl>'" in command and "mine.jsonl" in yaml_text
-    # the form is three named rows, and the task radio offers the tasks this install has
-    assert KEYS == [k for row in (setup_tab.WHAT_ROW, setup_tab.OBJECTIVE_ROW, setup_tab.SIZE_ROW) for k, _ in row]
+    # under the dataset box: the upload replaces it; and no field is marked
+    assert "uploaded file <b>mine.jsonl</b>" in marker and "<style>" not in marker
+    # the form is three named rows and the folded Advanced rows, and the task radio offers this install's tasks
+    rows = (setup_tab.WHAT_ROW, setup_tab.OBJECTIVE_ROW, setup_tab.SIZE_ROW, setup_tab.ADVANCED_ROW)
+    assert KEYS == [k for row in rows for k, _ in row]
     assert set(TASKS) == {"sft", "dpo", "kto", "reward", "rl"}
+
+
+def test_the_advanced_settings_reach_the_config_and_a_bad_one_is_named_and_marked(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    cfg = config_from_form("tiny", None, _form(**{
+        "lora.dropout": 0.1, "lora.target_modules": "q_proj, v_proj", "gradient_checkpointing": "on", "dtype": "bf16",
+        "eval_steps": 5, "save_steps": 10, "data.columns": "prompt=question, chosen=good", "eval_dataset": "x.jsonl",
+        "run_name": "mine"}))
+    assert (cfg.lora.dropout, cfg.lora.target_modules, cfg.gradient_checkpointing, cfg.dtype) == (
+        0.1, ["q_proj", "v_proj"], True, "bf16")
+    assert (cfg.eval_steps, cfg.save_steps, cfg.data.columns, cfg.eval_dataset) == (
+        5, 10, {"prompt": "question", "chosen": "good"}, "x.jsonl")
+    assert form_values(cfg)[KEYS.index("data.columns")] == "prompt=question, chosen=good"
+    assert config_from_form("tiny", None, _form(eval_steps=0, gradient_checkpointing="auto")).eval_steps is None
+    # a refused value: the estimate line says why with the field's label, and that field alone is marked
+    estimate, command, _, marker = setup_tab.settings_changed(app, "tiny", None, False, *_form(**{"lora.r": 0}))
+    assert "LoRA rank ('lora.r') must be &gt;= 1" in estimate and command == gr.update()
+    assert "#lp-field-lora-r input" in marker and marker.count("#lp-field-") == 3  # this field only
+    estimate = setup_tab.settings_changed(app, "tiny", None, False, *_form(**{"data.columns": "nope"}))[0]
+    assert "role=column" in estimate
+    with pytest.raises(UserError, match=r"Run name .*letters, digits"):
+        train_tab.start(app, "tiny", None, False, *_form(run_name="../up"))
+    # a CLI message that names a column key points at the field that takes it
+    assert setup_tab.name_fields("map yours with e.g. data.columns.chosen=<your column>") == \
+        "map yours with e.g. chosen=<your column> in Column mapping (Setup, Advanced)"
+    # presets by card size as numbers, each named once
+    names = [value for _, value in setup_tab.preset_choices()]
+    assert names.index("6gb-dpo") < names.index("12gb-dpo") and names[0] == "tiny"
+    assert all(label.count(value) == 1 for label, value in setup_tab.preset_choices())
+
+
+def test_settings_are_saved_and_loaded_as_yaml(tmp_path):
+    app = AppState(tmp_path / "runs", hw=CPU)
+    saved = setup_tab.save_settings(app, "tiny", None, *_form(beta=0.25, **{"lora.dropout": 0.2}))
+    assert Path(saved).name == setup_tab.SETTINGS_FILE
+    assert build_config(config_file=saved).beta == 0.25  # the CLI reads it as it is
+    *values, note = setup_tab.load_settings(app, "tiny", saved)
+    assert values == _form(beta=0.25, **{"lora.dropout": 0.2}) and "Loaded" in note and "Not used" not in note
+    extra = tmp_path / "more.yaml"
+    extra.write_text("beta: 0.3\nwarmup_ratio: 0.2\n")
+    *values, note = setup_tab.load_settings(app, "tiny", str(extra))
+    assert values[KEYS.index("beta")] == 0.3 and "`warmup_ratio=0.2`" in note
+    extra.write_text("lora:\n  r: 0\n")
+    with pytest.raises(ConfigError, match=r"more.yaml.*'lora.r' must be >= 1"):
+        setup_tab.load_settings(app, "tiny", str(extra))
 
 
 def test_the_form_shows_and_reads_only_the_tasks_own_fields(tmp_path):
@@ -244,7 +297,8 @@ def test_doctor_reads_the_data_as_each_task_does(tmp_path):
     app = AppState(tmp_path / "runs", hw=CPU)
     report, hist, examples = data_tab.check_data(app, "tiny-sft", None, *_form(preset="tiny-sft"))
     assert "**rows:** 240 · **usable examples:** 240" in report and "pairs" not in report
-    assert hist["title"] == "Tokens per example (prompt and answers)" and int(hist["value"]["count"].sum()) == 240
+    assert hist["title"] == "Tokens per example (prompt and answers), max_length 96"
+    assert int(hist["value"]["count"].sum()) == 240
     assert examples.count("<b>example</b>") == 3 and examples.count('class="lp-cut"') == 1  # the legend's
     # answers cut by max_length: said in sft's words, and struck through in the examples
     report, _, examples = data_tab.check_data(app, "tiny-sft", None, *_form(preset="tiny-sft", max_length=40,
@@ -266,19 +320,27 @@ def test_train_tab_plots_come_from_the_runs_task(tmp_path, monkeypatch):
     assert slots == max(len(dpo.plots), len(reward.plots))
     _fake_run(app.manager.root, "r1", "reward", [{"step": 1, "loss": 0.6, "accuracy": 0.7, "margin": 0.2}],
               state="completed", step=1, total_steps=1)
-    layout = train_tab.plot_layout(app, "r1")
+    *layout, message = train_tab.plot_layout(app, "r1", "Resuming **dpo-1** from its last checkpoint.")
     assert [u.get("title") for u in layout] == [title for title, _ in reward.plots]
+    assert message == ""  # a message about another run goes when this one is selected
+    assert train_tab.plot_layout(app, "r1", "Renamed **r0** to **r1**.")[-1] == gr.update()
+    # progress, diagnostics and log: emptied until this run's refresh (they showed the run selected before)
+    assert train_tab.run_selected(app, "r1")[-3:] == ["", "", ""]
     progress, *frames, diagnostics, log = train_tab.refresh(app, "r1")
-    assert len(frames) == slots and set(frames[1]["series"]) == {"train"}  # the reward task's accuracy plot
+    assert len(frames) == slots and set(frames[1]["series"]) == {"train", "eval"}  # the reward task's accuracy plot
+    # every series of the plot is in the frame from the first draw (the page fixes its series then): eval, without
+    # points yet, as one empty row
+    eval_rows = frames[1][frames[1]["series"] == "eval"]
+    assert len(eval_rows) == 1 and eval_rows["value"].isna().all()
     assert "completed" in progress and "train accuracy 0.70" in diagnostics
 
     # a task with fewer plots than there are slots: the rest are hidden; one with more: more slots
     monkeypatch.setattr(reward, "plots", reward.plots[:3])
-    assert [u["visible"] for u in train_tab.plot_layout(app, "r1")] == [True, True, True, False][:slots]
+    assert [u["visible"] for u in train_tab.plot_layout(app, "r1")[:-1]] == [True, True, True, False][:slots]
     monkeypatch.setattr(dpo, "plots", dpo.plots + [("Grad norm", {"grad_norm": "norm"})])
     assert train_tab.plot_slots() == len(dpo.plots) and len(train_tab.refresh(app, "r1")) == len(dpo.plots) + 3
     # nothing selected, or a folder removed under the page: every slot hidden, a plain line
-    assert not any(u["visible"] for u in train_tab.plot_layout(app, None))
+    assert not any(u["visible"] for u in train_tab.plot_layout(app, None)[:-1])
     assert train_tab.refresh(app, "gone")[-2] == "no run named 'gone' in " + str(app.manager.root)
 
 
@@ -296,12 +358,79 @@ def test_the_last_eval_in_words_and_a_run_list_that_follows_the_state(tmp_path):
             " · Log-probs: desirable <b>-256.9</b>, undesirable <b>-58.7</b>") in train_tab.refresh(app, "k1")[0]
     assert train_tab.last_eval(metrics[:1], "kto") == ""  # no eval yet: nothing said
 
-    update, shown = train_tab.relist(app, "k1", None)
-    assert shown == "k1:running" and "running" in update["choices"][0][0]
-    assert train_tab.relist(app, "k1", shown) == ({"__type__": "update"}, shown)  # nothing changed: left alone
+    # the one-point eval series are drawn: as a short dash ending at their step (a line needs two points)
+    frames = train_tab.plot_frames(metrics, "kto")
+    eval_loss = frames[0][frames[0]["series"] == "eval"]
+    assert list(eval_loss["value"]) == [0.4163, 0.4163] and eval_loss["step"].max() == 12
+    assert "📊 Eval at step 12: loss 0.4163, kl 3.102" in train_tab.refresh(app, "k1")[-2]  # eval numbers as text
+
+    update, shown, message = train_tab.relist(app, "k1", None)
+    assert shown == "k1:running" and "running" in update["choices"][0][0] and message == gr.update()
+    assert train_tab.relist(app, "k1", shown) == ({"__type__": "update"}, shown, {"__type__": "update"})
     run.write_status(state="completed")
-    update, shown = train_tab.relist(app, "k1", shown)
+    update, shown, message = train_tab.relist(app, "k1", shown)
     assert shown == "k1:completed" and "completed" in update["choices"][0][0] and update["value"] == "k1"
+    assert message == ""  # "Resuming ..." or "Started ..." is over once the run has ended
+
+
+def test_runs_are_renamed_and_deleted_with_their_files(tmp_path):
+    """Rename keeps a chain's links and adapter paths; Delete asks first, removes the folder, and refuses a run that
+    trains or whose adapter another run starts from."""
+    app = AppState(tmp_path / "runs", hw=CPU)
+    root = app.manager.root
+    first = _fake_run(root, "sft-1", "sft", [{"step": 1, "loss": 2.0}], state="completed", then_run="dpo-1")
+    then = _fake_run(root, "dpo-1", "dpo", [], state="completed", after="sft-1")
+    adapter = f"{first.path.resolve()}/adapter"
+    (then.path / "request.yaml").write_text(f"adapter: {adapter}\n")
+    message, update = train_tab.rename_run(app, "sft-1", "my-sft")
+    assert "Renamed **sft-1** to **my-sft**" in message and update["value"] == "my-sft"
+    assert not first.path.exists() and (root / "my-sft" / "metrics.jsonl").is_file()
+    assert (then.path / "request.yaml").read_text() == f"adapter: {(root / 'my-sft').resolve()}/adapter\n"
+    assert then.read_status()["after"] == "my-sft"
+    for bad in ("../x", "", "a b"):
+        with pytest.raises(ConfigError, match="can't name a run"):
+            train_tab.rename_run(app, "my-sft", bad)
+    with pytest.raises(ConfigError, match="exists already"):
+        train_tab.rename_run(app, "my-sft", "dpo-1")
+
+    with pytest.raises(ConfigError, match="run 'dpo-1' starts from its adapter"):
+        train_tab.delete_confirm(app, "my-sft")
+    message, confirm = train_tab.delete_ask(app, "dpo-1")
+    assert "Delete **dpo-1** and all its files" in message and confirm["visible"] and then.path.exists()
+    message, confirm, update = train_tab.delete_confirm(app, "dpo-1")
+    assert not then.path.exists() and not confirm["visible"] and [v for _, v in update["choices"]] == ["my-sft"]
+    _fake_run(root, "busy", "dpo", [], state="running", pid=os.getpid(), process={"pid": os.getpid(),
+              "start": process_start(os.getpid())})
+    for act in (lambda: train_tab.delete_confirm(app, "busy"), lambda: train_tab.rename_run(app, "busy", "b2")):
+        with pytest.raises(ConfigError, match="is training: stop it before"):
+            act()
+    assert (root / "busy").is_dir()
+
+
+def test_diagnostics_see_over_fitting_and_fit_their_advice_to_the_run(tmp_path):
+    """Train good and eval flat is over-fitting (the issue's run: loss 0.486, train accuracy 1.00, eval loss 0.676
+    and accuracy 0.60 throughout); NaN steps in fp32 are not fp16 overflow; a run that failed says why."""
+    train = [{"step": s, "loss": 0.69 - 0.0102 * s, "rewards/accuracies": min(1.0, 0.5 + 0.05 * s)}
+             for s in range(1, 21)]
+    evals = [{"step": s, "eval_loss": 0.676, "eval_rewards/accuracies": 0.60} for s in (5, 10, 15, 20)]
+    found = diagnose(train + evals, "dpo", 20)
+    level, text = found[0]
+    assert level == "warn" and text.startswith("Over-fitting") and "eval loss 0.676 -> 0.676" in text
+    healthy = [{"step": e["step"], "eval_loss": 0.69 - 0.0102 * e["step"], "eval_rewards/accuracies": 0.95}
+               for e in evals]
+    assert diagnose(train + healthy, "dpo", 20)[0][1].startswith("No problems seen")
+    text = train_tab.diagnostics_md(train + evals, "dpo", {"state": "completed", "total_steps": 20})
+    assert "📊 Eval at step 20: loss 0.676, rewards/accuracies 0.6" in text
+
+    nan = [{"step": 1, "loss": 0.7, "nonfinite_steps": 2}]
+    fp32 = diagnose(nan, "dpo", dtype="fp32")[0][1]
+    assert "bf16" not in fp32 and "In fp32 this is not overflow" in fp32
+    assert "set dtype to bf16" in diagnose(nan, "dpo", dtype="fp16")[0][1]
+    failed = train_tab.diagnostics_md([], "dpo", {"state": "failed", "message": "error: out of memory"})
+    assert failed.startswith("⛔ The run failed: error: out of memory") and "No metrics yet" not in failed
+    # the CLI's wording is the app's buttons here
+    assert train_tab.app_words("stopped at step 3 (checkpoint written); continue with --resume") == \
+        "stopped at step 3 (checkpoint written); press Resume to continue"
 
 
 def test_eta_reads_the_speed_of_the_runs_unit(tmp_path, monkeypatch):
@@ -313,17 +442,32 @@ def test_eta_reads_the_speed_of_the_runs_unit(tmp_path, monkeypatch):
     assert "0.5 s/step · ETA 0m 25s" in train_tab.progress_html(run, metrics, "running", "dpo")
     monkeypatch.setattr(task_class("dpo"), "unit", "examples")  # a task counted in examples: 8 / 8 per second
     assert "1 s/step · ETA 0m 50s" in train_tab.progress_html(run, metrics, "running", "dpo")
+    # one slow step (an eval, a checkpoint) does not make the ETA jump: the median of the last steps' speed
+    steady = [{"step": s, "loss": 0.5, "examples_per_second": 8.0} for s in range(1, 10)]
+    assert "ETA 0m 50s" in train_tab.progress_html(run, [*steady, {**steady[-1], "examples_per_second": 1.0}],
+                                                   "running", "dpo")
 
 
 def test_try_it_offers_what_the_runs_head_does(tmp_path):
     app = AppState(tmp_path / "runs", hw=CPU)
     _fake_run(app.manager.root, "d1", "dpo", [], state="completed")
     _fake_run(app.manager.root, "r1", "reward", [], state="completed")
-    assert [u["visible"] for u in try_tab.try_layout(app, "d1")] == [True, False]
-    assert [u["visible"] for u in try_tab.try_layout(app, "r1")] == [False, True]
-    assert [u["visible"] for u in try_tab.try_layout(app, None)] == [True, True]
-    with pytest.raises(UserError, match="dpo run that generates answers: use 'Generate'"):
+    shown = lambda name: [u["visible"] for u in try_tab.try_layout(app, name)[:2]]  # noqa: E731
+    assert shown("d1") == [True, False] and shown("r1") == [False, True] and shown(None) == [True, True]
+    # which run and adapter it uses, and the toy model's gibberish said before anyone wonders
+    note = try_tab.try_layout(app, "d1")[2]
+    assert "d1" in note and "has no adapter yet" in note
+    (app.manager.root / "d1" / "adapter").mkdir()
+    (app.manager.root / "d1" / "adapter" / "adapter_config.json").write_text("{}")
+    note = try_tab.run_note(app, "d1")
+    assert "Using run **d1** (dpo), its final adapter" in note and "toy model" in note and "gibberish" in note
+    assert try_tab.try_layout(app, "d1")[3:] == ([], [])  # the conversations start afresh for another run
+    with pytest.raises(UserError, match="dpo run that generates answers: use 'Send to both'"):
         try_tab.score(app, "d1", "q", "a", "b")
+    for bad, field in [((0, False, 0.7, 0.9), "Max new tokens"), ((64, True, float("nan"), 0.9), "Temperature"),
+                       ((64, True, 0.7, 1.5), "Top-p")]:
+        with pytest.raises(UserError, match=field):
+            try_tab.chat(app, "d1", "q", False, *bad, [], [])
     with pytest.raises(UserError, match="reward run that scores answers: use 'Score A and B'"):
         try_tab.generate(app, "r1", "q", False)
     with pytest.raises(UserError, match="select a run"):
@@ -441,7 +585,7 @@ def test_sft_and_kto_runs_through_the_handlers(tmp_path, preset, series):
         if app.manager.active():
             app.manager.stop()
             app.manager.wait(run, timeout=120)
-    layout = train_tab.plot_layout(app, run)
+    *layout, _ = train_tab.plot_layout(app, run)
     titles = [u["title"] for u in layout if u["visible"]]
     assert titles == [title for title, _ in task_class(task).plots]
     progress, *frames, diagnostics, log = train_tab.refresh(app, run)
@@ -493,7 +637,7 @@ def test_doctor_reports_an_uploaded_file(app, tmp_path):
     assert "usable pairs:** 30" in report and "rows:** 32" in report
     assert "Skipped 2 row(s)" in report and "rows 31" in report and "rows 32" in report
     assert "Thank you for asking" in examples and 'class="lp-loss"' in examples
-    assert hist["title"] == "Tokens per pair (prompt + longer answer)"  # the plot comes titled in the task's words
+    assert hist["title"] == "Tokens per pair (prompt + longer answer), max_length 96"  # in the task's words
     assert sum(row[1] for row in hist["value"]["data"]) == 30  # the histogram counts every usable pair
 
 
@@ -514,7 +658,24 @@ def test_doctor_and_start_refuse_bad_data_plainly(app, tmp_path):
         client.predict("tiny", handle_file(str(code)), *_form(), api_name="/doctor")
     with pytest.raises(AppError, match="learning_rate"):
         client.predict("tiny", None, False, *_form(learning_rate=-1.0), api_name="/start")
-    assert app[0].manager.active() is None
+    # Start refuses what Check the data refuses, in the same words: wrong columns, no usable rows
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("question,good,bad\nq,a,b\n")
+    with pytest.raises(AppError) as checked:
+        client.predict("tiny", handle_file(str(wrong)), *_form(), api_name="/doctor")
+    with pytest.raises(AppError) as started:
+        client.predict("tiny", handle_file(str(wrong)), False, *_form(), api_name="/start")
+    assert "no 'chosen' column" in str(started.value) and str(started.value) == str(checked.value)
+    assert "chosen=&lt;your column&gt; in Column mapping (Setup, Advanced)" in str(started.value)
+    same = tmp_path / "same.jsonl"
+    same.write_text(json.dumps({"prompt": "p", "chosen": "x", "rejected": "x"}) + "\n")
+    with pytest.raises(AppError, match=r"not started: No usable pairs: training would stop at once \(1 × "):
+        client.predict("tiny", handle_file(str(same)), False, *_form(), api_name="/start")
+    # and what the memory estimate says does not fit, in Setup's words
+    with pytest.raises(AppError, match=r"not started: Estimated peak memory .* does not fit: lower Batch size"):
+        client.predict("tiny", None, False, *_form(batch_size=60000, max_length=4096, max_prompt_length=64),
+                       api_name="/start")
+    assert app[0].manager.active() is None and app[0].manager.runs() == []
 
 
 def test_train_watch_stop_resume_try_and_export(app):
@@ -558,8 +719,12 @@ def test_train_watch_stop_resume_try_and_export(app):
     assert accuracy and accuracy[-1][1] >= 0.9  # the tiny task is learned, also across the stop and resume
     assert "No problems seen" in diagnostics
 
-    policy, reference = client.predict(run, "Can you tell me how to save money?", False, api_name="/generate")
-    assert policy and reference and policy != reference  # the adapter changed what the model says
+    policy, reference, box = client.predict(run, "Can you tell me how to save money?", False, 24, False, 0.7, 0.9,
+                                            [], [], api_name="/chat")
+    assert box == "" and [m["role"] for m in policy] == ["user", "assistant"] == [m["role"] for m in reference]
+    assert policy[1]["content"] != reference[1]["content"]  # the adapter changed what the model says
+    policy, _, _ = client.predict(run, "And then?", False, 8, True, 1.2, 0.8, policy, reference, api_name="/chat")
+    assert [m["role"] for m in policy] == ["user", "assistant", "user", "assistant"]  # a conversation, sampled
 
     archive = client.predict(run, api_name="/export_zip")
     names = zipfile.ZipFile(archive).namelist()

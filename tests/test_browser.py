@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, write_pairs
+from conftest import free_port, wait_until, write_pairs
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (the README's test command "
@@ -120,7 +121,7 @@ def test_sft_and_kto_in_a_browser(tmp_path):
         def use_preset(name: str, steps: int) -> None:
             page.get_by_role("tab", name="1 · Setup").click()
             page.get_by_label("Preset").click()
-            page.get_by_role("option", name=re.compile(rf"^{name} ")).click()
+            page.get_by_role("option", name=re.compile(rf"^{name}: ")).click()
             box = page.get_by_label("Max steps (0: use epochs)")
             expect(box).to_have_value("60", timeout=30_000)  # the preset's values have landed
             box.fill(str(steps))
@@ -130,10 +131,12 @@ def test_sft_and_kto_in_a_browser(tmp_path):
             page.get_by_role("tab", name="3 · Train").click()
             page.get_by_role("button", name="Start training").click()
             expect(page.get_by_text(re.compile(rf"Started \*?\*?{task}-"))).to_be_visible(timeout=30_000)
-            expect(page.locator(".lp-state")).to_have_text("completed", timeout=300_000)
+            # this run's own state (a refresh of the run selected before may land just after the switch)
+            expect(page.locator(".lp-status")).to_contain_text(re.compile(rf"^{task}-\S+ · completed"),
+                                                              timeout=300_000)
             # one eval, at the end: a line plot draws no one-point series, the progress area gives its numbers
             expect(page.locator(".lp-eval")).to_contain_text("Eval at step 12: Loss")
-            expect(page.get_by_label("Run")).to_have_value(re.compile(r"· completed ·"), timeout=30_000)
+            expect(page.get_by_label("Run", exact=True)).to_have_value(re.compile(r"· completed ·"), timeout=30_000)
             page.wait_for_timeout(2500)  # one more refresh tick draws the last points
 
         # Setup: kto's objective fields, not dpo's
@@ -190,7 +193,7 @@ def test_two_visitors_of_a_public_app(tmp_path):
         expect(a.get_by_text(re.compile(r"Started \w"))).to_be_visible(timeout=30_000)
         expect(a.locator(".lp-status")).to_contain_text(re.compile(r"running · step [1-9]"), timeout=120_000)
         run = demo.manager.active()
-        expect(a.get_by_label("Run")).to_have_value(re.compile(rf"^{run} · running"))
+        expect(a.get_by_label("Run", exact=True)).to_have_value(re.compile(rf"^{run} · running"))
         expect(a.locator(".vega-embed:visible").first).to_contain_text("train", timeout=30_000)
         a.screenshot(path=str(shots / "public-a-training.png"), full_page=True)
 
@@ -210,7 +213,7 @@ def test_two_visitors_of_a_public_app(tmp_path):
         toast = b.locator(".toast-body", has_text="no run of yours is training")
         expect(toast).to_have_css("opacity", "1", timeout=30_000)
         b.screenshot(path=str(shots / "public-b-refused.png"))
-        expect(b.get_by_label("Run")).to_have_value("")
+        expect(b.get_by_label("Run", exact=True)).to_have_value("")
         assert run not in b.content()
         first = demo.manager.run_dir(run).read_status()["step"]
         expect(a.locator(".lp-status")).not_to_contain_text(f"step {first} /", timeout=60_000)  # still training
@@ -219,7 +222,121 @@ def test_two_visitors_of_a_public_app(tmp_path):
         a.reload()  # the browser's key is in its local storage: A's run is still A's
         expect(a.get_by_text("Fine-tune an open model on one GPU")).to_be_visible(timeout=60_000)
         a.get_by_role("tab", name="3 · Train").click()
-        expect(a.get_by_label("Run")).to_have_value(re.compile(rf"^{run} · running"), timeout=30_000)
+        expect(a.get_by_label("Run", exact=True)).to_have_value(re.compile(rf"^{run} · running"), timeout=30_000)
         a.get_by_role("button", name="Stop (writes a checkpoint)").click()
         expect(a.locator(".lp-state")).to_have_text("stopped", timeout=120_000)
         a.screenshot(path=str(shots / "public-a-stopped.png"), full_page=True)
+
+
+WITHIN_COLOUR, OVER_COLOUR = "#16a34a", "#dc2626"  # the data check's histogram: within / over max_length
+
+
+def bars(plot, colour: str) -> int:
+    """Bars of this colour a plot draws (a zero count is a bar of no height: not counted)."""
+    return plot.locator(f".mark-rect path[fill='{colour}']").evaluate_all(
+        "els => els.filter(e => e.getBBox().height > 1).length")
+
+
+def test_the_page_tells_the_truth_about_the_run(tmp_path):
+    """Issue 15 in a real browser. Data: an empty upload and a file with wrong columns are refused in one plain
+    line, the previous file's report goes, and Start refuses the wrong columns in the check's words, starting
+    nothing; a second check (every pair over max_length) draws its bars. Train, on the page opened before the run:
+    a reward run's plots carry the reward titles, its eval series is drawn, and when it completes the run list and
+    the state say so and Start's message is gone. Screenshots of every tab (tab-*.png) for a person to look at."""
+    from playwright.sync_api import expect
+
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    wrong = tmp_path / "wrong.csv"
+    wrong.write_text("question,good,bad\nq,a,b\n")
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps({"prompt": f"word {i} " * 20, "chosen": "yes " * 150, "rejected": "no " * 150})
+                            + "\n" for i in range(6)))
+
+    with browser_page(tmp_path, hw={"gpu": None, "memory_gb": 16.0}) as (page, demo, shots):
+        def toast(text: str):
+            body = page.locator(".toast-body", has_text=text).last
+            expect(body).to_be_visible(timeout=60_000)
+            return body
+
+        def clear_upload() -> None:
+            clear = page.get_by_role("button", name="Clear")
+            if clear.count():
+                clear.first.click()
+                expect(page.locator("input[type=file]")).to_have_count(1, timeout=30_000)
+
+        def upload(path: Path) -> None:
+            clear_upload()
+            page.locator("input[type=file]").first.set_input_files(str(path))
+            expect(page.get_by_text(path.name).first).to_be_visible(timeout=30_000)
+
+        report = page.locator(".prose.lp-report")
+        hist = page.locator(".lp-hist .vega-embed")
+        page.get_by_role("tab", name="2 · Data").click()
+        page.get_by_role("button", name="Check the data").click()  # the bundled pairs: all within max_length
+        expect(report).to_contain_text("0 of 240 pairs are longer than max_length", timeout=60_000)
+        wait_until(lambda: bars(hist, WITHIN_COLOUR), timeout=30)
+        upload(long)  # a second check, every pair over max_length: its bars are drawn, in the "over" colour
+        page.get_by_role("button", name="Check the data").click()
+        expect(report).to_contain_text("6 of 6 pairs are longer than max_length", timeout=60_000)
+        wait_until(lambda: bars(hist, OVER_COLOUR), timeout=30)
+        assert bars(hist, WITHIN_COLOUR) == 0
+
+        upload(empty)
+        expect(report).to_have_text("")  # the last file's report went with the file
+        page.get_by_role("button", name="Check the data").click()
+        assert "internal error" not in toast("the file is empty").inner_text()
+
+        upload(wrong)
+        page.get_by_role("button", name="Check the data").click()
+        checked = toast("no 'chosen' column").inner_text().split("wrong.csv: ")[-1]
+        for close in page.locator(".toast-close").all():
+            close.click()
+        expect(page.locator(".toast-body")).to_have_count(0)
+        page.get_by_role("tab", name="3 · Train").click()
+        page.get_by_role("button", name="Start training").click()
+        assert toast("no 'chosen' column").inner_text().split("wrong.csv: ")[-1] == checked  # the check's words
+        assert demo.manager.runs() == []
+        page.get_by_role("tab", name="2 · Data").click()
+        clear_upload()  # back to the preset's data
+
+        # a reward run, watched from its start on this page
+        page.get_by_role("tab", name="1 · Setup").click()
+        page.get_by_label("Preset").click()
+        page.get_by_role("option", name=re.compile(r"^tiny-reward: ")).click()
+        steps = page.get_by_label("Max steps (0: use epochs)")
+        expect(steps).to_have_value("60", timeout=30_000)
+        steps.fill("8")
+        steps.press("Tab")
+        expect(page.get_by_label("beta")).to_be_hidden()
+        expect(page.get_by_label("Loss type")).to_be_hidden()
+        page.get_by_text("Advanced: LoRA dropout").click()
+        every = page.get_by_label("Eval every N steps (0: 4 times a run)")
+        every.fill("4")
+        every.press("Tab")
+        page.screenshot(path=str(shots / "tab-setup-reward.png"), full_page=True)
+        page.get_by_role("tab", name="3 · Train").click()
+        page.get_by_role("button", name="Start training").click()
+        message = page.get_by_text(re.compile(r"Started reward-"))
+        expect(message).to_be_visible(timeout=30_000)
+        expect(page.locator(".lp-status")).to_contain_text(re.compile(r"^reward-\S+ · completed"), timeout=300_000)
+        expect(page.get_by_label("Run", exact=True)).to_have_value(re.compile(r"· completed · step 8/8"),
+                                                                   timeout=30_000)
+        expect(message).to_be_hidden(timeout=30_000)
+        plots = page.locator(".vega-embed:visible")
+        expect(plots).to_have_count(4)
+        for i, title in enumerate(["Loss", "Accuracy", "Margin (chosen - rejected score)", "Learning rate"]):
+            expect(plots.nth(i)).to_contain_text(title)
+        expect(plots.nth(0)).to_contain_text("eval", timeout=30_000)
+        expect(plots.nth(0).locator("[aria-roledescription='line mark']")).to_have_count(2, timeout=30_000)
+        expect(page.locator(".prose.lp-diagnostics")).to_contain_text("Eval at step 8")
+        page.screenshot(path=str(shots / "tab-train-reward.png"), full_page=True)
+        page.get_by_role("tab", name="4 · Try it").click()
+        expect(page.get_by_text(re.compile(r"Using run reward-.*its final adapter"))).to_be_visible(timeout=30_000)
+        expect(page.get_by_role("button", name="Score A and B (reward model)")).to_be_visible()
+        expect(page.get_by_role("button", name="Send to both")).to_be_hidden()
+        page.screenshot(path=str(shots / "tab-try-it-reward.png"), full_page=True)
+        for tab in ("2 · Data", "5 · Export"):
+            page.get_by_role("tab", name=tab).click()
+            page.wait_for_timeout(300)  # the tab's own layout settles (no server call to wait on)
+            page.screenshot(path=str(shots / f"tab-{tab.split(' · ')[1].lower()}-reward.png"), full_page=True)

@@ -117,8 +117,9 @@ def test_public_refuses_server_paths_in_every_source(tmp_path):
         data_tab.check_data(app, "tiny", None, *_form(dataset="/etc/passwd"))
     with pytest.raises(UserError, match="^model: "):
         train_tab.start(app, "tiny", None, False, *_form(model="/some/dir"))
-    with pytest.raises(UserError, match="^model: "):
-        setup_tab.settings_changed(app, "tiny", None, False, *_form(model="/some/dir"))
+    estimate, _, _, marker = setup_tab.settings_changed(app, "tiny", None, False, *_form(model="/some/dir"))
+    assert "model: this public app reads no files on its server" in estimate and "/some/dir" not in estimate
+    assert "#lp-field-model input" in marker  # the field is marked
     assert app.manager.runs() == []
     local = write_pairs(tmp_path / "local.jsonl", n=4)
     assert config_from_form("tiny", None, _form(dataset=str(local))).dataset == str(local)  # locally: as before
@@ -150,7 +151,9 @@ def test_another_session_cannot_see_stop_zip_try_resume_or_merge_a_run(tmp_path)
         for act in (lambda a: train_tab.stop(a, "dpo-a"), lambda a: train_tab.resume(a, "dpo-a"),
                     lambda a: export_tab.export_zip(a, "dpo-a"), lambda a: export_tab.merge(a, "dpo-a"),
                     lambda a: export_tab.push(a, "dpo-a", "me/x", "hf_x"),
-                    lambda a: try_tab.generate(a, "dpo-a", "hi", False)):
+                    lambda a: try_tab.generate(a, "dpo-a", "hi", False),
+                    lambda a: train_tab.delete_confirm(a, "dpo-a"), lambda a: train_tab.delete_ask(a, "dpo-a"),
+                    lambda a: train_tab.rename_run(a, "dpo-a", "mine")):
             for other in (bob, nobody):
                 with pytest.raises(ConfigError, match="^no run named 'dpo-a'$"):
                     act(other)
@@ -384,7 +387,7 @@ def test_public_app_sessions_and_anonymous_calls(space):
     # another session's run: Gradio refuses a name its run list never offered; past that, the app says no such run
     refused = rf"no run named '{run}'|Value: {run} is not in the list of choices"
     for api, args in [("/stop", (run,)), ("/export_zip", (run,)), ("/resume", (run,)),
-                      ("/generate", (run, "hi", False))]:
+                      ("/chat", (run, "hi", False, 8, False, 0.7, 0.9, [], []))]:
         with pytest.raises(AppError, match=refused):
             client_b.predict(*args, owner=BOB, api_name=api)
     with pytest.raises(AppError, match="no run of yours is training"):

@@ -44,6 +44,8 @@ CSS = """
 .lp-loss {background: #bbf7d0}
 .lp-prompt {color: #6b7280}
 .lp-cut {text-decoration: line-through; color: #dc2626}
+.lp-bad input, .lp-bad textarea {border: 2px solid #dc2626 !important}
+.lp-group {padding: 4px 8px 0}
 """
 
 
@@ -95,8 +97,8 @@ def build_app(runs_root: str | os.PathLike | None = None, hw: dict | None = None
             create_data_tab(app, setup, upload)
         with gr.Tab("3 · Train"):
             train = create_train_tab(app, setup, upload)
-        with gr.Tab("4 · Try it"):
-            create_try_tab(app, train.run)
+        with gr.Tab("4 · Try it") as try_it:
+            create_try_tab(app, train.run, try_it)
         with gr.Tab("5 · Export"):
             create_export_tab(app, train.run)
         loaded = demo.load(issue_owner, app.owner_box, app.owner_box, api_name=False)

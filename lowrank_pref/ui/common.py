@@ -149,11 +149,11 @@ class AppState:
         return name if name and self.owns(self.manager.run_dir(name)) else None
 
     # acting on runs --------------------------------------------------------------------------------------------
-    def start(self, cfg, then=None, processes: int = 1) -> str:
+    def start(self, cfg, then=None, name: str | None = None, processes: int = 1) -> str:
         if self.public and not self.owner:
             raise UserError(NO_SESSION)
         try:
-            return self.manager.start(cfg, then=then, owner=self.owner, processes=processes)
+            return self.manager.start(cfg, name=name, then=then, owner=self.owner, processes=processes)
         except RunBusy as e:
             raise self._busy(e) from None
 
@@ -181,6 +181,11 @@ class AppState:
             return RunBusy("another visitor's run is training on this machine (one run at a time: they would share "
                            "the GPU); try again when it has ended", e.run)
         return e
+
+    def forget(self, name: str) -> None:
+        """Drop the loaded model of a run that was renamed or deleted."""
+        for key in [k for k in self._trained if k.split(":")[0] == name]:
+            del self._trained[key]
 
     def trained(self, name: str):
         from ..infer import Trained
@@ -274,7 +279,9 @@ def event(fn, app: AppState, owned: int | None = None):
         except gr.Error:
             raise
         except (ConfigError, DataError, ModelError, ExportError, RunBusy, UserError) as e:
-            text = str(e)
+            from .setup import name_fields  # setup imports this module
+
+            text = name_fields(str(e))  # the form's label beside each key the message names
         except Exception as e:  # an internal error: logged with its traceback, shown as one line
             log.exception("internal error in %s", fn.__name__)
             first = str(e).splitlines()[0] if str(e) else ""

@@ -10,6 +10,7 @@ one run into two: an SFT run on the chosen answers, then the run asked for, star
 from __future__ import annotations
 
 import hashlib
+import html
 import os
 import re
 import shutil
@@ -18,10 +19,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..config import (LOSS_TYPES, Config, apply_mapping, build_config, dump_yaml, field_help, list_presets, to_dict,
-                      validate)
+from ..config import (COLUMN_ROLES, Config, ConfigError, apply_mapping, build_config, dump_yaml,
+                      field_help, list_presets, to_dict, validate)
+from ..runs import RUN_NAME
 from ..tasks import TASKS, task_class
-from .common import AppState, UserError, clean_uploads, event
+from .common import AppState, UserError, clean_exports, clean_uploads, event
 
 # Labels of the keys tasks declare in Task.fields; a key without one is labelled by its name.
 FIELD_LABELS = {"loss_type": "Loss type", "beta": "beta", "rpo_alpha": "rpo_alpha (SFT term on chosen)",
@@ -51,7 +53,24 @@ SIZE_ROW = [("lora.r", "LoRA rank"), ("lora.alpha", "LoRA alpha"), ("max_length"
             ("max_prompt_length", "Max prompt length (tokens)"),
             ("batch_size", "Batch size (pairs or examples per micro-step)"),
             ("gradient_accumulation_steps", "Gradient accumulation steps")]
-KEYS = [key for row in (WHAT_ROW, OBJECTIVE_ROW, SIZE_ROW) for key, _ in row]  # the order handlers take values in
+# Folded away under "Advanced": what people look for once the first run works. Two entries are not config keys:
+# ``data.columns`` is the mapping as one "role=column, ..." text, ``run_name`` names the run folder.
+ADVANCED_ROWS = {
+    "LoRA": [("lora.dropout", "LoRA dropout"), ("lora.target_modules", "LoRA target modules")],
+    "Memory and precision": [("gradient_checkpointing", "Gradient checkpointing"), ("dtype", "Compute dtype")],
+    "Eval and checkpoints": [("eval_steps", "Eval every N steps (0: 4 times a run)"),
+                             ("save_steps", "Checkpoint every N steps (0: 4 times a run)")],
+    "Data": [("data.columns", "Column mapping"), ("eval_dataset", "Eval dataset (hub id or path; empty: held out)")],
+    "Run": [("run_name", "Run name (empty: <task>-<date>-<time>)")],
+}
+ADVANCED_ROW = [item for row in ADVANCED_ROWS.values() for item in row]
+KEYS = [key for row in (WHAT_ROW, OBJECTIVE_ROW, SIZE_ROW, ADVANCED_ROW) for key, _ in row]  # handlers' value order
+LABELS = {key: label for row in (WHAT_ROW, OBJECTIVE_ROW, SIZE_ROW, ADVANCED_ROW) for key, label in row}
+FORM_ONLY = ("run_name",)  # form values that are not config keys
+ZERO_IS_DEFAULT = ("max_steps", "eval_steps", "save_steps")  # number boxes where 0 means "not set" (None)
+CHECKPOINTING = {"auto": None, "on": True, "off": False}  # the gradient checkpointing choice -> its config value
+COLUMNS_HELP = ("Your column names, when they differ from the task's: role=column, comma-separated, e.g. "
+                "prompt=question, chosen=good, rejected=bad. Roles: " + ", ".join(COLUMN_ROLES) + ".")
 DATA_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 # The keys that name something to read; a public app takes hub ids and builtin: names in them, never server paths.
 SOURCE_KEYS = ("model", "dataset", "eval_dataset", "adapter", "reward_model")
@@ -88,9 +107,66 @@ def _get(cfg: Config, key: str):
     return obj
 
 
+def columns_text(columns: dict | None) -> str:
+    return ", ".join(f"{role}={column}" for role, column in (columns or {}).items())
+
+
+def parse_columns(text: str | None) -> dict:
+    """"prompt=question, chosen=good" -> {"prompt": "question", "chosen": "good"}; roles are checked by the config."""
+    out = {}
+    for part in (text or "").split(","):
+        if not part.strip():
+            continue
+        role, sep, column = part.partition("=")
+        if not sep or not role.strip() or not column.strip():
+            raise ConfigError(f"'data.columns': write each mapping as role=column (e.g. chosen=good), got "
+                              f"'{part.strip()}'")
+        out[role.strip()] = column.strip()
+    return out
+
+
+def _form_value(cfg: Config, key: str):
+    if key in FORM_ONLY:
+        return ""
+    if key == "data.columns":
+        return columns_text(cfg.data.columns)
+    value = _get(cfg, key)
+    if key in ZERO_IS_DEFAULT and value is None:
+        return 0
+    if key == "gradient_checkpointing":
+        return next(k for k, v in CHECKPOINTING.items() if v is value)
+    if key == "lora.target_modules" and isinstance(value, list):
+        return ", ".join(value)
+    if key == "eval_dataset" and value is None:
+        return ""
+    return value
+
+
 def form_values(cfg: Config) -> list:
-    """The form's values for ``cfg``, in :data:`KEYS` order (max_steps None shows as 0)."""
-    return [0 if k == "max_steps" and _get(cfg, k) is None else _get(cfg, k) for k in KEYS]
+    """The form's values for ``cfg``, in :data:`KEYS` order (None shows as 0 in the boxes where 0 means unset)."""
+    return [_form_value(cfg, k) for k in KEYS]
+
+
+def name_fields(text: str) -> str:
+    """A config message with the form's label beside each key it names: "'lora.r' must be >= 1" -> "LoRA rank
+    ('lora.r') must be >= 1", so the user finds the field (the key stays: it is what the command line takes); a
+    column mapping the message suggests (data.columns.chosen=...) is written as the Column mapping field takes it."""
+    def label(m):
+        name = LABELS.get(m.group(1))
+        return f"{name} ({m.group(0)})" if name else m.group(0)
+
+    text = re.sub(r"'([a-z_]+(?:\.[a-z_]+)*)'", label, text)
+    where = f"in {LABELS['data.columns']} (Setup, Advanced)"
+    return re.sub(r"(?<![\w.])data\.columns\.([a-z_]+)=(<[^>]*>|[^\s,;]+)", rf"\1=\2 {where}", text)
+
+
+def run_name(values: list) -> str | None:
+    """The run name typed in the form (Advanced), checked; None for the default name."""
+    name = str(dict(zip(KEYS, values)).get("run_name") or "").strip()
+    if name and not RUN_NAME.match(name):
+        raise UserError(f"{LABELS['run_name']}: use letters, digits, '.', '_' and '-' (up to 100, starting with a "
+                        f"letter or digit); got '{name[:40]}'")
+    return name or None
 
 
 def is_remote(value) -> bool:
@@ -133,10 +209,21 @@ def config_from_form(preset: str, upload: str | None, values: list, uploads_dir:
     hidden = set(task_field_keys()) - set(task_class(task).fields)
     overrides = {}
     for key, value in form.items():
-        if key in hidden:
+        if key in hidden or key in FORM_ONLY:
             continue
-        if key == "max_steps" and value in (0, None, ""):
+        if key == "data.columns":
+            columns = parse_columns(value)
+            if columns != (base.data.columns or {}):
+                overrides[key] = columns
+            continue
+        if key in ZERO_IS_DEFAULT and value in (0, None, ""):
             value = None
+        if key == "gradient_checkpointing":
+            value = CHECKPOINTING.get(value, value)
+        if key == "eval_dataset" and isinstance(value, str) and not value.strip():
+            value = None
+        if key == "lora.target_modules" and isinstance(value, str) and "," in value:
+            value = [part.strip() for part in value.split(",") if part.strip()]
         if isinstance(value, float) and value.is_integer() and isinstance(_get(base, key), int):
             value = int(value)  # number boxes send floats
         if value != _get(base, key):
@@ -243,9 +330,15 @@ def processes_of(app: AppState, values: tuple) -> tuple[list, int]:
     return list(values), 1
 
 
-def memory_line(cfg: Config, hw: dict) -> str:
-    """The memory model's verdict for these settings on this machine, with the checkpointing a run would choose
-    (memory.choose_plan) when the machine's memory is known."""
+def gb(value: float) -> str:
+    """A memory size for people: 2 decimals in GB, MB below a tenth of a GB."""
+    return f"{value:.2f} GB" if value >= 0.1 else f"{max(value * 1024, 0.1):.1f} MB"
+
+
+def memory_verdict(cfg: Config, hw: dict) -> tuple[bool | None, str]:
+    """(whether the run fits this machine: None when unknown, the line Setup shows). Start refuses what does not
+    fit with this same line. The checkpointing is what a run would choose (memory.choose_plan) when the machine's
+    memory is known."""
     from ..memory import choose_plan, plan_estimate
 
     gpu, have = bool(hw.get("gpu")), cfg.memory_limit_gb or hw.get("memory_gb")
@@ -253,18 +346,38 @@ def memory_line(cfg: Config, hw: dict) -> str:
         plan = choose_plan(cfg, have, gpu=gpu) if have else None
         est = plan_estimate(cfg, plan, gpu=gpu)
     except Exception as e:  # an unknown or unreachable model: say so, don't fail the page
-        return f"Peak memory: no estimate ({type(e).__name__}: {str(e).splitlines()[0][:120]})."
+        return None, f"Peak memory: no estimate ({type(e).__name__}: {str(e).splitlines()[0][:120]})."
     where = f"{hw['gpu']} ({hw['memory_gb']} GB)" if gpu else f"CPU RAM ({hw.get('memory_gb')} GB)"
-    more = "" if plan and plan.checkpointing else ", or turn on checkpointing"
-    verdict = "" if not have else (" fits" if est["total"] <= have * 0.95 else
-                                   f" **does not fit**: lower batch_size or max_length{more}")
+    more = "" if plan and plan.checkpointing else ", or turn on gradient checkpointing (Advanced)"
+    fits = None if not have else est["total"] <= have * 0.95
+    verdict = "" if fits is None else (" fits" if fits else
+                                       f" **does not fit**: lower Batch size or Max length{more}")
     how = f", gradient checkpointing {plan.describe()}" if plan else ""
-    parts = ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in est.items() if k != "total")
-    return f"Estimated peak memory **{est['total']} GB** on {where}{how}:{verdict}. ({parts})"
+    parts = ", ".join(f"{k.replace('_', ' ')} {gb(v)}" for k, v in est.items() if k != "total")
+    return fits, f"Estimated peak memory **{gb(est['total'])}** on {where}{how}:{verdict}. ({parts})"
+
+
+def memory_line(cfg: Config, hw: dict) -> str:
+    """The memory model's verdict for these settings on this machine (:func:`memory_verdict`)."""
+    return memory_verdict(cfg, hw)[1]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Handlers: plain values in, plain values out
+
+def preset_choices() -> list[tuple[str, str]]:
+    """The presets as the dropdown lists them: tiny ones first, then by card size as a number (6gb before 12gb),
+    each labelled once ("tiny-sft: ..." not "tiny-sft — tiny-sft: ...")."""
+    def order(name: str):
+        size = name.split("gb-")[0]
+        return (0, 0, name) if not size.isdigit() else (1, int(size), name)
+
+    out = []
+    for name, about in sorted(list_presets().items(), key=lambda item: order(item[0])):
+        about = about.removeprefix(f"{name}:").strip()
+        out.append((f"{name}: {about}" if about else name, name))
+    return out
+
 
 def preset_changed(app: AppState, preset: str) -> list:
     """A new preset fills the form: its values, then the estimate, the command and the resolved YAML."""
@@ -280,14 +393,106 @@ def task_changed(app: AppState, task: str) -> list[dict]:
     return [gr.update(visible=key in shown) for key in task_field_keys()]
 
 
-def settings_changed(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> tuple[str, str, str]:
-    """Any change in the form: the estimate, the command and the resolved YAML, for what Start would run."""
+def bad_key(text: str) -> str | None:
+    """The form key a config message is about ("key: ..." at its start, its first quoted key, or a data.columns
+    role), if the form has it."""
+    for m in re.finditer(r"^([a-z_]+(?:\.[a-z_]+)*):|'([a-z_]+(?:\.[a-z_]+)*)'|(data\.columns)\.[a-z_]+", text):
+        key = m.group(1) or m.group(2) or m.group(3)
+        for candidate in (key, key.rsplit(".", 1)[0]):
+            if candidate in LABELS:
+                return candidate
+    return None
+
+
+def field_id(key: str) -> str:
+    """The element id of a form field (the marker's CSS finds a refused field by it)."""
+    return "lp-field-" + re.sub(r"[^a-z0-9]+", "-", key)
+
+
+def marker_html(bad: str | None = None, upload: str | None = None) -> str:
+    """What settings_changed says about the fields without updating them (an update of a field the user is typing
+    in could race with the typing): a style rule that marks the refused field, and a note when an upload replaces
+    the Dataset box."""
+    parts = []
+    if bad:
+        parts.append(f"<style>#{field_id(bad)} input, #{field_id(bad)} textarea, #{field_id(bad)} .wrap "
+                     "{border: 2px solid #dc2626 !important}</style>")
+    if upload:
+        parts.append(f'<div class="lp-upload-note">Dataset: the uploaded file <b>{html.escape(Path(upload).name)}'
+                     "</b> (Data tab) is used; the Dataset box is not read.</div>")
+    return "".join(parts)
+
+
+def settings_changed(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> list:
+    """Any change in the form: the estimate, the command and the resolved YAML for what Start would run, and the
+    marker (:func:`marker_html`). A refused setting is said in the estimate's place with the field's label, and
+    the field is marked."""
     values, processes = processes_of(app, values)
-    cfg = config_from_form(preset, upload, values, public=app.public)
+    try:
+        cfg = config_from_form(preset, upload, values, public=app.public)
+        run_name(values)
+    except (ConfigError, UserError) as e:
+        key = bad_key(str(e)) or ("run_name" if str(e).startswith(LABELS["run_name"]) else None)
+        text = html.escape(app.message(name_fields(str(e))), quote=False)
+        return [f"⛔ **Not a valid setting**: {text}", gr.update(), gr.update(), marker_html(key, upload)]
     if upload:
         cfg.dataset = f"<uploaded: {Path(upload).name}>"
     command = chain_command(preset, cfg, processes) if sft_first else cli_command(preset, cfg, processes)
-    return memory_line(cfg, app.hw), command, dump_yaml(cfg)
+    return [memory_line(cfg, app.hw), command, dump_yaml(cfg), marker_html(None, upload)]
+
+
+SETTINGS_FILE = "lowrank-pref-settings.yaml"
+
+
+def save_settings(app: AppState, preset: str, upload: str | None, *values) -> str:
+    """The form's settings as one YAML file to download (the resolved config: loading it back, or giving it to
+    ``python -m lowrank_pref.run --config``, repeats them). An uploaded dataset is named by its file name."""
+    import tempfile
+
+    cfg = config_from_form(preset, None, processes_of(app, values)[0], public=app.public)
+    if upload:
+        cfg.dataset = Path(upload).name
+    cfg.output_dir = None
+    app.exports.mkdir(parents=True, exist_ok=True)
+    clean_exports(app.exports)
+    out = Path(tempfile.mkdtemp(prefix="settings-", dir=app.exports)) / SETTINGS_FILE
+    out.write_text(f"# lowrank-pref settings, from preset {preset}; run with: python -m lowrank_pref.run --config "
+                   f"{SETTINGS_FILE}\n" + dump_yaml(cfg))
+    return str(out)
+
+
+def load_settings(app: AppState, preset: str, path: str | None) -> list:
+    """A settings YAML (saved here, or written by hand) into the form, checked as a run would check it. Keys the
+    form has no field for are named: they are not used (the command line takes them)."""
+    if not path:
+        return [gr.update() for _ in KEYS] + [""]
+    name = Path(path).name
+    if Path(path).suffix.lower() not in (".yaml", ".yml"):
+        raise UserError(f"'{name}': load a .yaml settings file (the Save button writes one)")
+    try:
+        cfg = build_config(config_file=path)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace(str(path), name)) from None
+    if app.public:
+        refuse_server_paths({k: getattr(cfg, k) for k in SOURCE_KEYS}, build_config(preset))
+    base, mine = _flat(to_dict(build_config(preset))), _flat(to_dict(cfg))
+    covered = set(KEYS) | {"output_dir"}
+    unused = [k for k, v in mine.items() if v != base.get(k) and k not in covered and not k.startswith("data.columns")]
+    note = f"Loaded **{html.escape(name)}** into the form."
+    if unused:
+        note += (" Not used, the form has no field for them (the command line takes them): "
+                 + ", ".join(f"`{k}={mine[k]}`" for k in unused) + ".")
+    return [*form_values(cfg), note]
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k != "columns":
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -309,21 +514,39 @@ class SetupTab:
 
 
 def _field(key: str, label: str, cfg: Config):
-    """The input for one config key: a choice where the config has choices, a number or a text box otherwise."""
+    """The input for one form key: a choice where the config has choices, a number or a text box otherwise."""
     value = form_values(cfg)[KEYS.index(key)]
     if key == "task":
         tasks = TASKS
         about = "; ".join(f"{name}: {TASKS[name][1]}" for name in tasks)
-        return gr.Radio(tasks, label=label, info=about + ".", value=value)
+        return gr.Radio(tasks, label=label, info=about + ".", value=value, elem_id=field_id(key))
+    if key == "run_name":
+        return gr.Textbox(label=label, value=value, elem_id=field_id(key),
+                          info="The run's folder and its name in the run list; you can rename a run later in the "
+                               "Train tab.")
+    info = COLUMNS_HELP if key == "data.columns" else field_help(key)
     visible = key not in task_field_keys() or key in task_class(cfg.task).fields
-    if key == "loss_type":
-        return gr.Dropdown(list(LOSS_TYPES), label=label, info=field_help(key), value=value, visible=visible)
+    common = {"label": label, "info": info, "value": value, "visible": visible, "elem_id": field_id(key)}
+    if key == "gradient_checkpointing":
+        return gr.Dropdown(list(CHECKPOINTING), **{**common, "info": info.replace("null", "auto")})
+    choices = choices_of(key)
+    if choices:
+        return gr.Dropdown(list(choices), **common)
     if isinstance(value, bool):
-        return gr.Checkbox(label=label, info=field_help(key), value=value, visible=visible)
-    if isinstance(value, str):
-        return gr.Textbox(label=label, info=field_help(key), value=value, visible=visible)
-    return gr.Number(label=label, info=field_help(key), value=value, precision=0 if isinstance(value, int) else None,
-                     visible=visible)
+        return gr.Checkbox(**common)
+    if isinstance(value, str) or key in ("eval_dataset", "data.columns", "lora.target_modules"):
+        return gr.Textbox(**common)
+    return gr.Number(precision=0 if isinstance(value, int) else None, **common)
+
+
+def choices_of(key: str) -> tuple | None:
+    """The config's choices for a key (loss_type, dtype, ...), None for a free value."""
+    import dataclasses
+
+    from ..config import _resolve
+
+    cls, name = _resolve(key)
+    return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("choices")
 
 
 def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupTab:
@@ -331,13 +554,26 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupT
     replaces the dataset in the command shown here."""
     cfg0 = build_config(preset_name)
     with gr.Row():
-        preset = gr.Dropdown([(f"{k} — {v}", k) for k, v in list_presets().items()], value=preset_name,
-                             label="Preset", info="One per GPU size; tiny runs offline on a CPU.", scale=3)
+        preset = gr.Dropdown(preset_choices(), value=preset_name, label="Preset",
+                             info="One per GPU size; tiny runs offline on a CPU.", scale=3)
     inputs = {}
-    for row in (WHAT_ROW, OBJECTIVE_ROW, SIZE_ROW):
-        with gr.Row():
-            for key, label in row:
-                inputs[key] = _field(key, label, cfg0)
+    for title, row in (("What to train", WHAT_ROW), ("Objective and length of training", OBJECTIVE_ROW),
+                       ("Size: adapter, sequences, batch", SIZE_ROW)):
+        with gr.Group():
+            gr.Markdown(f"**{title}**", elem_classes="lp-group")
+            with gr.Row():
+                for key, label in row:
+                    inputs[key] = _field(key, label, cfg0)
+        if row is WHAT_ROW:
+            marker = gr.HTML("", elem_classes="lp-marker")
+    with gr.Accordion("Advanced: LoRA dropout and targets, checkpointing, dtype, eval and save steps, columns, eval "
+                      "data, run name", open=False):
+        for title, row in ADVANCED_ROWS.items():
+            with gr.Group():
+                gr.Markdown(f"**{title}**", elem_classes="lp-group")
+                with gr.Row():
+                    for key, label in row:
+                        inputs[key] = _field(key, label, cfg0)
     sft_first = gr.Checkbox(label="SFT first", value=False,
                             info="Train an SFT adapter on the chosen answers first, then this run from it (the SFT "
                                  "adapter is then also the frozen reference). Two runs, one after the other.")
@@ -345,7 +581,12 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupT
     all_gpus = gr.Checkbox(label=f"use all {gpus} GPUs", value=True, info="One process per GPU (torchrun), the same "
                            "steps as on one card with the batch split over them.") if gpus > 1 else None
     estimate = gr.Markdown(memory_line(cfg0, app.hw))
-    with gr.Accordion("Repeat this in a terminal", open=False):
+    with gr.Accordion("Save or load these settings; repeat them in a terminal", open=False):
+        with gr.Row():
+            save_btn = gr.Button("Save settings (YAML)")
+            saved = gr.File(label="Settings file", interactive=False)
+            load = gr.File(label="Load settings (.yaml)", file_types=[".yaml", ".yml"], type="filepath")
+        loaded = gr.Markdown()
         command = gr.Code(cli_command(preset_name, cfg0), language="shell", label="Command")
         yaml_box = gr.Code(dump_yaml(cfg0), language="yaml", label="Resolved config")
     tab = SetupTab(preset, inputs, sft_first, [estimate, command, yaml_box], all_gpus)
@@ -356,6 +597,9 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupT
     inputs["task"].change(event(task_changed, app), inputs["task"], [inputs[k] for k in task_field_keys()],
                           api_name=False, show_progress="hidden")
     for comp in [*tab.form, sft_first, upload]:
-        comp.change(event(settings_changed, app), [preset, upload, sft_first, *tab.form], tab.summary,
+        comp.change(event(settings_changed, app), [preset, upload, sft_first, *tab.form], [*tab.summary, marker],
                     api_name=False, show_progress="hidden")
+    save_btn.click(event(save_settings, app), [preset, upload, *tab.form], saved, api_name="save_settings")
+    load.upload(event(load_settings, app), [preset, load], [*(tab.inputs[k] for k in KEYS), loaded],
+                api_name="load_settings")
     return tab

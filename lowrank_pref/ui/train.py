@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import html
 import math
+import re
+import statistics
 from dataclasses import dataclass
 
 import gradio as gr
@@ -16,13 +18,20 @@ import pandas as pd
 
 from ..artifacts import RunDir
 from ..config import ConfigError, build_config
-from ..diagnostics import diagnose
+from ..diagnostics import diagnose, eval_summary
 from ..runs import tail
 from ..tasks import TASKS, task_class
 from .common import NO_SESSION, AppState, UserError, on, run_list, task_of
-from .setup import SetupTab, config_from_form, processes_of, sft_first_config
+from .setup import SetupTab, config_from_form, memory_verdict, processes_of, run_name, sft_first_config
 
 PLOTS_PER_ROW = 2
+LOG_LINES = 12  # log lines the Train tab shows
+ETA_WINDOW = 10  # logged steps the ETA's speed is the median of
+
+
+def app_words(text: str) -> str:
+    """A run's message in the app's words: the CLI's "--resume" is the Resume button here."""
+    return re.sub(r"(continue|resume) with --resume", "press Resume to continue", text).replace("--resume", "Resume")
 
 
 def plot_slots() -> int:
@@ -32,27 +41,53 @@ def plot_slots() -> int:
 
 def plot_frames(metrics: list[dict], task: str | None, slots: int | None = None) -> list[pd.DataFrame | None]:
     """One long-format frame (step, value, series) per plot of the task, then None for the unused slots; None also
-    for a plot with nothing yet. (Gradio 6 draws no lines in a plot whose first value was an empty frame, so a plot
-    starts empty, not with an empty frame.)"""
+    for a plot with nothing yet (Gradio 6 draws no lines in a plot whose first value was an empty frame).
+
+    Each frame is the whole plot, redrawn on every refresh, and names every series of the plot from its first
+    draw: the browser fixes a plot's colour domain (its series) when it first draws it and only swaps the data
+    afterwards, so a series that arrived later (the eval points of a run watched from its start) was never drawn.
+    A series without points yet gets one empty row (its value NaN, which the plot skips). A series with one point
+    (a run that evaluates only at its end) is drawn as a short dash ending at that step: a line needs two points."""
     frames = []
     for _, series in task_class(task).plots if task else []:
-        rows = [{"step": m["step"], "value": m[k], "series": name} for m in metrics for k, name in series.items()
-                if isinstance(m.get(k), (int, float))]
-        frames.append(pd.DataFrame(rows) if rows else None)
+        points = {name: [(m["step"], m[k]) for m in metrics if isinstance(m.get(k), (int, float))
+                         and math.isfinite(m[k])] for k, name in series.items()}
+        if not any(points.values()):
+            frames.append(None)
+            continue
+        steps = [step for pts in points.values() for step, _ in pts]
+        dash = max(0.5, (max(steps) - min(steps)) / 40)
+        rows = []
+        for name, pts in points.items():
+            if not pts:
+                pts = [(min(steps), float("nan"))]
+            elif len(pts) == 1:
+                pts = [(pts[0][0] - dash, pts[0][1]), pts[0]]
+            rows += [{"step": step, "value": value, "series": name} for step, value in pts]
+        frames.append(pd.DataFrame(rows))
     slots = plot_slots() if slots is None else slots
     return (frames + [None] * slots)[:slots]
 
 
-def plot_layout(app: AppState, name: str | None) -> list[dict]:
-    """For another run in the list: each slot emptied, titled with the run's task's plot or hidden. (Emptied first,
-    so each plot is drawn afresh with its own series.)"""
+def plot_layout(app: AppState, name: str | None, message: str = "") -> list[dict]:
+    """For another run in the list: each slot emptied, titled with the run's task's plot or hidden (no run, no
+    plots: empty untitled frames said nothing); then the message box, cleared when it is about another run."""
     try:
         task = task_of(app.run_dir(name)) if name else None
     except ConfigError:  # a run folder removed under the page: nothing to show
         task = None
     titles = [title for title, _ in task_class(task).plots] if task else []
-    return [gr.update(value=None, title=titles[i], visible=True) if i < len(titles) else
-            gr.update(value=None, visible=False) for i in range(plot_slots())]
+    slots = [gr.update(value=None, title=titles[i], visible=True) if i < len(titles) else
+             gr.update(value=None, visible=False) for i in range(plot_slots())]
+    about_it = bool(name) and f"**{name}**" in (message or "")
+    return [*slots, gr.update() if about_it else ""]
+
+
+def run_selected(app: AppState, name: str | None, message: str = "") -> list:
+    """Another run selected (picked, or started): :func:`plot_layout`, and the progress, diagnostics and log emptied
+    until the refresh that follows fills them with this run's; they showed the run selected before, "completed"
+    included, while the new one was starting."""
+    return [*plot_layout(app, name, message), "", "", ""]
 
 
 def speed_key(task: str | None) -> str:
@@ -68,16 +103,17 @@ def progress_html(run: RunDir, metrics: list[dict], state: str, task: str | None
     pct = 100 * step / total if total else 0
     eta = ""
     key = speed_key(task)
-    speed = [m for m in metrics if m.get(key)]
+    speed = [m[key] for m in metrics if m.get(key)][-ETA_WINDOW:]
     if state == "running" and speed and total:
         try:
             cfg = build_config(config_file=str(run.config))
-            per_step = cfg.batch_size * cfg.gradient_accumulation_steps / speed[-1][key]
+            # the median of the last steps' speed: one slow step (an eval, a checkpoint) made the ETA jump
+            per_step = cfg.batch_size * cfg.gradient_accumulation_steps / statistics.median(speed)
             left = (total - step) * per_step
             eta = f" · {per_step:.2g} s/step · ETA {int(left // 60)}m {int(left % 60):02d}s"
         except (ConfigError, OSError):
             pass  # no config.yaml yet (the run is still loading): no ETA this time
-    message = html.escape((clean or str)(status.get("message") or ""))
+    message = html.escape(app_words((clean or str)(status.get("message") or "")))
     then = status.get("then_run")
     after = f" · then <b>{html.escape(then)}</b>" if then else ""
     evals = last_eval(metrics, task)
@@ -106,9 +142,18 @@ def last_eval(metrics: list[dict], task: str | None) -> str:
     return f"Eval at step {last['step']}: {' · '.join(parts)}" if parts else ""
 
 
-def diagnostics_md(metrics: list[dict], task: str | None, total: int | None) -> str:
+def diagnostics_md(metrics: list[dict], task: str | None, status: dict, clean=None) -> str:
+    """The diagnostics in words (advice that fits the run's dtype; why a run failed), then the latest eval's
+    numbers. ``status``: the run's status.json."""
     icon = {"ok": "✅", "warn": "⚠️", "error": "⛔"}
-    return "\n\n".join(f"{icon[level]} {text}" for level, text in diagnose(metrics, task, total))
+    message = app_words((clean or str)(status.get("message") or ""))
+    found = diagnose(metrics, task, status.get("total_steps"), dtype=status.get("dtype"), state=status.get("state"),
+                     message=message)
+    lines = [f"{icon[level]} {html.escape(text, quote=False)}" for level, text in found]
+    evals = eval_summary(metrics)
+    if evals:
+        lines.append(f"📊 {evals[0].upper()}{evals[1:]}.")
+    return "\n\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -118,22 +163,32 @@ START_CHECK_ROWS = 100  # rows Start reads before it starts a run: a file that c
 
 
 def start(app: AppState, preset: str, upload: str | None, sft_first: bool, *values) -> tuple[str, dict]:
-    """Start the form's run (after an SFT run on the same data, with SFT first); refused while a run trains. The
-    data's first rows are read first (an unreadable file is said here, not in a failed run), never the whole file:
-    the run reads it, in its own process."""
-    from ..data import sample_rows
+    """Start the form's run (after an SFT run on the same data, with SFT first); refused while a run trains.
+    Start refuses what Check the data refuses, in its words: the data's first rows are read as the task reads them
+    (the whole file is the run's to read, in its own process), so a file with wrong columns or no usable rows is
+    said here, not in a failed run; and a run the memory estimate says does not fit this machine, in the Setup
+    tab's words."""
+    from .data import data_refusal
 
     if app.public and not app.owner:  # before the upload is kept
         raise UserError(NO_SESSION)
     values, processes = processes_of(app, values)
+    name = run_name(values)
+    # checked where Gradio put the upload, as Check the data reads it (so its messages name the same file), then kept
+    checked = config_from_form(preset, upload, values, public=app.public)
+    refusal = data_refusal(checked, START_CHECK_ROWS)
+    if refusal:
+        raise UserError(refusal)
+    fits, line = memory_verdict(checked, app.hw)
+    if fits is False:
+        raise UserError(f"not started: {line.replace('**', '')}")
     cfg = config_from_form(preset, upload, values, app.uploads, public=app.public)
-    sample_rows(cfg.dataset, START_CHECK_ROWS, cfg.dataset_split, cfg.trust_remote_code)
     if sft_first:
         sft = sft_first_config(preset, cfg)
-        run = app.start(sft, then=cfg, processes=processes)
+        run = app.start(sft, then=cfg, name=name, processes=processes)
         return (f"Started **{run}**: SFT on the chosen answers. The {cfg.task} run starts from its adapter when it "
                 "completes.", run_list(app, run))
-    run = app.start(cfg, processes=processes)
+    run = app.start(cfg, name=name, processes=processes)
     return f"Started **{run}**. The curves appear after the first steps.", run_list(app, run)
 
 
@@ -152,6 +207,40 @@ def resume(app: AppState, name: str | None) -> tuple[str, dict]:
     return f"Resuming **{name}** from its last checkpoint.", run_list(app, name)
 
 
+def rename_run(app: AppState, name: str | None, new: str) -> tuple[str, dict]:
+    """Rename the selected run (not while it trains; in public, only your own)."""
+    if not name:
+        raise UserError("select a run to rename")
+    app.run_dir(name)
+    new = app.manager.rename(name, new)
+    app.forget(name)
+    return f"Renamed **{name}** to **{new}**.", run_list(app, new)
+
+
+def delete_ask(app: AppState, name: str | None) -> tuple[str, dict]:
+    """Delete's first click: what would go, and the button that confirms it."""
+    if not name:
+        raise UserError("select a run to delete")
+    run = app.run_dir(name)
+    size = sum(f.stat().st_size for f in run.path.rglob("*") if f.is_file())
+    return (f"Delete **{name}** and all its files ({size / 2**20:,.1f} MB: checkpoints, adapter, logs)? This can't be "
+            "undone.", gr.update(visible=True))
+
+
+def delete_confirm(app: AppState, name: str | None) -> tuple[str, dict, dict]:
+    """Delete the run and its folder (not while it trains; in public, only your own)."""
+    if not name:
+        raise UserError("select a run to delete")
+    app.run_dir(name)
+    app.manager.delete(name)
+    app.forget(name)
+    return f"Deleted **{name}** and its files.", gr.update(visible=False), run_list(app)
+
+
+def delete_cancel() -> tuple[str, dict]:
+    return "", gr.update(visible=False)
+
+
 def refresh(app: AppState, name: str | None) -> list:
     """What the page shows of the selected run: progress, one frame per plot slot, diagnostics, the log's tail.
     Each refresh also starts a follow-up run that is due (SFT first)."""
@@ -166,8 +255,8 @@ def refresh(app: AppState, name: str | None) -> list:
     state, metrics, status = run.state(), run.read_metrics(), run.read_status()
     task = task_of(run)
     return [progress_html(run, metrics, state, task, app.message), *plot_frames(metrics, task),
-            diagnostics_md(metrics, task, status.get("total_steps")),
-            app.message(tail(run.log) or tail(run.path / "console.log"))]
+            diagnostics_md(metrics, task, {**status, "state": state}, app.message),
+            app.message(tail(run.log, LOG_LINES) or tail(run.path / "console.log", LOG_LINES))]
 
 
 def follow(app: AppState, name: str | None, followed: list) -> tuple[dict, list]:
@@ -184,19 +273,21 @@ def follow(app: AppState, name: str | None, followed: list) -> tuple[dict, list]
     return run_list(app, then), [*followed, then]
 
 
-def relist(app: AppState, name: str | None, shown: str | None) -> tuple[dict, str | None]:
+def relist(app: AppState, name: str | None, shown: str | None) -> tuple[dict, str | None, dict]:
     """Relist the runs when the selected run's state is not the one its label showed (it completed, stopped or
-    failed since), so the list does not say "running" beside a completed run. ``shown``: "name:state" as last
-    listed by this handler."""
+    failed since), so the list does not say "running" beside a completed run; a run that has ended also clears the
+    message of the button that started it ("Resuming ..."). ``shown``: "name:state" as last listed here."""
     if not name:
-        return gr.update(), shown
+        return gr.update(), shown, gr.update()
     try:
-        now = f"{name}:{app.run_dir(name).state()}"
+        state = app.run_dir(name).state()
     except ConfigError:
-        return gr.update(), shown
+        return gr.update(), shown, gr.update()
+    now = f"{name}:{state}"
     if now == shown:
-        return gr.update(), shown
-    return run_list(app, name), now
+        return gr.update(), shown, gr.update()
+    ended = shown is not None and shown.startswith(f"{name}:") and state != "running"
+    return run_list(app, name), now, "" if ended else gr.update()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -217,19 +308,27 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTa
     with gr.Row():
         run = gr.Dropdown(label="Run", choices=[], interactive=True, scale=4)
         list_btn = gr.Button("Refresh list", scale=1)
+    with gr.Accordion("Rename or delete the selected run", open=False):
+        with gr.Row():
+            new_name = gr.Textbox(label="New name", scale=3)
+            rename_btn = gr.Button("Rename", scale=1)
+            delete_btn = gr.Button("Delete…", variant="stop", scale=1)
+        with gr.Row(visible=False) as confirm_row:
+            confirm_btn = gr.Button("Yes, delete the run and its files", variant="stop")
+            cancel_btn = gr.Button("Cancel")
     message = gr.Markdown()
     progress = gr.HTML()
     plots = []
     slots = plot_slots()
-    first = build_config(setup.preset.value).task  # titles until a run is selected: the preset's task's
-    titles = [title for title, _ in task_class(first).plots]
     for row in range(math.ceil(slots / PLOTS_PER_ROW)):
         with gr.Row():
             for i in range(row * PLOTS_PER_ROW, min(slots, (row + 1) * PLOTS_PER_ROW)):
-                plots.append(gr.LinePlot(x="step", y="value", color="series", height=240,
-                                         title=titles[i] if i < len(titles) else "", visible=i < len(titles)))
-    diagnostics = gr.Markdown()
-    log_tail = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True)
+                # hidden until a run is selected (plot_layout titles and shows the run's task's plots)
+                plots.append(gr.LinePlot(x="step", y="value", color="series", height=240, visible=False))
+    diagnostics = gr.Markdown(elem_classes="lp-diagnostics")
+    # the log's last lines, in a box tall enough for them: a scrolled box showed its top, not the end
+    log_tail = gr.Textbox(label=f"Log (the last {LOG_LINES} lines; the whole log is train.log in the run's folder)",
+                          lines=LOG_LINES, max_lines=2 * LOG_LINES, autoscroll=True)
     timer = gr.Timer(2.0)
     followed = gr.State([])
     listed = gr.State(None)  # the selected run's state as the run list last showed it
@@ -240,11 +339,16 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTa
     on(stop_btn.click, stop, app, run, [message, run], api_name="stop")
     on(resume_btn.click, resume, app, run, [message, run], api_name="resume")
     on(list_btn.click, run_list, app, run, run, api_name="runs")
+    on(rename_btn.click, rename_run, app, [run, new_name], [message, run], api_name="rename")
+    on(delete_btn.click, delete_ask, app, run, [message, confirm_row], api_name=False)
+    on(confirm_btn.click, delete_confirm, app, run, [message, confirm_row, run], api_name="delete")
+    cancel_btn.click(delete_cancel, None, [message, confirm_row], api_name=False)
     shown = [progress, *plots, diagnostics, log_tail]
     hidden = {"api_name": False, "show_progress": "hidden"}
-    changed = on(run.change, plot_layout, app, run, plots, **hidden)
+    changed = on(run.change, run_selected, app, [run, message], [*plots, message, progress, diagnostics, log_tail],
+                 **hidden)
     on(changed.then, refresh, app, run, shown, **hidden)
     ticked = on(timer.tick, refresh, app, run, shown, api_name="refresh", show_progress="hidden")
     followed_up = on(ticked.then, follow, app, [run, followed], [run, followed], **hidden)
-    on(followed_up.then, relist, app, [run, listed], [run, listed], **hidden)
+    on(followed_up.then, relist, app, [run, listed], [run, listed, message], **hidden)
     return TrainTab(run, plots)
