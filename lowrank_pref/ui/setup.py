@@ -366,11 +366,13 @@ def memory_line(cfg: Config, hw: dict) -> str:
 # Handlers: plain values in, plain values out
 
 def preset_choices() -> list[tuple[str, str]]:
-    """The presets as the dropdown lists them: tiny ones first, then by card size as a number (6gb before 12gb),
-    each labelled once ("tiny-sft: ..." not "tiny-sft — tiny-sft: ...")."""
+    """The presets as the dropdown lists them: tiny ones first, then the other CPU ones (smollm2), then by card size
+    as a number (6gb before 12gb), each labelled once ("tiny-sft: ..." not "tiny-sft — tiny-sft: ...")."""
     def order(name: str):
         size = name.split("gb-")[0]
-        return (0, 0, name) if not size.isdigit() else (1, int(size), name)
+        if size.isdigit():
+            return (2, int(size), name)
+        return (0 if name.startswith("tiny") else 1, 0, name)
 
     out = []
     for name, about in sorted(list_presets().items(), key=lambda item: order(item[0])):
