@@ -168,3 +168,27 @@ def wait_until(predicate, timeout: float = 120.0, every: float = 0.2):
             return value
         time.sleep(every)
     raise AssertionError("timed out")
+
+
+def wait_for_run(manager, name: str, stall: float = 240.0) -> str:
+    """Block until the run's process ends; returns its state. Fails only when the run makes no progress (its
+    status.json step stays the same) for ``stall`` seconds: a busy machine makes a run slow, not stuck."""
+    import json
+    import subprocess
+    import time
+
+    last, since = object(), time.time()
+    while True:
+        try:
+            return manager.wait(name, timeout=2)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            status = json.loads((manager.root / name / "status.json").read_text())
+            step = (status.get("state"), status.get("step"))
+        except (OSError, ValueError):
+            step = None
+        if step != last:
+            last, since = step, time.time()
+        elif time.time() - since > stall:
+            raise AssertionError(f"run {name} made no progress for {stall:.0f} s (at {step})")

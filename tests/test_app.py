@@ -13,7 +13,7 @@ from pathlib import Path
 import gradio as gr
 import pytest
 
-from conftest import free_port, wait_until, write_pairs
+from conftest import free_port, wait_for_run, wait_until, write_pairs
 from lowrank_pref.artifacts import RunDir, process_start
 from lowrank_pref.config import ConfigError, build_config, dump_yaml
 from lowrank_pref.diagnostics import LN2, diagnose
@@ -521,14 +521,14 @@ def test_a_follow_up_starts_from_the_first_runs_adapter(tmp_path):
                           then=build_config("tiny", overrides={"max_steps": 2}))
     assert (manager.root / first / THEN).is_file() and manager.poll() == []  # queued while the first trains
     assert {r["name"]: r["then"] for r in manager.runs()} == {first: "dpo"}
-    assert manager.wait(first, timeout=240) == "completed"
+    assert wait_for_run(manager, first) == "completed"
 
     restarted = RunManager(manager.root)
     second, = restarted.poll()
     assert restarted.poll() == [] and manager.poll() == []  # started once, whoever polls
     listed = {r["name"]: r for r in restarted.runs()}
     assert listed[first]["then_run"] == second and listed[second]["after"] == first and not listed[first]["then"]
-    assert restarted.wait(second, timeout=240) == "completed"
+    assert wait_for_run(restarted, second) == "completed"
     log = (manager.root / second / "train.log").read_text()
     assert f"reference: adapter (the starting adapter {manager.root / first / 'adapter'}, frozen)" in log
 
@@ -541,13 +541,13 @@ def test_sft_first_then_dpo_from_the_sft_adapter(tmp_path):
     sft = update["value"]
     assert sft.startswith("sft-") and "SFT on the chosen answers" in message
     assert "source: chosen" in (app.manager.root / sft / "request.yaml").read_text()
-    assert app.manager.wait(sft, timeout=300) == "completed"
+    assert wait_for_run(app.manager, sft) == "completed"
     train_tab.refresh(app, sft)  # the page's refresh starts what is due
     dpo = app.manager.follow_up(sft)
     assert dpo and dpo.startswith("dpo-")
     update, _ = train_tab.follow(app, sft, [])
     assert update["value"] == dpo and {sft, dpo} <= {v for _, v in update["choices"]}
-    assert app.manager.wait(dpo, timeout=300) == "completed"
+    assert wait_for_run(app.manager, dpo) == "completed"
     log = (app.manager.root / dpo / "train.log").read_text()
     assert f"reference: adapter (the starting adapter {app.manager.root / sft / 'adapter'}, frozen)" in log
 
@@ -712,7 +712,7 @@ def test_train_watch_stop_resume_try_and_export(app):
     restarted.resume(run)
     with pytest.raises(AppError, match="is training"):  # the first app sees the resumed run too
         client.predict("tiny", None, False, *_form(), api_name="/start")
-    assert restarted.wait(run, timeout=180) == "completed"
+    assert wait_for_run(restarted, run) == "completed"
     progress, *plots, diagnostics, log = client.predict(run, api_name="/refresh")
     assert "completed" in progress and "150 / 150" in progress
     accuracy = [row for row in plots[2]["data"] if row[2] == "eval"]
@@ -744,7 +744,7 @@ def test_reward_run_scores_answers(app):
     demo, client = app
     _, update = client.predict("tiny", None, False, *_form(task="reward", max_steps=40), api_name="/start")
     run = update["value"]
-    assert demo.manager.wait(run, timeout=180) == "completed"
+    assert wait_for_run(demo.manager, run) == "completed"
     text = client.predict(run, "What is the best way to sleep better?",
                           "Happy to help! Go to bed at the same time every day. Good luck, you can do it.",
                           "That is a silly question.", api_name="/score")
