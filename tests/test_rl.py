@@ -69,6 +69,14 @@ def test_kl_estimators_by_hand_and_against_the_exact_kl():
     assert float(kl_k1(lp, lq).min()) < 0
 
 
+def test_k1_as_a_loss_term_is_refused_it_would_penalise_nothing():
+    from lowrank_pref.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"rl.kl_estimator=k3"):
+        build_config("tiny-rl", overrides={"rl.kl_in_reward": False, "rl.kl_estimator": "k1"})
+    assert build_config("tiny-rl", overrides={"rl.kl_in_reward": False, "rl.kl_estimator": "k3"}).rl.kl_estimator == "k3"
+
+
 def test_whiten_by_hand():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0])
     mask = torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool)
@@ -395,9 +403,10 @@ def test_a_dpo_run_given_a_reward_model_is_judged_against_its_reference(rl_world
                   "eval_steps=4", "save_steps=4", "rl.max_new_tokens=8", "--output-dir", str(out), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr
     final = [m for m in read_metrics(out / "metrics.jsonl") if "eval_loss" in m][-1]
-    for key in ("eval_rewards/accuracies", "eval_reward", "eval_reward_reference", "eval_win_rate", "eval_kl"):
+    for key in ("eval_rewards/accuracies", "eval_judge_reward", "eval_judge_reward_reference", "eval_judge_win_rate",
+                "eval_judge_kl"):
         assert math.isfinite(final[key]), key  # the task's own eval and the reward model's judgement, side by side
-    assert 0 <= final["eval_win_rate"] <= 1 and 1 <= final["eval_length"] <= 8
+    assert 0 <= final["eval_judge_win_rate"] <= 1 and 1 <= final["eval_judge_length"] <= 8
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
     assert samples and all(s["step"] == 4 for s in samples)
 

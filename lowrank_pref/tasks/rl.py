@@ -208,7 +208,11 @@ class RewardRoles:
                 out = model.generate(input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True,
                                      temperature=cfg.rl.temperature, top_p=cfg.rl.top_p, top_k=0,
                                      max_new_tokens=cfg.rl.max_new_tokens, eos_token_id=self.eos_id,
-                                     pad_token_id=self.pad_id, use_cache=True, logits_processor=[entropy])
+                                     pad_token_id=self.pad_id, use_cache=True, logits_processor=[entropy],
+                                     # samples from pi itself: no sampling rule of the model's generation_config
+                                     # (Qwen's repetition_penalty, ...) may reshape it (the gradient and KL assume pi)
+                                     repetition_penalty=1.0, no_repeat_ngram_size=0, min_p=0.0, typical_p=1.0,
+                                     epsilon_cutoff=0.0, eta_cutoff=0.0)
         finally:
             model.train(was_training)
         completions, ended = [], []
@@ -259,15 +263,21 @@ class Judge(RewardRoles):
         self.attach_roles(model, tokenizer)
         # the held-out rows' prompts, read again as prompts (the task's items keep tokens, not the prompt to render
         # completions after)
-        source = cfg.eval_dataset or cfg.dataset
-        split = (cfg.eval_split or "train") if cfg.eval_dataset else cfg.dataset_split
+        # the held-out rows as load_task_data chose them: a separate eval source or split, else held out of training
+        if cfg.eval_dataset or (cfg.eval_split and data_mod.has_named_splits(cfg.dataset)):
+            source, split = cfg.eval_dataset or cfg.dataset, cfg.eval_split or "train"
+        else:
+            source, split = cfg.dataset, cfg.dataset_split
         rows = data_mod.load_rows(source, split, cfg.trust_remote_code)
         prompts, _, _ = prepare_prompts(rows, tokenizer, source=source, cfg=cfg)
         wanted = {item.row for item in eval_items}
         self.prompts = [p for p in prompts if p.row in wanted]
 
     def __call__(self, model, batch_size: int, *, should_stop=None, step: int = 0, run_dir=None) -> dict | None:
-        return judge(self, model, self.prompts, batch_size, should_stop=should_stop, step=step, run_dir=run_dir)
+        """The judgement under ``eval_judge_*`` names, apart from the task's own eval metrics (kto has an eval_kl of
+        its own, its reference point)."""
+        out = judge(self, model, self.prompts, batch_size, should_stop=should_stop, step=step, run_dir=run_dir)
+        return None if out is None else {"eval_judge_" + k.removeprefix("eval_"): v for k, v in out.items()}
 
 
 class RlTask(RewardRoles, Task):
@@ -291,6 +301,11 @@ class RlTask(RewardRoles, Task):
             raise ConfigError(f"max_prompt_length ({cfg.max_prompt_length}) + rl.max_new_tokens "
                               f"({cfg.rl.max_new_tokens}) exceed max_length ({cfg.max_length}); raise max_length or "
                               "lower one of them")
+        if not cfg.rl.kl_in_reward and cfg.rl.kl_estimator == "k1":
+            # as a loss term k1's gradient is grad log pi, whose expectation under pi is zero: no penalty at all
+            raise ConfigError("rl.kl_in_reward=false with rl.kl_estimator=k1 puts no KL penalty on the policy (k1's "
+                              "gradient averages to zero under the policy's own samples); use rl.kl_estimator=k3 "
+                              "(GRPO's), or rl.kl_in_reward=true")
 
     # -- data ------------------------------------------------------------------------------------------------------
     def prepare_rows(self, rows, tokenizer, source):
