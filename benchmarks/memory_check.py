@@ -12,9 +12,12 @@ figure is what training adds to the loaded model: the RSS high-water mark (reset
 the RSS then, under a glibc that returns freed blocks to the OS (see benchmarks/bench.py), so RSS follows the live
 tensors. On a GPU (``--gpu``, when torch sees one) it is torch.cuda.max_memory_allocated instead.
 
-Data: "real" is 32 ShareGPT pairs of ../shared/data that fit max_length=512 untruncated (SmolLM2's tokenizer, its
-chat template); "short" and "long" are synthetic pairs (prompt/answer tokens 64/32 and 384/128) in the model's own
-tokenizer, so rows are the lengths the case says.
+Data: "real" is the first 8 of the 32 ShareGPT pairs of ../shared/data that fit max_length=512 untruncated
+(SmolLM2's tokenizer, its chat template): exactly the pairs a 2-step run of batch 4 takes, so the largest micro-step
+the estimate plans for is one the run makes; "short" and "long" are synthetic pairs (prompt/answer tokens 64/32 and
+384/128), so rows are the lengths the case says.
+
+    python benchmarks/memory_check.py --presets            # GPU: the dpo presets that fit the card, at full depth
 """
 
 from __future__ import annotations
@@ -207,7 +210,9 @@ def run_case(name: str, workdir: Path, gpu: bool) -> dict:
         assert ckpt < n
     else:
         overrides["gradient_checkpointing"] = ckpt
-    got = measure(model_dir, data, overrides, Path(tempfile.mkdtemp(dir=workdir)), env=None if gpu else RETURNING)
+    env = {**({} if gpu else RETURNING),  # partial: the plan of a device kind whose faster layout is off
+           **({"LOWRANK_PREF_FASTER_LAYOUT": "off"} if isinstance(ckpt, int) else {})}
+    got = measure(model_dir, data, overrides, Path(tempfile.mkdtemp(dir=workdir)), env=env)
     checkpointed = got["status"]["checkpointed_layers"]
     parts = estimate_for(model_dir, data, overrides, checkpointed, gpu)
     measured = (got["last"]["peak_memory_mb"] - got["last"]["loaded_memory_mb"]) / 1024
