@@ -102,6 +102,10 @@ def build_model(arch: str, layers: int | None, workdir: Path, tok=None, vocab: i
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = tok or AutoTokenizer.from_pretrained(SMOLLM2)
+    if len(tok) > spec["vocab_size"]:  # Mistral's 32k is smaller than SmolLM2's 49k: the bundled 768-token one
+        from lowrank_pref.tiny import build_tokenizer
+
+        tok = build_tokenizer()
     kind = spec.pop("model_type")
     config = AutoConfig.for_model(kind, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id, max_position_embeddings=4096, **spec)
@@ -362,6 +366,9 @@ def main() -> int:
         print(f"{name:30s} ckpt {r['checkpointed_layers']:>2d}  measured {r['measured_gb'] * 1024:7.0f} MB  "
               f"estimated {r['estimated_gb'] * 1024:7.0f} MB  est/measured {r['ratio']:.2f}  ({r['wall_s']:.0f} s)",
               flush=True)
+        if args.json:  # after each case, so a failing one keeps the others
+            Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(0) if gpu else "cpu",
+                                                   "results": results}, indent=1))
     ratios = [r["ratio"] for r in results]
     print(f"median est/measured {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}, "
           f"within 15%: {sum(abs(x - 1) <= 0.15 for x in ratios)}/{len(ratios)}")
