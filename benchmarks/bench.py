@@ -464,6 +464,12 @@ def main() -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("LOWRANK_PREF_CACHE", str(workdir / "cache"))
     cases = {name: CASES[name] for name in (args.cases or CASES)} if args.all or args.cases else {"this case": {}}
+    from memory_check import SMOLLM2
+
+    if not args.cases and "dpo smollm2 real" in cases and not (SMOLLM2 / "config.json").is_file():
+        print(f"(skipping 'dpo smollm2 real': no SmolLM2 at {SMOLLM2}; ../shared/tools/smollm2.py builds it)",
+              file=sys.stderr)
+        del cases["dpo smollm2 real"]
     payloads = {}
     for name, overrides in cases.items():
         case_args = argparse.Namespace(**{**vars(args), **overrides})

@@ -12,9 +12,12 @@ figure is what training adds to the loaded model: the RSS high-water mark (reset
 the RSS then, under a glibc that returns freed blocks to the OS (see benchmarks/bench.py), so RSS follows the live
 tensors. On a GPU (``--gpu``, when torch sees one) it is torch.cuda.max_memory_allocated instead.
 
-Data: "real" is 32 ShareGPT pairs of ../shared/data that fit max_length=512 untruncated (SmolLM2's tokenizer, its
-chat template); "short" and "long" are synthetic pairs (prompt/answer tokens 64/32 and 384/128) in the model's own
-tokenizer, so rows are the lengths the case says.
+Data: "real" is the first 8 of the 32 ShareGPT pairs of ../shared/data that fit max_length=512 untruncated
+(SmolLM2's tokenizer, its chat template): exactly the pairs a 2-step run of batch 4 takes, so the largest micro-step
+the estimate plans for is one the run makes; "short" and "long" are synthetic pairs (prompt/answer tokens 64/32 and
+384/128), so rows are the lengths the case says.
+
+    python benchmarks/memory_check.py --presets            # GPU: the dpo presets that fit the card, at full depth
 """
 
 from __future__ import annotations
@@ -99,6 +102,10 @@ def build_model(arch: str, layers: int | None, workdir: Path, tok=None, vocab: i
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     tok = tok or AutoTokenizer.from_pretrained(SMOLLM2)
+    if len(tok) > spec["vocab_size"]:  # Mistral's 32k is smaller than SmolLM2's 49k: the bundled 768-token one
+        from lowrank_pref.tiny import build_tokenizer
+
+        tok = build_tokenizer()
     kind = spec.pop("model_type")
     config = AutoConfig.for_model(kind, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                                   pad_token_id=tok.pad_token_id, max_position_embeddings=4096, **spec)
@@ -207,7 +214,9 @@ def run_case(name: str, workdir: Path, gpu: bool) -> dict:
         assert ckpt < n
     else:
         overrides["gradient_checkpointing"] = ckpt
-    got = measure(model_dir, data, overrides, Path(tempfile.mkdtemp(dir=workdir)), env=None if gpu else RETURNING)
+    env = {**({} if gpu else RETURNING),  # partial: the plan of a device kind whose faster layout is off
+           **({"LOWRANK_PREF_FASTER_LAYOUT": "off"} if isinstance(ckpt, int) else {})}
+    got = measure(model_dir, data, overrides, Path(tempfile.mkdtemp(dir=workdir)), env=env)
     checkpointed = got["status"]["checkpointed_layers"]
     parts = estimate_for(model_dir, data, overrides, checkpointed, gpu)
     measured = (got["last"]["peak_memory_mb"] - got["last"]["loaded_memory_mb"]) / 1024
@@ -357,6 +366,9 @@ def main() -> int:
         print(f"{name:30s} ckpt {r['checkpointed_layers']:>2d}  measured {r['measured_gb'] * 1024:7.0f} MB  "
               f"estimated {r['estimated_gb'] * 1024:7.0f} MB  est/measured {r['ratio']:.2f}  ({r['wall_s']:.0f} s)",
               flush=True)
+        if args.json:  # after each case, so a failing one keeps the others
+            Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(0) if gpu else "cpu",
+                                                   "results": results}, indent=1))
     ratios = [r["ratio"] for r in results]
     print(f"median est/measured {statistics.median(ratios):.2f}, range {min(ratios):.2f}-{max(ratios):.2f}, "
           f"within 15%: {sum(abs(x - 1) <= 0.15 for x in ratios)}/{len(ratios)}")

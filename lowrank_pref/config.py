@@ -155,9 +155,9 @@ class Config:
                            choices=("4bit", "8bit", "none"))
     dtype: str = _f("auto", "Compute dtype: auto picks bf16 where the GPU supports it, else fp16 on GPU, fp32 on CPU.",
                     choices=("auto", "bf16", "fp16", "fp32"))
-    gradient_checkpointing: bool | None = _f(None, "Recompute activations in backward: much less memory, ~30% "
-                                                   "slower. auto (null): off when the memory model says the run "
-                                                   "fits without it, else as few layers as make it fit.")
+    gradient_checkpointing: bool | None = _f(None, "Recompute activations in backward: much less memory. auto "
+                                                   "(null): the layout measured faster where both fit (GPU: off; "
+                                                   "CPU: on), else as few layers as make it fit.")
     checkpoint_offload: bool | None = _f(None, "GPU, with checkpointing: keep the checkpointed layers' inputs "
                                                "(layers x tokens x hidden x 4 bytes) in pinned host RAM, not on the "
                                                "card; a copy each way per layer and step. auto (null): on when the "

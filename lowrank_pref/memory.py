@@ -268,9 +268,29 @@ def default_plan(cfg, *, gpu: bool, why: str = "as configured") -> MemoryPlan:
 # Where both layouts fit, the faster one, by kind of device, as benchmarks/memory_check.py --layouts measured it (one
 # process, steps of the two layouts interleaved, median of each round's ratio). "off": no checkpointing (fewest
 # layers checkpointed that fit); "on": every layer but the last. See FASTER_WHY for the measurement.
-FASTER_LAYOUT = {"cpu": "off", "cuda": "off"}
-FASTER_WHY = {"cpu": "", "cuda": "no recompute: a GPU step is compute-bound, so the recompute is pure cost (not yet "
-                                  "measured here)"}
+FASTER_LAYOUT = {"cpu": "on", "cuda": "off"}
+FASTER_WHY = {
+    # SmolLM2-135M, 4 real pairs of up to 512 tokens a step, 2026-11-29: on/off 0.90, 1.64, 0.69 by round (median
+    # 0.90) on a shared 2-core machine, results-cpu-2026-11-29-layouts-smollm2.json; issue 18's whole runs agree (120 s
+    # on, 153 s off). Writing and reading back GBs of saved activations costs a CPU more than the recompute.
+    "cpu": "measured 0.90x the step time of off on this CPU, benchmarks/memory_check.py --layouts",
+    "cuda": "no recompute: a GPU step is compute-bound, so the recompute is pure cost (not yet measured here)"}
+# "on" is preferred only for runs whose activations without checkpointing reach this (the measurement had 3.4 GB);
+# smaller ones were not measured, and with little memory traffic the recompute is the larger cost
+FASTER_ON_FROM_GB = 1.0
+
+
+def faster_layout(kind: str) -> str:
+    """FASTER_LAYOUT's entry for ``kind``, or LOWRANK_PREF_FASTER_LAYOUT (on or off) where set: a machine that
+    measures otherwise (benchmarks/memory_check.py --layouts), and the tests of the other choice."""
+    value = os.environ.get("LOWRANK_PREF_FASTER_LAYOUT")
+    if value is None:
+        return FASTER_LAYOUT[kind]
+    if value not in ("on", "off"):
+        from .config import ConfigError
+
+        raise ConfigError(f"LOWRANK_PREF_FASTER_LAYOUT={value!r}: set it to on or off, or unset it")
+    return value
 
 
 def choose_plan(cfg, available_gb: float, *, gpu: bool, tokens: int | None = None,
@@ -302,7 +322,9 @@ def choose_plan(cfg, available_gb: float, *, gpu: bool, tokens: int | None = Non
         log.info("checkpoint_offload: nothing to do on the CPU (activations are in host RAM already)")
     offload_asked = bool(cfg.checkpoint_offload) and gpu
     kind = "cuda" if gpu else "cpu"
-    if cfg.gradient_checkpointing is None and not offload_asked and FASTER_LAYOUT[kind] == "on":
+    if (cfg.gradient_checkpointing is None and not offload_asked and faster_layout(kind) == "on"
+            and estimate(cfg, a, gpu=gpu, tokens=tokens, answer_tokens=answer_tokens,
+                         checkpointed_layers=0)["activations"] >= FASTER_ON_FROM_GB):
         on = need(full)
         more = "" if on <= budget else ", more than fits: lower batch_size or max_length"
         return plan(full, False, f"faster than off on this kind of device ({FASTER_WHY[kind]}); about {on:.1f} GB "

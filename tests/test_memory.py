@@ -44,7 +44,12 @@ def test_estimate_within_15_percent_of_measured_cpu_peak(small_model, tmp_path, 
     assert estimated == pytest.approx(measured, rel=0.15), (estimated * 1024, measured * 1024)
 
 
-def test_checkpointing_auto_is_off_when_it_fits_then_as_few_layers_as_fit(small_model, tmp_path):
+def test_checkpointing_auto_is_off_when_it_fits_then_as_few_layers_as_fit(small_model, tmp_path, monkeypatch):
+    """Where the faster layout of the device kind is "off" (a GPU's, see memory.FASTER_LAYOUT); where it is "on" (this
+    CPU's, measured) auto checkpoints even when the run would fit without, for runs with large activations."""
+    from lowrank_pref import memory
+
+    monkeypatch.setitem(memory.FASTER_LAYOUT, "cpu", "off")
     model_dir, data = small_model
     cfg = build_config("tiny", overrides={"model": str(model_dir), "gradient_checkpointing": "auto",
                                           "batch_size": 8, **LENGTHS})
@@ -81,20 +86,31 @@ def test_checkpointing_auto_is_off_when_it_fits_then_as_few_layers_as_fit(small_
     assert chosen(1000.0, gpu=True, c=forced).offload and not chosen(1000.0, c=forced).offload  # CPU: nothing to do
     with pytest.raises(ConfigError, match="checkpoint_offload=true .* gradient_checkpointing is false"):
         build_config("tiny", overrides={"gradient_checkpointing": "false", "checkpoint_offload": "true"})
-    # the run says what it chose, and why
+    # where checkpointing measured faster, auto takes it though the run fits without, and says why (for runs with
+    # activations as large as the measurement's; this one's are far smaller, so the threshold is lowered here)
+    monkeypatch.setitem(memory.FASTER_LAYOUT, "cpu", "on")
+    assert chosen(need(0) * 2).checkpointed == 0  # small activations: off, the measurement doesn't reach them
+    monkeypatch.setattr(memory, "FASTER_ON_FROM_GB", 0.0)
+    faster = chosen(need(0) * 2)
+    assert faster.checkpointed == 3 and "faster than off on this kind of device" in faster.why
+    assert chosen(need(0) * 2, gpu=True).checkpointed == 0  # the GPU's own entry: off where it fits
+    monkeypatch.undo()
+    # the run says what it chose, and why: the shipped choice for this CPU
     out = tmp_path / "auto"
     res = run_cli("--model", str(model_dir), "--dataset", str(data), "--max-steps", "1", "--output-dir", str(out),
                   "gradient_checkpointing=auto", "batch_size=8", *[f"{k}={v}" for k, v in LENGTHS.items()])
     assert res.returncode == 0, res.stderr
-    status = json.loads((out / "status.json").read_text())  # 24 GB of RAM here
+    status = json.loads((out / "status.json").read_text())  # 24 GB of RAM here: both layouts fit, and the
+    assert need(0) < memory.FASTER_ON_FROM_GB  # activations are too small for the CPU's preference for "on"
     assert status["gradient_checkpointing"] is False and status["checkpointed_layers"] == 0
     assert "gradient checkpointing: off (the run needs about" in (out / "train.log").read_text()
     assert os.path.isdir(out / "adapter")
 
 
 def test_partial_checkpointing_fits_a_memory_limit_and_the_estimate(small_model, tmp_path):
-    """memory_limit_gb between what 1 and 2 checkpointed layers need: the run checkpoints the first 2 of 4 layers,
-    and its measured peak is the estimate's for 2 (within 15%)."""
+    """memory_limit_gb between what 1 and 2 checkpointed layers need: where off is the faster layout (a GPU; here
+    through LOWRANK_PREF_FASTER_LAYOUT), the run checkpoints the first 2 of 4 layers, and its measured peak is the
+    estimate's for 2 (within 15%)."""
     model_dir, data = small_model
     overrides = {"batch_size": 8, "gradient_checkpointing": "auto", "lora.r": 16, "lora.alpha": 32,
                  "reference_cache": False, "data.eval_fraction": 0, **LENGTHS}
@@ -105,7 +121,8 @@ def test_partial_checkpointing_fits_a_memory_limit_and_the_estimate(small_model,
     assert parts[1]["total"] > 0.9 * limit
     out = tmp_path / "run"
     res = run_cli("--model", str(model_dir), "--dataset", str(data), "--max-steps", "3", "--output-dir", str(out),
-                  f"memory_limit_gb={limit}", *[f"{k}={v}" for k, v in overrides.items()], env=RETURNING)
+                  f"memory_limit_gb={limit}", *[f"{k}={v}" for k, v in overrides.items()],
+                  env={**RETURNING, "LOWRANK_PREF_FASTER_LAYOUT": "off"})  # this CPU's own choice: always on
     assert res.returncode == 0, res.stderr
     status = json.loads((out / "status.json").read_text())
     assert status["gradient_checkpointing"] is True and status["checkpointed_layers"] == 2
