@@ -39,11 +39,11 @@ def test_smollm2_dpo_on_sharegpt_pairs_learns_and_answers(tmp_path):
     train(cfg, tmp_path / "run")
     evals = [m for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "eval_loss" in m]
     # where it starts: the policy is the reference, so every implicit reward is 0 and the loss ln 2, and no held-out
-    # pair is won (a tie is not a win). On the 30 unseen pairs the trained adapter must win some, prefer the chosen
-    # answers on average, and have a lower loss. (Measured 2026-11-29: eval_loss 0.6845, mean margin +0.019; one
-    # pass over 64 pairs moves a 135M model a little, not far.)
+    # pair is won (a tie is not a win). On the 30 unseen pairs the trained adapter must win more than a coin would,
+    # prefer the chosen answers on average, and have a lower loss. (Measured 2026-11-29, the same in two runs:
+    # accuracy 0.60, eval_loss 0.6845, mean margin +0.019; one pass over 64 pairs moves a 135M model a little.)
     last = evals[-1]
-    assert last["eval_rewards/accuracies"] > 0.0, evals
+    assert last["eval_rewards/accuracies"] > 0.5, evals
     assert last["eval_rewards/margins"] > 0.0, evals
     assert last["eval_loss"] < math.log(2), evals
 
