@@ -294,19 +294,15 @@ def trainable_parameters(model) -> list[torch.nn.Parameter]:
 @contextlib.contextmanager
 def reference_mode(model):
     """The frozen reference: adapters off (or the frozen starting adapter), eval mode (no LoRA dropout), no grad."""
+    if REFERENCE in model.peft_config:
+        with adapter_role(model, REFERENCE):
+            yield model
+        return
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            if REFERENCE in model.peft_config:
-                model.set_adapter(REFERENCE, inference_mode=True)
-                try:
-                    yield model
-                finally:
-                    model.set_adapter(POLICY)
-            else:
-                with model.disable_adapter():
-                    yield model
+        with torch.no_grad(), model.disable_adapter():
+            yield model
     finally:
         model.train(was_training)
 
