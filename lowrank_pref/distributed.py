@@ -251,14 +251,14 @@ def init(cfg: Config) -> World:
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     local_size = int(os.environ.get("LOCAL_WORLD_SIZE", str(size)))
     gpu = torch.cuda.is_available()
+    if mode == "fsdp" and not gpu:
+        raise ConfigError("distributed=fsdp shards the 4-bit model over GPUs and needs CUDA; on this machine use "
+                          "distributed=ddp (or auto)")
     if mode == "fsdp" and cfg.reference_cache:
         # every forward through a sharded layer is a collective: a rank whose pairs are all cached would skip the
         # reference forward its peers run, and the ranks' all-gathers would no longer match
         raise ConfigError("distributed=fsdp needs reference_cache=false (a rank that finds its reference log-probs "
                           "cached would skip a forward the other ranks run)")
-    if mode == "fsdp" and not gpu:
-        raise ConfigError("distributed=fsdp shards the 4-bit model over GPUs and needs CUDA; on this machine use "
-                          "distributed=ddp (or auto)")
     if gpu and local_size > torch.cuda.device_count():
         raise ConfigError(f"{local_size} processes on this machine but {torch.cuda.device_count()} GPU(s) visible: "
                           "each process needs a GPU of its own (two on one card would share its memory and gain "

@@ -385,7 +385,10 @@ def go_template(parts: dict) -> str:
             + "{{ if and $last (ne .Role \"assistant\") }}" + parts["gen"] + "{{ end }}{{ end }}")
 
 
-def _gguf_flag(path: Path, key: str):
+def _gguf_flag(path: Path, key: str, llama_dir: Path):
+    """A boolean of the GGUF's metadata, read with the converter's own gguf-py (no gguf package needed)."""
+    if str(llama_dir / "gguf-py") not in sys.path:
+        sys.path.append(str(llama_dir / "gguf-py"))  # after site-packages: an installed gguf is taken first
     from gguf import GGUFReader
 
     field = GGUFReader(path).fields.get(key)
@@ -459,7 +462,7 @@ def gguf(adapter: str | os.PathLike, output: str | os.PathLike, *, quant: str = 
             _run([str(quantize), str(converted), str(quantized), "Q4_K_M"], "llama-quantize")
             converted = quantized
         tokenizer = AutoTokenizer.from_pretrained(merged)
-        text = modelfile(tokenizer, out, _gguf_flag(converted, "tokenizer.ggml.add_bos_token"))
+        text = modelfile(tokenizer, out, _gguf_flag(converted, "tokenizer.ggml.add_bos_token", llama_dir))
         shutil.move(str(converted), out)
     model_file = out.parent / "Modelfile"
     model_file.write_text(text)

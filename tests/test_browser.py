@@ -266,9 +266,12 @@ def test_the_page_tells_the_truth_about_the_run(tmp_path):
                 expect(page.locator("input[type=file]")).to_have_count(1, timeout=30_000)
 
         def upload(path: Path) -> None:
+            had_report = report.count() and report.first.inner_text().strip()
             clear_upload()
             page.locator("input[type=file]").first.set_input_files(str(path))
             expect(page.get_by_text(path.name).first).to_be_visible(timeout=30_000)
+            if had_report:  # the upload reached the app (its change event cleared the report): a check now reads it
+                expect(report).to_have_text(re.compile(r"^\s*$"), timeout=60_000)
 
         report = page.locator(".prose.lp-report")
         hist = page.locator(".lp-hist .vega-embed")
@@ -336,7 +339,9 @@ def test_the_page_tells_the_truth_about_the_run(tmp_path):
         expect(page.get_by_role("button", name="Score A and B (reward model)")).to_be_visible()
         expect(page.get_by_role("button", name="Send to both")).to_be_hidden()
         page.screenshot(path=str(shots / "tab-try-it-reward.png"), full_page=True)
-        for tab in ("2 · Data", "5 · Export"):
-            page.get_by_role("tab", name=tab).click()
-            page.wait_for_timeout(300)  # the tab's own layout settles (no server call to wait on)
-            page.screenshot(path=str(shots / f"tab-{tab.split(' · ')[1].lower()}-reward.png"), full_page=True)
+        page.get_by_role("tab", name="5 · Export").click()  # it names the run as it is now: completed
+        expect(page.get_by_text(re.compile(r"Exports reward-.*: reward on .*completed"))).to_be_visible(timeout=30_000)
+        page.screenshot(path=str(shots / "tab-export-reward.png"), full_page=True)
+        page.get_by_role("tab", name="2 · Data").click()
+        page.wait_for_timeout(300)  # the tab's own layout settles (no server call to wait on)
+        page.screenshot(path=str(shots / "tab-data-reward.png"), full_page=True)

@@ -313,9 +313,9 @@ def test_the_app_offers_all_gpus_and_starts_the_run_through_the_launcher(tmp_pat
     monkeypatch.setattr(runs, "launcher", lambda n: [sys.executable, str(recorder), str(calls), f"--nproc={n}"])
     app = AppState(tmp_path / "runs", hw={"gpu": "card", "memory_gb": 24.0, "gpus": 2})
     values = form_values(build_config("tiny"))
-    _, command, _ = settings_changed(app, "tiny", None, False, *values, True)
+    _, command, _, _ = settings_changed(app, "tiny", None, False, *values, True)
     assert command.startswith("torchrun --nproc-per-node 2 -m lowrank_pref.run --preset tiny")
-    _, plain, _ = settings_changed(app, "tiny", None, False, *values, False)
+    _, plain, _, _ = settings_changed(app, "tiny", None, False, *values, False)
     assert plain.startswith("python -m lowrank_pref.run --preset tiny")
     start(app, "tiny", None, False, *values, True)
     (argv,) = [json.loads(line) for line in wait_until(lambda: calls.exists() and calls.read_text()).splitlines()]

@@ -99,8 +99,8 @@ def build_app(runs_root: str | os.PathLike | None = None, hw: dict | None = None
             train = create_train_tab(app, setup, upload)
         with gr.Tab("4 · Try it") as try_it:
             create_try_tab(app, train.run, try_it)
-        with gr.Tab("5 · Export"):
-            create_export_tab(app, train.run)
+        with gr.Tab("5 · Export") as export_tab:
+            create_export_tab(app, train.run, export_tab)
         loaded = demo.load(issue_owner, app.owner_box, app.owner_box, api_name=False)
         on(loaded.then, run_list, app, None, train.run, api_name=False)
     demo.manager = app.manager  # for scripts and tests

@@ -128,8 +128,9 @@ def push(app: AppState, name: str | None, repo_id: str, token: str) -> str:
         return f"Pushed to {push_adapter(folder, repo_id, token)}"
 
 
-def create_export_tab(app: AppState, run: gr.Dropdown) -> None:
-    """Build the Export tab inside the current ``gr.Tab``; it acts on the run selected in the Train tab."""
+def create_export_tab(app: AppState, run: gr.Dropdown, tab: gr.Tab | None = None) -> None:
+    """Build the Export tab inside the current ``gr.Tab`` (``tab``: it, so the line naming the run is read again when
+    it is opened: the run may have completed since it was selected); it acts on the run selected in the Train tab."""
     which = gr.Markdown(describe(app, None))
     zip_btn = gr.Button("Download the adapter (zip, with a model card)")
     zip_file = gr.File(label="Adapter")
@@ -144,6 +145,8 @@ def create_export_tab(app: AppState, run: gr.Dropdown) -> None:
     push_btn = gr.Button("Push the adapter to the Hub")
     message = gr.Markdown()
     on(run.change, describe, app, run, which, api_name="export_which")
+    if tab is not None:
+        on(tab.select, describe, app, run, which, api_name=False)
     on(zip_btn.click, export_zip, app, run, zip_file, api_name="export_zip")
     merged = on(merge_btn.click, merge, app, run, message, api_name="merge")
     on(merged.success, merged_zip, app, run, merged_file, api_name="merged_zip")
