@@ -321,7 +321,9 @@ def test_train_tab_plots_come_from_the_runs_task(tmp_path, monkeypatch):
     _fake_run(app.manager.root, "r1", "reward", [{"step": 1, "loss": 0.6, "accuracy": 0.7, "margin": 0.2}],
               state="completed", step=1, total_steps=1)
     *layout, message = train_tab.plot_layout(app, "r1", "Resuming **dpo-1** from its last checkpoint.")
-    assert [u.get("title") for u in layout] == [title for title, _ in reward.plots]
+    shown = [u for u in layout if u.get("visible")]
+    assert [u.get("title") for u in shown] == [title for title, _ in reward.plots]
+    assert all(u.get("visible") is False for u in layout[len(shown):])  # the slots another task uses: hidden
     assert message == ""  # a message about another run goes when this one is selected
     assert train_tab.plot_layout(app, "r1", "Renamed **r0** to **r1**.")[-1] == gr.update()
     # progress, diagnostics and log: emptied until this run's refresh (they showed the run selected before)
@@ -336,7 +338,7 @@ def test_train_tab_plots_come_from_the_runs_task(tmp_path, monkeypatch):
 
     # a task with fewer plots than there are slots: the rest are hidden; one with more: more slots
     monkeypatch.setattr(reward, "plots", reward.plots[:3])
-    assert [u["visible"] for u in train_tab.plot_layout(app, "r1")[:-1]] == [True, True, True, False][:slots]
+    assert [u["visible"] for u in train_tab.plot_layout(app, "r1")[:-1]] == [True, True, True] + [False] * (slots - 3)
     monkeypatch.setattr(dpo, "plots", dpo.plots + [("Grad norm", {"grad_norm": "norm"})])
     assert train_tab.plot_slots() == len(dpo.plots) and len(train_tab.refresh(app, "r1")) == len(dpo.plots) + 3
     # nothing selected, or a folder removed under the page: every slot hidden, a plain line
