@@ -23,9 +23,10 @@ RETURNING = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "1310
 LENGTHS = {"max_length": 160, "max_prompt_length": 96}
 
 
+# dpo both ways and with two sequences per pair (shared off); sft and kto one way each (their terms differ from dpo's
+# in the sequences per item, not in checkpointing's), so the suite keeps its budget with the real shapes below
 @pytest.mark.parametrize("task,checkpointing,shared", [
-    ("dpo", True, "auto"), ("dpo", False, "auto"), ("dpo", True, "off"), ("dpo", False, "off"),
-    ("sft", True, "auto"), ("sft", False, "auto"), ("kto", True, "auto"), ("kto", False, "auto")])
+    ("dpo", True, "auto"), ("dpo", False, "auto"), ("dpo", False, "off"), ("sft", True, "auto"), ("kto", False, "auto")])
 def test_estimate_within_15_percent_of_measured_cpu_peak(small_model, tmp_path, task, checkpointing, shared):
     model_dir, data = small_model
     # sft and kto send one sequence per item with grad: twice the items put as many tokens through as a dpo pair
