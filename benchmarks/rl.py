@@ -47,7 +47,9 @@ def peak_mb() -> float:
     return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mb()
 
 
-def make_reward_adapter(model: str, out: Path) -> None:
+def make_reward_adapter(model: str, out: Path, scale: float = 0.05) -> None:
+    """A reward model's adapter as a reward run saves it (SEQ_CLS LoRA + score head), its LoRA B and head weights
+    drawn at random (times ``scale``) so that every row scores differently. tests/test_rl.py uses it too."""
     import torch
 
     from lowrank_pref.config import build_config
@@ -60,7 +62,7 @@ def make_reward_adapter(model: str, out: Path) -> None:
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "lora_B" in name or "score" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+                p.copy_(torch.randn(p.shape, generator=g) * scale)
     save_adapter(m, tok, out)
 
 

@@ -141,19 +141,11 @@ def _rl_config(model_dir, reward_dir, **extra):
 def reward_adapter(tiny_model_dir, tokenizer, tmp_path_factory):
     """A reward model's adapter as a reward run saves it (SEQ_CLS LoRA + score head, model.save_adapter), its LoRA
     and head weights drawn at random so that every row scores differently."""
-    from lowrank_pref.config import build_config
-    from lowrank_pref.model import load_model, load_tokenizer, save_adapter
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from rl import make_reward_adapter
 
-    cfg = build_config("tiny-reward", overrides={"model": str(tiny_model_dir), "gradient_checkpointing": False})
-    tok = load_tokenizer(cfg)
-    model, _ = load_model(cfg, tok)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_B" in name or "score" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     path = tmp_path_factory.mktemp("reward_run") / "adapter"
-    save_adapter(model, tok, path)
+    make_reward_adapter(str(tiny_model_dir), path, scale=0.3)
     return path
 
 
