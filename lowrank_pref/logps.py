@@ -153,16 +153,21 @@ def sequence_logps(model, batch: dict, chunk_size: int | None = None, *, with_hi
                       mask.shape[0], chunk_size, with_hits)
 
 
-def _row_logps(head, softcap, selected, targets, rows, n_rows: int, chunk_size, with_hits: bool = False):
-    """Sum of log p(target | hidden) per row over the selected positions, and each row's count of them (and of
-    its hits, with ``with_hits``)."""
+def head_token_logps(head, softcap, selected: Tensor, targets: Tensor, chunk_size, hits: list | None = None) -> Tensor:
+    """log p(target | hidden) of each selected position through the LM head (:func:`selected_token_logps`)."""
     if head.bias is not None:  # rare (e.g. some GPT-2 variants): fold the bias into an extra input column
         selected = torch.cat([selected, selected.new_ones(selected.shape[0], 1)], dim=1)
         weight = torch.cat([head.weight, head.bias[:, None]], dim=1)
     else:
         weight = head.weight
+    return selected_token_logps(selected, weight, targets, chunk_size=chunk_size, softcap=softcap, hits=hits)
+
+
+def _row_logps(head, softcap, selected, targets, rows, n_rows: int, chunk_size, with_hits: bool = False):
+    """Sum of log p(target | hidden) per row over the selected positions, and each row's count of them (and of
+    its hits, with ``with_hits``)."""
     hits = [] if with_hits else None
-    token_logps = selected_token_logps(selected, weight, targets, chunk_size=chunk_size, softcap=softcap, hits=hits)
+    token_logps = head_token_logps(head, softcap, selected, targets, chunk_size, hits)
     logps = torch.zeros(n_rows, dtype=torch.float32, device=selected.device).index_add(0, rows, token_logps)
     lengths = torch.bincount(rows, minlength=n_rows).float()
     if not with_hits:

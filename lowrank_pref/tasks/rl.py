@@ -37,7 +37,7 @@ import torch
 from .. import data as data_mod
 from ..config import ConfigError
 from ..data import DataError, DataReport, RowError
-from ..logps import _decoder_and_head, selected_token_logps
+from ..logps import _decoder_and_head, head_token_logps
 from ..losses import KL_ESTIMATORS, kl_k1, preference_loss, reinforce_loss, rloo_advantages, whiten
 from ..model import REWARD, adapter_role, attach_reward, autocast, reference_mode
 from .base import Task, TaskData
@@ -141,11 +141,7 @@ def completion_token_logps(model, batch: dict, chunk_size: int | None = None) ->
     ids = batch["input_ids"].to(dev)
     hidden = decoder(input_ids=ids, attention_mask=batch["attention_mask"].to(dev), use_cache=False).last_hidden_state
     mask = batch["completion_mask"][:, 1:].to(dev).bool()
-    selected, weight = hidden[:, :-1][mask], head.weight
-    if head.bias is not None:  # fold the bias into an extra input column, as logps._row_logps does
-        selected = torch.cat([selected, selected.new_ones(selected.shape[0], 1)], dim=1)
-        weight = torch.cat([weight, head.bias[:, None]], dim=1)
-    tokens = selected_token_logps(selected, weight, ids[:, 1:][mask], chunk_size=chunk_size, softcap=softcap)
+    tokens = head_token_logps(head, softcap, hidden[:, :-1][mask], ids[:, 1:][mask], chunk_size)
     return torch.zeros(mask.shape, dtype=torch.float32, device=dev).masked_scatter(mask, tokens), mask
 
 
