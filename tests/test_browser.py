@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import free_port, wait_until, write_pairs
+from lowrank_pref.config import build_config
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (the README's test command "
@@ -70,6 +71,23 @@ def browser_page(tmp_path: Path, **app_kwargs):
         yield open_page(browser, url), demo, shots
 
 
+def choose_preset(page, name: str, steps: int) -> None:
+    """Pick a preset in Setup and set its max_steps. The fill waits until the preset's own values are in the form
+    (its task, which each preset used here changes): the previous preset may have the same max_steps, and a fill
+    made before the preset's values land is overwritten by them."""
+    from playwright.sync_api import expect
+
+    page.get_by_role("tab", name="1 · Setup").click()
+    page.get_by_label("Preset").click()
+    page.get_by_role("option", name=re.compile(rf"^{name}: ")).click()
+    task = build_config(name).task
+    expect(page.locator("#lp-field-task").get_by_role("radio", name=task, exact=True)).to_be_checked(timeout=30_000)
+    box = page.get_by_label("Max steps (0: use epochs)")
+    box.fill(str(steps))
+    box.press("Tab")
+    expect(box).to_have_value(str(steps))
+
+
 def test_upload_train_watch_stop_in_a_browser(tmp_path):
     from playwright.sync_api import expect
 
@@ -119,13 +137,7 @@ def test_sft_and_kto_in_a_browser(tmp_path):
 
     with browser_page(tmp_path, hw={"gpu": None, "memory_gb": 16.0}) as (page, demo, shots):
         def use_preset(name: str, steps: int) -> None:
-            page.get_by_role("tab", name="1 · Setup").click()
-            page.get_by_label("Preset").click()
-            page.get_by_role("option", name=re.compile(rf"^{name}: ")).click()
-            box = page.get_by_label("Max steps (0: use epochs)")
-            expect(box).to_have_value("60", timeout=30_000)  # the preset's values have landed
-            box.fill(str(steps))
-            box.press("Tab")
+            choose_preset(page, name, steps)
 
         def train(task: str) -> None:
             page.get_by_role("tab", name="3 · Train").click()
@@ -304,13 +316,7 @@ def test_the_page_tells_the_truth_about_the_run(tmp_path):
         clear_upload()  # back to the preset's data
 
         # a reward run, watched from its start on this page
-        page.get_by_role("tab", name="1 · Setup").click()
-        page.get_by_label("Preset").click()
-        page.get_by_role("option", name=re.compile(r"^tiny-reward: ")).click()
-        steps = page.get_by_label("Max steps (0: use epochs)")
-        expect(steps).to_have_value("60", timeout=30_000)
-        steps.fill("8")
-        steps.press("Tab")
+        choose_preset(page, "tiny-reward", 8)
         expect(page.get_by_label("beta")).to_be_hidden()
         expect(page.get_by_label("Loss type")).to_be_hidden()
         page.get_by_text("Advanced: LoRA dropout").click()
