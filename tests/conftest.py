@@ -10,7 +10,16 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
+
+# Under pytest-xdist (the suite runs on 2 workers, pyproject's addopts) each worker gets its share of the cores, set
+# before torch is imported and inherited by the runs the tests start: two workers of two threads each on a 2-core
+# machine made OpenMP's threads wait on each other.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1))
+    os.environ.setdefault("OMP_NUM_THREADS", str(_share))
+    os.environ.setdefault("MKL_NUM_THREADS", str(_share))
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ from conftest import ROOT, run_cli, write_pairs
 from lowrank_pref.artifacts import read_metrics
 from lowrank_pref.config import build_config
 from lowrank_pref.data import collate, prepare
-from lowrank_pref.run import parser, resolve
+from lowrank_pref.run import main, parser, resolve
 
 
 def _last_eval(metrics):
@@ -98,8 +98,8 @@ def test_reward_model_ranks_heldout_pairs(tmp_path, unseen_model_dir):
 
 
 def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, tiny_model_dir, pairs_file):
-    common = ["--model", str(tiny_model_dir), "--dataset", str(pairs_file), "--max-steps", "16", "--save-steps",
-              "4", "batch_size=4", "gradient_accumulation_steps=2", "lora.dropout=0.1", "eval_steps=8"]
+    common = ["--model", str(tiny_model_dir), "--dataset", str(pairs_file), "--max-steps", "8", "--save-steps",
+              "2", "batch_size=4", "gradient_accumulation_steps=2", "lora.dropout=0.1", "eval_steps=4"]
     full = tmp_path / "full"
     assert run_cli(*common, "--output-dir", str(full)).returncode == 0
     killed = tmp_path / "killed"
@@ -107,17 +107,17 @@ def test_resume_after_sigkill_reproduces_the_uninterrupted_run(tmp_path, tiny_mo
     proc = subprocess.Popen([sys.executable, "-m", "lowrank_pref.run", *common, "--output-dir", str(killed)],
                             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while time.time() < deadline and not (killed / "checkpoint-8" / "state.json").exists():
+    while time.time() < deadline and not (killed / "checkpoint-4" / "state.json").exists():
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (killed / "checkpoint-8").exists()
+    assert (killed / "checkpoint-4").exists()
     assert not (killed / "adapter").exists()  # it really was killed mid-run
     res = run_cli("--output-dir", str(killed), "--resume")
     assert res.returncode == 0, res.stderr
     a = {m["step"]: m for m in read_metrics(full / "metrics.jsonl") if "loss" in m}
     b = {m["step"]: m for m in read_metrics(killed / "metrics.jsonl") if "loss" in m}
-    assert sorted(a) == sorted(b) == list(range(1, 17))
+    assert sorted(a) == sorted(b) == list(range(1, 9))
     for step in a:
         assert b[step]["loss"] == pytest.approx(a[step]["loss"], abs=1e-6), step
         assert b[step]["grad_norm"] == pytest.approx(a[step]["grad_norm"], rel=1e-5), step
@@ -157,9 +157,19 @@ def test_same_effective_batch_same_update_whatever_the_split(tmp_path, tiny_mode
     (["seed=3", "--max-steps", "2", "batch_size=two"], "'batch_size' must be a whole number"),
     (["seed=3", "--max-steps", "2", "notakeyvalue"], "'notakeyvalue' is not a key=value override"),
 ])
-def test_bad_input_is_one_plain_message_and_exit_2(tmp_path, args, needle):
-    res = run_cli(*args, "--output-dir", str(tmp_path / "o"))
-    _assert_one_plain_error(res, needle)
+def test_bad_input_is_one_plain_message_and_exit_2(tmp_path, capsys, args, needle):
+    """In this process (run.main, as ``python -m lowrank_pref.run`` calls it): a fresh interpreter for each of these
+    cost the suite 35 s of imports; the tests below and test_bad_rows_... check the same path as a process."""
+    import logging
+
+    handlers, level = logging.root.handlers[:], logging.root.level
+    try:
+        code = main([*args, "--output-dir", str(tmp_path / "o")])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    finally:  # main's logging setup stays with this test
+        logging.root.handlers[:], logging.root.level = handlers, level
+    _assert_one_plain_error(subprocess.CompletedProcess(args, code, "", capsys.readouterr().err), needle)
 
 
 def _assert_one_plain_error(res, needle):
