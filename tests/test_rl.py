@@ -81,10 +81,13 @@ def test_k1_as_a_loss_term_is_refused_it_would_penalise_nothing():
 def test_whiten_by_hand():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0])
     mask = torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool)
-    std = math.sqrt(1.25)  # population variance of 1..4 around 2.5
+    # the unbiased variance of 1..4 around 2.5, (2.25 + 0.25 + 0.25 + 2.25) / (4 - 1), as TRL's masked_whiten
+    std = math.sqrt(5 / 3)
     assert whiten(x, mask, eps=0).tolist() == pytest.approx([-1.5 / std, -0.5 / std, 0.5 / std, 1.5 / std, 0.0])
     assert whiten(x, mask, shift_mean=False, eps=0).tolist() == pytest.approx(
         [2.5 - 1.5 / std, 2.5 - 0.5 / std, 2.5 + 0.5 / std, 2.5 + 1.5 / std, 0.0])
+    assert whiten(x[:4], eps=0).tolist() == pytest.approx(((x[:4] - x[:4].mean()) / x[:4].std()).tolist())  # torch's
+    assert whiten(torch.tensor([3.0]), eps=1e-8).tolist() == [0.0]  # one entry: variance 0, not a division by zero
 
 
 def test_gae_by_hand():
@@ -235,6 +238,127 @@ def test_a_step_changes_only_the_policy_adapter(tmp_path, tiny_model_dir, reward
     for key in ("reward", "reward_std", "kl", "entropy", "length", "eos"):
         assert math.isfinite(record[key]), key
     assert 1 <= record["length"] <= 4 and 0 <= record["eos"] <= 1
+
+
+@pytest.fixture(scope="module")
+def ppo_shell(tiny_model_dir, reward_adapter, tmp_path_factory):
+    """Four PPO steps in process, two epochs over each of two rollouts, a checkpoint after each of steps 1-3 (1 and
+    3 between the epochs of a rollout), LoRA dropout asked for; the parameters before training kept."""
+    from conftest import write_pairs
+    from lowrank_pref.artifacts import RunDir
+    from lowrank_pref.loop import Shell, _StopFlag
+
+    root = tmp_path_factory.mktemp("ppo")
+    cfg = _rl_config(tiny_model_dir, reward_adapter, dataset=str(write_pairs(root / "pairs.jsonl")), max_steps=4,
+                     eval_steps=100, save_steps=1, save_total_limit=3, **{"rl.algorithm": "ppo", "rl.ppo_epochs": 2,
+                                                                          "lora.dropout": 0.1})
+    shell = Shell(cfg, RunDir(root / "run").create(), _StopFlag())
+    shell.setup(resume=False)
+    before = {n: p.detach().clone() for n, p in shell.model.named_parameters()}
+    before["value_head"] = shell.task.value_head.weight.detach().clone()
+    optimized = {id(p) for group in shell.optimizer.param_groups for p in group["params"]}
+    dropouts = [m.p for m in shell.model.modules() if isinstance(m, torch.nn.Dropout)]
+    shell.loop()
+    return shell, before, optimized, dropouts, root / "run"
+
+
+def test_ppo_trains_the_policy_and_the_value_adapter_from_the_rollouts_policy(ppo_shell):
+    shell, before, optimized, dropouts, run = ppo_shell
+    model, task = shell.model, shell.task
+    names = {id(p): n for n, p in model.named_parameters()}
+    names[id(task.value_head.weight)] = "value_head"
+    # the optimizer holds the policy's and the value's weights (adapter and head), nothing of the reward model
+    assert {names[i].split(".")[-2] if "lora_" in names[i] else names[i]
+            for i in optimized} == {"default", "value", "value_head"}
+    # the value adapter and head start as copies of the reward model's
+    for n, p in before.items():
+        if ".value." in n:
+            assert torch.equal(p, before[n.replace(".value.", ".reward.")]), n
+    assert torch.equal(before["value_head"], task.score_head.weight)
+    # lora.dropout=0.1 asked for, and every dropout of the model turned off for rl
+    assert dropouts and all(p == 0 for p in dropouts)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all(".default." in n or ".value." in n for n in changed), changed
+    assert any(".value." in n for n in changed) and any(".default." in n for n in changed)
+    assert not torch.equal(before["value_head"], task.value_head.weight)  # trained
+    assert torch.equal(before["value_head"], task.score_head.weight)  # the reward model's head: untouched
+    train = {m["step"]: m for m in read_metrics(run / "metrics.jsonl") if "loss" in m}
+    assert sorted(train) == [1, 2, 3, 4]
+    # the first epoch of each rollout: the policy that sampled, exactly (no dropout, the same pass): ratio 1
+    for step in (1, 3):
+        assert train[step]["val/ratio"] == 1.0 and train[step]["policy/clipfrac"] == 0.0, train[step]
+        assert train[step]["policy/approxkl"] == 0.0 and train[step]["val/clipfrac"] == 0.0
+    for step in (2, 4):  # the second epoch: the policy has moved from the one that sampled
+        assert train[step]["policy/approxkl"] > 0 and train[step]["val/ratio"] != 1.0, train[step]
+        assert train[step]["reward"] == train[step - 1]["reward"]  # the same rollout
+    for m in train.values():
+        for key in ("loss/policy", "loss/value", "kl", "entropy", "length", "eos"):
+            assert math.isfinite(m[key]), key
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    # the value adapter beside the policy's, in the reward model's format: it loads as a reward model
+    from lowrank_pref.model import check_reward_model
+
+    cfg = shell.cfg.__class__(**{**vars(shell.cfg), "reward_model": str(run / "value")})
+    assert check_reward_model(cfg) == run / "value"
+
+
+def test_ppo_rewards_and_gae_by_hand_on_a_stored_rollout(ppo_shell):
+    shell, *_ = ppo_shell
+    cfg, (entry,) = shell.cfg, shell.task.buffer.values()  # rollout 2's, one micro-batch
+    mask, old, ref = entry["mask"], entry["old_logps"], entry["ref"]
+    N = mask.shape[0]
+    scores = []
+    for i in range(N):
+        pos = mask[i].nonzero().flatten().tolist()
+        r = [-cfg.beta * float(old[i, t] - ref[i, t]) for t in pos]  # -beta * KL_t (k1) on every completion token
+        score = float(entry["rewards"][i, pos[-1]]) - r[-1]
+        scores.append(score)
+        assert entry["rewards"][i, pos].tolist() == pytest.approx(r[:-1] + [r[-1] + score], abs=1e-6)
+        # GAE by hand, gamma 1, lambda 0.95, the value after the last token 0; returns = advantages + values
+        v = entry["old_values"][i, pos].tolist() + [0.0]
+        a, adv = 0.0, []
+        for t in reversed(range(len(pos))):
+            a = entry["rewards"][i, pos[t]].item() + v[t + 1] - v[t] + 0.95 * a
+            adv.insert(0, a)
+        assert entry["returns"][i, pos].tolist() == pytest.approx([x + y for x, y in zip(adv, v)], abs=1e-5)
+    # the score at the last token is the reward model's: its mean is the logged reward (k samples a prompt, summed
+    # over the prompts, divided by them)
+    assert sum(scores) / cfg.rl.k == pytest.approx(entry["sums"]["reward"], abs=1e-5)
+    # advantages whitened over every completion token of the micro-batch, with the unbiased variance
+    returns_minus_values = (entry["returns"] - entry["old_values"])[mask]
+    expected = (returns_minus_values - returns_minus_values.mean()) / returns_minus_values.std()
+    torch.testing.assert_close(entry["advantages"][mask], expected, atol=1e-4, rtol=1e-4)
+
+
+def test_ppo_resumes_exactly_between_the_epochs_of_a_rollout(ppo_shell, tmp_path):
+    """What SIGKILL after step 3's checkpoint leaves (steps 1-3 checkpointed, the run gone before step 4's end):
+    the resumed run's step 4 reads rollout 2 from the checkpoint's buffer, and logs what the uninterrupted run did."""
+    import shutil
+
+    from lowrank_pref.artifacts import RunDir
+    from lowrank_pref.loop import Shell, _StopFlag
+
+    shell, _, _, _, run = ppo_shell
+    meta = {s: json.loads((run / f"checkpoint-{s}" / "task.json").read_text()) for s in (1, 2, 3)}
+    assert list(meta[1]["entries"]) == ["0"] and meta[2]["entries"] == {} and list(meta[3]["entries"]) == ["0"]
+    killed = tmp_path / "run"
+    shutil.copytree(run, killed)
+    for done in ("adapter", "value"):  # written at the end, which the killed run never reached
+        shutil.rmtree(killed / done)
+    metrics = (killed / "metrics.jsonl").read_text().splitlines()
+    (killed / "metrics.jsonl").write_text("\n".join(metrics[:3]) + "\n")  # step 4's line was never written
+    resumed = Shell(shell.cfg, RunDir(killed).create(), _StopFlag())
+    resumed.setup(resume=True)
+    assert resumed.start == 3 and resumed.task.buffer_rollout == 2
+    resumed.loop()
+    a = {m["step"]: m for m in read_metrics(run / "metrics.jsonl") if "loss" in m}
+    b = {m["step"]: m for m in read_metrics(killed / "metrics.jsonl") if "loss" in m}
+    assert sorted(b) == [1, 2, 3, 4]
+    for key in ("reward", "kl", "loss", "loss/value", "loss/policy", "policy/approxkl", "val/ratio"):
+        assert b[4][key] == pytest.approx(a[4][key], rel=1e-5, abs=1e-7), key
+    for n, p in resumed.model.named_parameters():
+        if ".value." in n or ".default." in n:
+            torch.testing.assert_close(p, dict(shell.model.named_parameters())[n], rtol=1e-5, atol=1e-6)
 
 
 def test_reward_model_of_another_base_is_refused_plainly(tmp_path, unseen_model_dir, reward_adapter, pairs_file):
