@@ -513,6 +513,24 @@ def test_online_dpo_from_the_cli_beats_the_reference(rl_world):
     assert all("rewards/margins" in m and "pair/reward_gap" in m for m in train)
 
 
+def test_ppo_from_the_cli_beats_the_reference(rl_world):
+    """PPO at its defaults (4 epochs over each rollout: 40 steps are 10 rollouts of 4 prompts x 4 completions), a
+    learning rate half RLOO's: each rollout is stepped on four times."""
+    out = rl_world / "ppo"
+    res = run_cli(*_rl_args(rl_world, "rl.algorithm=ppo", "learning_rate=1e-3", "save_steps=100"), "--output-dir",
+                  str(out), env=ONE_THREAD)
+    assert res.returncode == 0, res.stderr
+    metrics = read_metrics(out / "metrics.jsonl")
+    final = [m for m in metrics if "eval_reward" in m][-1]
+    assert final["eval_reward"] > final["eval_reward_reference"] + 0.2 and final["eval_win_rate"] > 0.5, final
+    assert 0 < final["eval_kl"] < 40, final
+    train = [m for m in metrics if "loss" in m]
+    assert len(train) == 40 and all(0 <= m["policy/clipfrac"] <= 1 and m["loss/value"] >= 0 for m in train)
+    assert all(m["val/ratio"] == 1.0 for m in train[::4])  # each rollout's first epoch: the sampling policy itself
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "value" / "adapter_model.safetensors").is_file()
+
+
 def test_a_dpo_run_given_a_reward_model_is_judged_against_its_reference(rl_world):
     out = rl_world / "dpo"
     res = run_cli("--preset", "tiny", "--model", str(rl_world / "model"), "--dataset", str(rl_world / "pairs.jsonl"),
