@@ -78,6 +78,20 @@ def test_k1_as_a_loss_term_is_refused_it_would_penalise_nothing():
     assert k3.rl.kl_estimator == "k3"
 
 
+def test_ppo_settings_are_checked_plainly():
+    from lowrank_pref.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"max_steps=41 is not a multiple of rl.ppo_epochs=4.*max_steps=40 or 44"):
+        build_config("tiny-rl", overrides={"rl.algorithm": "ppo", "max_steps": 41})
+    with pytest.raises(ConfigError, match=r"rl.cliprange"):
+        build_config("tiny-rl", overrides={"rl.algorithm": "ppo", "rl.cliprange": 0})
+    with pytest.raises(ConfigError, match=r"rl.lam"):
+        build_config("tiny-rl", overrides={"rl.algorithm": "ppo", "rl.lam": 1.5})
+    cfg = build_config("tiny-rl", overrides={"rl.algorithm": "ppo", "max_steps": 41, "rl.ppo_epochs": 1})
+    assert (cfg.rl.cliprange, cfg.rl.cliprange_value, cfg.rl.vf_coef, cfg.rl.gamma, cfg.rl.lam) == (
+        0.2, 0.2, 0.1, 1.0, 0.95)  # TRL's PPOTrainer defaults
+
+
 def test_whiten_by_hand():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0])
     mask = torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool)
@@ -303,8 +317,8 @@ def test_ppo_trains_the_policy_and_the_value_adapter_from_the_rollouts_policy(pp
 
 
 def test_ppo_rewards_and_gae_by_hand_on_a_stored_rollout(ppo_shell):
-    shell, *_ = ppo_shell
-    cfg, (entry,) = shell.cfg, shell.task.buffer.values()  # rollout 2's, one micro-batch
+    shell, *_, run = ppo_shell
+    cfg, (entry,) = shell.cfg, shell.task.buffer.values()  # rollout 2's (steps 3 and 4), one micro-batch
     mask, old, ref = entry["mask"], entry["old_logps"], entry["ref"]
     N = mask.shape[0]
     scores = []
@@ -328,6 +342,14 @@ def test_ppo_rewards_and_gae_by_hand_on_a_stored_rollout(ppo_shell):
     returns_minus_values = (entry["returns"] - entry["old_values"])[mask]
     expected = (returns_minus_values - returns_minus_values.mean()) / returns_minus_values.std()
     torch.testing.assert_close(entry["advantages"][mask], expected, atol=1e-4, rtol=1e-4)
+    # step 3, the rollout's first epoch: ratio 1, so each row's surrogate is minus its mean advantage; the values
+    # are the rollout's own, so the value loss is 0.5 (V - R)^2, each averaged over its row's tokens, then the rows
+    step3 = [m for m in read_metrics(run / "metrics.jsonl") if m["step"] == 3 and "loss" in m][0]
+    rows = [mask[i] for i in range(N)]
+    assert step3["loss/policy"] == pytest.approx(
+        sum(-float(entry["advantages"][i, m].mean()) for i, m in enumerate(rows)) / N, abs=1e-5)
+    assert step3["loss/value"] == pytest.approx(sum(0.5 * float(((entry["old_values"] - entry["returns"])[i, m] ** 2)
+                                                                .mean()) for i, m in enumerate(rows)) / N, abs=1e-5)
 
 
 def test_ppo_resumes_exactly_between_the_epochs_of_a_rollout(ppo_shell, tmp_path):
@@ -500,33 +522,32 @@ def test_memory_model_counts_generation_and_the_reward_adapter():
     assert "generation" not in dpo and "reward_adapter" not in dpo
 
 
-def test_online_dpo_from_the_cli_beats_the_reference(rl_world):
-    out = rl_world / "online_dpo"
-    res = run_cli(*_rl_args(rl_world, "rl.algorithm=online_dpo", "save_steps=100"), "--output-dir", str(out),
-                  env=ONE_THREAD)
-    assert res.returncode == 0, res.stderr
-    metrics = read_metrics(out / "metrics.jsonl")
-    final = [m for m in metrics if "eval_reward" in m][-1]
-    assert final["eval_reward"] > final["eval_reward_reference"] + 0.2 and final["eval_win_rate"] > 0.5, final
-    assert 0 < final["eval_kl"] < 40, final
-    train = [m for m in metrics if "loss" in m]
-    assert all("rewards/margins" in m and "pair/reward_gap" in m for m in train)
-
-
-def test_ppo_from_the_cli_beats_the_reference(rl_world):
-    """PPO at its defaults (4 epochs over each rollout: 40 steps are 10 rollouts of 4 prompts x 4 completions), a
-    learning rate half RLOO's: each rollout is stepped on four times."""
-    out = rl_world / "ppo"
-    res = run_cli(*_rl_args(rl_world, "rl.algorithm=ppo", "learning_rate=1e-3", "save_steps=100"), "--output-dir",
+def _beats_the_reference(rl_world, algorithm: str, *extra: str) -> list[dict]:
+    """An rl run of ``algorithm`` from the CLI whose held-out mean reward beats the reference's, with its win rate
+    above one half and its KL reported and bounded; returns its train records."""
+    out = rl_world / algorithm
+    res = run_cli(*_rl_args(rl_world, f"rl.algorithm={algorithm}", "save_steps=100", *extra), "--output-dir",
                   str(out), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr
     metrics = read_metrics(out / "metrics.jsonl")
     final = [m for m in metrics if "eval_reward" in m][-1]
     assert final["eval_reward"] > final["eval_reward_reference"] + 0.2 and final["eval_win_rate"] > 0.5, final
     assert 0 < final["eval_kl"] < 40, final
-    train = [m for m in metrics if "loss" in m]
+    return [m for m in metrics if "loss" in m]
+
+
+def test_online_dpo_from_the_cli_beats_the_reference(rl_world):
+    train = _beats_the_reference(rl_world, "online_dpo")
+    assert all("rewards/margins" in m and "pair/reward_gap" in m for m in train)
+
+
+def test_ppo_from_the_cli_beats_the_reference(rl_world):
+    """PPO at its defaults (4 epochs over each rollout: 40 steps are 10 rollouts of 4 prompts x 4 completions), a
+    learning rate half RLOO's: each rollout is stepped on four times."""
+    train = _beats_the_reference(rl_world, "ppo", "learning_rate=1e-3")
     assert len(train) == 40 and all(0 <= m["policy/clipfrac"] <= 1 and m["loss/value"] >= 0 for m in train)
     assert all(m["val/ratio"] == 1.0 for m in train[::4])  # each rollout's first epoch: the sampling policy itself
+    out = rl_world / "ppo"
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "value" / "adapter_model.safetensors").is_file()
 

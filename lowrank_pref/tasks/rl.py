@@ -679,19 +679,23 @@ class RlTask(RewardRoles, Task):
         if "value_head.weight" not in tensors:
             raise ConfigError("this checkpoint holds no value adapter: it was written by a run with another "
                               "rl.algorithm; resume with that algorithm, or start a new run for ppo")
-        with torch.no_grad():
-            params = dict(self.model.named_parameters())
-            for key, t in tensors.items():
-                if key.startswith("value/"):
-                    params[key.removeprefix("value/")].copy_(t)
-            self.value_head.weight.copy_(tensors["value_head.weight"])
-        dev = self.value_head.weight.device
-        self.buffer_rollout, self.buffer = meta.get("rollout", 0), {}
-        for j, facts in meta.get("entries", {}).items():
-            e = {name: tensors[f"buffer/{j}/{name}"].to(dev) for name in self.BUFFERED}
-            e["batch"] = {name: e.pop(name) for name in ("input_ids", "attention_mask", "completion_mask")}
-            e["mask"] = e["mask"].bool()
-            self.buffer[int(j)] = {**e, **facts}
+        params = {f"value/{n}": p for n, p in self.model.named_parameters() if f".{VALUE}." in n}
+        params["value_head.weight"] = self.value_head.weight
+        try:
+            with torch.no_grad():
+                for key, p in params.items():
+                    p.copy_(tensors[key])
+            dev = self.value_head.weight.device
+            self.buffer_rollout, self.buffer = int(meta.get("rollout", 0)), {}
+            for j, facts in meta.get("entries", {}).items():
+                e = {name: tensors[f"buffer/{j}/{name}"].to(dev) for name in self.BUFFERED}
+                e["batch"] = {name: e.pop(name) for name in ("input_ids", "attention_mask", "completion_mask")}
+                e["mask"] = e["mask"].bool()
+                self.buffer[int(j)] = {**e, "rows": list(facts["rows"]), "sums": dict(facts["sums"]),
+                                       "tokens": int(facts["tokens"])}
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a missing name, a wrong shape
+            raise ConfigError(f"the checkpoint's ppo state does not fit this run ({type(e).__name__}: {e}); start "
+                              "a new run, or resume with the settings that wrote it") from None
 
     def save(self, model, tokenizer, run) -> None:
         """ppo: the trained value adapter and head in ``value/``, beside the policy's ``adapter/``, in the reward
