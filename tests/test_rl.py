@@ -257,15 +257,16 @@ def test_a_step_changes_only_the_policy_adapter(tmp_path, tiny_model_dir, reward
 @pytest.fixture(scope="module")
 def ppo_shell(tiny_model_dir, reward_adapter, tmp_path_factory):
     """Four PPO steps in process, two epochs over each of two rollouts, a checkpoint after each of steps 1-3 (1 and
-    3 between the epochs of a rollout), LoRA dropout asked for; the parameters before training kept."""
+    3 between the epochs of a rollout), LoRA dropout asked for, the first layer checkpointed (recomputed in
+    backward); the parameters before training kept."""
     from conftest import write_pairs
     from lowrank_pref.artifacts import RunDir
     from lowrank_pref.loop import Shell, _StopFlag
 
     root = tmp_path_factory.mktemp("ppo")
     cfg = _rl_config(tiny_model_dir, reward_adapter, dataset=str(write_pairs(root / "pairs.jsonl")), max_steps=4,
-                     eval_steps=100, save_steps=1, save_total_limit=3, **{"rl.algorithm": "ppo", "rl.ppo_epochs": 2,
-                                                                          "lora.dropout": 0.1})
+                     eval_steps=100, save_steps=1, save_total_limit=3, gradient_checkpointing=True,
+                     **{"rl.algorithm": "ppo", "rl.ppo_epochs": 2, "lora.dropout": 0.1})
     shell = Shell(cfg, RunDir(root / "run").create(), _StopFlag())
     shell.setup(resume=False)
     before = {n: p.detach().clone() for n, p in shell.model.named_parameters()}
@@ -310,10 +311,11 @@ def test_ppo_trains_the_policy_and_the_value_adapter_from_the_rollouts_policy(pp
             assert math.isfinite(m[key]), key
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     # the value adapter beside the policy's, in the reward model's format: it loads as a reward model
+    import dataclasses
+
     from lowrank_pref.model import check_reward_model
 
-    cfg = shell.cfg.__class__(**{**vars(shell.cfg), "reward_model": str(run / "value")})
-    assert check_reward_model(cfg) == run / "value"
+    assert check_reward_model(dataclasses.replace(shell.cfg, reward_model=str(run / "value"))) == run / "value"
 
 
 def test_ppo_rewards_and_gae_by_hand_on_a_stored_rollout(ppo_shell):
@@ -354,11 +356,15 @@ def test_ppo_rewards_and_gae_by_hand_on_a_stored_rollout(ppo_shell):
 
 def test_ppo_resumes_exactly_between_the_epochs_of_a_rollout(ppo_shell, tmp_path):
     """What SIGKILL after step 3's checkpoint leaves (steps 1-3 checkpointed, the run gone before step 4's end):
-    the resumed run's step 4 reads rollout 2 from the checkpoint's buffer, and logs what the uninterrupted run did."""
+    the resumed run's step 4 reads rollout 2 from the checkpoint's buffer, and logs what the uninterrupted run did.
+    It resumes without gradient checkpointing: the same numbers also show that the checkpointed run's recompute in
+    backward ran each pass's own adapter (the value loss's backward under the value adapter, not the policy)."""
+    import dataclasses
     import shutil
 
     from lowrank_pref.artifacts import RunDir
     from lowrank_pref.loop import Shell, _StopFlag
+    from lowrank_pref.model import checkpointed_layers
 
     shell, _, _, _, run = ppo_shell
     meta = {s: json.loads((run / f"checkpoint-{s}" / "task.json").read_text()) for s in (1, 2, 3)}
@@ -369,7 +375,9 @@ def test_ppo_resumes_exactly_between_the_epochs_of_a_rollout(ppo_shell, tmp_path
         shutil.rmtree(killed / done)
     metrics = (killed / "metrics.jsonl").read_text().splitlines()
     (killed / "metrics.jsonl").write_text("\n".join(metrics[:3]) + "\n")  # step 4's line was never written
-    resumed = Shell(shell.cfg, RunDir(killed).create(), _StopFlag())
+    assert shell.cfg.gradient_checkpointing and checkpointed_layers(shell.model) == 1
+    cfg = dataclasses.replace(shell.cfg, gradient_checkpointing=False)
+    resumed = Shell(cfg, RunDir(killed).create(), _StopFlag())
     resumed.setup(resume=True)
     assert resumed.start == 3 and resumed.task.buffer_rollout == 2
     resumed.loop()
