@@ -16,8 +16,20 @@ One micro-batch of B prompts (one item = one prompt):
    transformers' sequence classifier pools; completions without eos can lose ``rl.missing_eos_penalty``;
 3. the reference's per-token log-probs of the sampled tokens (adapters off), then the policy's with grad;
 4. the loss (``rl.algorithm``): ``rloo``, REINFORCE with the leave-one-out baseline over the k completions (Ahmadian
-   et al. 2024; RLOO's KL ``beta * sum_t (log pi - log pi_ref)`` in the reward, or GRPO's k3 as a loss term); or
-   ``online_dpo``, the best and worst of the k completions by the reward model as a DPO pair (Guo et al. 2024).
+   et al. 2024; RLOO's KL ``beta * sum_t (log pi - log pi_ref)`` in the reward, or GRPO's k3 as a loss term);
+   ``online_dpo``, the best and worst of the k completions by the reward model as a DPO pair (Guo et al. 2024); or
+   ``ppo`` (Ouyang et al. 2022, as TRL's PPOTrainer had it): a value adapter and head, copied from the reward model,
+   train beside the policy; per-token rewards ``-beta * KL_t`` plus the score at the last token, GAE, whitened
+   advantages, the clipped surrogate and clipped value loss, over ``rl.ppo_epochs`` steps of the same rollout.
+
+PPO's steps: the run's steps (E - 1) * r + 1 ... E * r take rollout r's prompts (loop.Schedule.repeat, E =
+``rl.ppo_epochs``); the first of them samples each micro-batch and stores its rollout (sequences, reference and
+rollout log-probs, rewards, values, advantages, returns), the next E - 1 step on the stored one, each one PPO epoch
+as one optimizer step over the rollout batch (TRL's num_mini_batches=1). A checkpoint between them keeps the stored
+rollout and the value adapter, so a resumed run takes the uninterrupted run's steps.
+
+Every pass runs with dropout off (set to 0 at attach): the log-probs of the rollout, the REINFORCE gradient and
+PPO's ratio all assume the policy that sampled.
 
 Rollouts draw from the global torch RNG, which the run shell checkpoints, so a resumed run samples what an
 uninterrupted one does. Eval samples k completions per held-out prompt from the policy and, with the same seed, k
