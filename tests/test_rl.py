@@ -528,6 +528,13 @@ def test_memory_model_counts_generation_and_the_reward_adapter():
     assert bigger["generation"] > parts["generation"] and bigger["total"] > parts["total"]
     dpo = estimate(build_config("8gb-dpo"))
     assert "generation" not in dpo and "reward_adapter" not in dpo
+    assert "value_adapter" not in parts
+    ppo = estimate(build_config("8gb-rl", overrides={"rl.algorithm": "ppo"}))
+    # one more LoRA + a 1536-wide head at the policy's 10 B a parameter (paged 8-bit AdamW); the buffer: 4 x 1 x 16
+    # rows of 640 positions, 3 int64 + 1 bool + 6 fp32 each
+    assert ppo["value_adapter"] == pytest.approx((a.lora_params(16) + 1536) * 10 / 2**30, abs=1e-3)
+    assert ppo["rollout_buffer"] == pytest.approx(64 * 640 * 49 / 2**30, abs=1e-4)
+    assert ppo["total"] == pytest.approx(parts["total"] + ppo["value_adapter"] + ppo["rollout_buffer"], abs=1e-3)
 
 
 def _beats_the_reference(rl_world, algorithm: str, *extra: str) -> list[dict]:
