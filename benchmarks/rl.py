@@ -3,12 +3,17 @@ data and settings. Prints each side's median seconds per step and peak memory, a
 
     python benchmarks/rl.py                       # SmolLM2-135M-Instruct if cached, else the offline tiny model
     python benchmarks/rl.py --steps 6 --model ~/.cache/lowrank_pref/smollm2-135m-instruct
+    python benchmarks/rl.py --model builtin:tiny --ppo-epochs 4   # and our PPO beside both (TRL 1.16 has no PPO)
 
 Each side runs in its own child process (so each peak is its own): ours is ``--task rl`` with the reward model as a
 second adapter on the policy's base; TRL's is RLOOTrainer with the policy as a PEFT model (reference: adapters off)
 and the reward model as a second 4-bit model with the reward adapter, as its docs show. Both: k completions per
 prompt, the same prompts, max_new_tokens, LoRA rank, learning rate and beta. The reward adapter is made once, with
 random weights, by our reward task's save path (what it scores does not matter for speed or memory).
+
+``--ppo-epochs E`` adds a third child, ours with ``rl.algorithm=ppo`` (the value adapter, E steps a rollout), timed
+per rollout (its E steps together) against RLOO's per step (one rollout a step); TRL removed its PPOTrainer, so
+there is no TRL side for it.
 
 Memory: on a GPU the peak of allocated CUDA memory; on the CPU the peak RSS, printed with and without the memory
 the process held before the models loaded (torch's and Python's own, the same on both sides).
@@ -87,11 +92,16 @@ def run_ours(a) -> dict:
         "gradient_accumulation_steps": 1, "rl.max_new_tokens": a.new, "max_length": 64 + a.new,
         "max_prompt_length": 64, "max_steps": a.steps, "eval_steps": 10_000, "save_steps": 10_000,
         "learning_rate": 1e-5, "beta": 0.05, "lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.0,
-        "data.eval_fraction": 0.0, "gradient_checkpointing": False, "output_dir": str(Path(a.work) / "ours")})
+        "data.eval_fraction": 0.0, "gradient_checkpointing": False, "output_dir": str(Path(a.work) / a.side),
+        **({"rl.algorithm": "ppo", "rl.ppo_epochs": a.ppo_epochs, "max_steps": a.steps * a.ppo_epochs}
+           if a.side == "ppo" else {})})
     train(cfg, cfg.output_dir)
     steps = [m for m in read_metrics(Path(cfg.output_dir) / "metrics.jsonl") if "prompts_per_second" in m]
-    times = [a.prompts / m["prompts_per_second"] for m in steps[1:]]  # the first step warms up
-    return {"seconds_per_step": statistics.median(times), "peak_mb": peak_mb(), "before_models_mb": base}
+    times = [a.prompts / m["prompts_per_second"] for m in steps]
+    E = a.ppo_epochs if a.side == "ppo" else 1  # one rollout: E steps (ppo's epochs over it), or one
+    rollouts = [sum(times[i:i + E]) for i in range(0, len(times), E)]
+    # the first rollout warms up
+    return {"seconds_per_step": statistics.median(rollouts[1:]), "peak_mb": peak_mb(), "before_models_mb": base}
 
 
 def run_trl(a) -> dict:
@@ -144,14 +154,15 @@ def main() -> int:
     p.add_argument("--prompts", type=int, default=2, help="prompts per step")
     p.add_argument("--k", type=int, default=4, help="completions per prompt")
     p.add_argument("--new", type=int, default=32, help="max new tokens")
-    p.add_argument("--side", choices=("ours", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--ppo-epochs", type=int, default=0, help="also time our PPO, this many epochs a rollout")
+    p.add_argument("--side", choices=("ours", "trl", "ppo"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--reward", help=argparse.SUPPRESS)
     a = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("LOWRANK_PREF_PROGRESS", "0")
     if a.side:
-        print(json.dumps((run_ours if a.side == "ours" else run_trl)(a)))
+        print(json.dumps((run_trl if a.side == "trl" else run_ours)(a)))
         return 0
     from lowrank_pref.tiny import resolve_model
 
@@ -160,10 +171,10 @@ def main() -> int:
         reward = Path(work) / "reward"
         make_reward_adapter(a.model, reward)
         out = {}
-        for side in ("ours", "trl"):
+        for side in ("ours", "trl", "ppo") if a.ppo_epochs else ("ours", "trl"):
             cmd = [sys.executable, __file__, "--side", side, "--work", work, "--reward", str(reward), "--model",
                    a.model, "--steps", str(a.steps), "--prompts", str(a.prompts), "--k", str(a.k), "--new",
-                   str(a.new)]
+                   str(a.new), "--ppo-epochs", str(a.ppo_epochs)]
             res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
             if res.returncode:
                 print(res.stderr[-3000:], file=sys.stderr)
@@ -173,11 +184,18 @@ def main() -> int:
     print(f"model {a.model}, {a.prompts} prompts x k={a.k}, {a.new} new tokens, {a.steps} steps (median of the last "
           f"{a.steps - 1})")
     for name, r in out.items():
-        print(f"  {name:5s} {r['seconds_per_step']:.2f} s/step   peak {r['peak_mb']:.0f} MB   "
+        print(f"  {name:5s} {r['seconds_per_step']:.2f} s/{'rollout' if name == 'ppo' else 'step'}   peak {r['peak_mb']:.0f} MB   "
               f"(+{r['peak_mb'] - r['before_models_mb']:.0f} MB over the process before its models loaded)")
     print(f"ratios ours/trl: time per step {o['seconds_per_step'] / t['seconds_per_step']:.2f}x, peak memory "
           f"{o['peak_mb'] / t['peak_mb']:.2f}x, peak over the bare process "
           f"{(o['peak_mb'] - o['before_models_mb']) / (t['peak_mb'] - t['before_models_mb']):.2f}x")
+    if "ppo" in out:  # "seconds_per_step" of ppo: one rollout's ppo_epochs steps
+        q = out["ppo"]
+        over = (q["peak_mb"] - q["before_models_mb"]) / (o["peak_mb"] - o["before_models_mb"])
+        print(f"ours ppo ({a.ppo_epochs} epochs a rollout): {q['seconds_per_step']:.2f} s/rollout, peak "
+              f"{q['peak_mb']:.0f} MB; ratios ppo/rloo (ours): time per rollout "
+              f"{q['seconds_per_step'] / o['seconds_per_step']:.2f}x, peak memory {q['peak_mb'] / o['peak_mb']:.2f}x, "
+              f"peak over the bare process {over:.2f}x")
     print(json.dumps(out))
     return 0
 

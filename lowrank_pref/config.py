@@ -97,11 +97,14 @@ class KtoSettings:
 
 @dataclass
 class RlSettings:
-    """rl task (tasks/rl.py). Defaults follow the published recipes: RLOO (Ahmadian et al. 2024; TRL's RLOOTrainer)
-    and online DPO (Guo et al. 2024). The KL coefficient is the top-level ``beta``."""
+    """rl task (tasks/rl.py). Defaults follow the published recipes: RLOO (Ahmadian et al. 2024; TRL's RLOOTrainer),
+    online DPO (Guo et al. 2024) and PPO (Ouyang et al. 2022; TRL's PPOTrainer before its removal). The KL coefficient
+    is the top-level ``beta``."""
     algorithm: str = _f("rloo", "rl task: rloo (REINFORCE, leave-one-out baseline over the k samples of a prompt; no "
-                                "value model) or online_dpo (the best and worst of the k samples by the reward model "
-                                "become a DPO pair).", choices=("rloo", "online_dpo"))
+                                "value model), online_dpo (the best and worst of the k samples by the reward model "
+                                "become a DPO pair) or ppo (InstructGPT's: a value adapter initialised from the "
+                                "reward model, GAE, clipped policy and value losses, rl.ppo_epochs passes over each "
+                                "rollout).", choices=("rloo", "online_dpo", "ppo"))
     k: int = _f(4, "rl task: completions sampled per prompt (RLOO's k; 2 to 64). More: a better baseline and more "
                    "generation memory (k x batch_size sequences in the KV cache).", min=2, max=64)
     temperature: float = _f(1.0, "rl task: sampling temperature of the rollouts (1.0: the policy's own distribution, "
@@ -114,16 +117,32 @@ class RlSettings:
     kl_estimator: str = _f("k1", "rl task: per-token KL estimator: k1 = log pi - log pi_ref (RLOO's, summed into the "
                                  "reward), k3 = exp(-d) + d - 1 >= 0 (GRPO's, as a loss term).", choices=("k1", "k3"))
     kl_in_reward: bool = _f(True, "rl task: subtract beta x the sequence's KL from its reward before the advantages "
-                                  "(RLOO paper); false adds beta x the mean per-token KL to the loss instead (GRPO).")
+                                  "(RLOO paper; for ppo, beta x each token's KL from that token's reward, as "
+                                  "InstructGPT); false adds beta x the mean per-token KL to the loss instead (GRPO).")
     missing_eos_penalty: float | None = _f(None, "rl task: subtract this from the reward of completions cut at "
                                                  "max_new_tokens without eos (TRL's missing_eos_penalty; 1.0 is "
                                                  "typical when answers run on).", min=0.0, max=1e6)
     reward_clip: float | None = _f(None, "rl task: clip rewards to [-x, x] before anything else (guards against a "
                                          "reward model's outliers).", min=0.0, min_exclusive=True, max=1e6)
     whiten_rewards: bool = _f(False, "rl task: whiten the rewards of each micro-batch (mean kept), so the KL term's "
-                                     "weight does not depend on the reward model's scale.")
-    normalize_advantages: bool = _f(False, "rl task: scale the advantages of each micro-batch to zero mean, unit "
-                                           "std (TRL's normalize_advantages; off in the RLOO paper).")
+                                     "weight does not depend on the reward model's scale (ppo: the per-token "
+                                     "rewards, as TRL's PPOTrainer).")
+    normalize_advantages: bool = _f(False, "rl task, rloo: scale the advantages of each micro-batch to zero mean, "
+                                           "unit std (TRL's normalize_advantages; off in the RLOO paper). ppo always "
+                                           "whitens its per-token advantages, as its recipe does.")
+    ppo_epochs: int = _f(4, "rl.algorithm=ppo: optimizer steps over each rollout batch (TRL's num_ppo_epochs); each "
+                            "is one run step, so max_steps counts them: max_steps=40 with 4 is 10 rollouts.", min=1,
+                         max=64)
+    cliprange: float = _f(0.2, "rl.algorithm=ppo: the policy ratio's clip, [1 - x, 1 + x] (PPO's epsilon).", min=0.0,
+                          min_exclusive=True, max=10.0)
+    cliprange_value: float = _f(0.2, "rl.algorithm=ppo: how far a value may move from the rollout's before its loss "
+                                     "is clipped.", min=0.0, min_exclusive=True, max=1e6)
+    vf_coef: float = _f(0.1, "rl.algorithm=ppo: the value loss's weight beside the policy loss (TRL's vf_coef).",
+                        min=0.0, max=1e3)
+    gamma: float = _f(1.0, "rl.algorithm=ppo: discount per token in GAE (1.0: the recipes' choice for text).", min=0.0,
+                      max=1.0)
+    lam: float = _f(0.95, "rl.algorithm=ppo: GAE's lambda: 1.0 uses the whole return (more variance), lower leans on "
+                          "the value adapter (more bias).", min=0.0, max=1.0)
     eval_samples: int = _f(4, "rl task (and runs given reward_model): held-out prompts whose completions go to "
                               "samples.jsonl at each eval.", min=0, max=MAX_ITEMS)
 

@@ -64,6 +64,9 @@ class Schedule:
     given): each epoch's shuffled items are cut into windows, sorted by length inside a window and packed greedily so
     a micro-batch's padded size (items x its longest item) stays within ``token_budget``; the batches are then
     shuffled. Short items travel many to a batch, long ones few, and rows of a batch have similar lengths.
+
+    ``repeat``: consecutive steps that take the same micro-batches (PPO's epochs over one rollout: steps 1..E take
+    the first step's, E+1..2E the second's, ...); a full pass over the data is then ``repeat`` times the steps.
     """
     n_items: int
     batch_size: int
@@ -71,6 +74,7 @@ class Schedule:
     seed: int
     sizes: list[int] | None = None
     token_budget: int | None = None
+    repeat: int = 1
     _epochs: dict = field(default_factory=dict, repr=False)
     _counts: dict = field(default_factory=dict, repr=False)
     _cursor: tuple = (0, 0)  # (epoch, its first micro-batch) of the last lookup: runs walk forward from it
@@ -131,6 +135,7 @@ class Schedule:
 
     def step_batches(self, step: int) -> list[list[int]]:
         """Micro-batches of optimizer step ``step`` (1-based)."""
+        step = (step - 1) // self.repeat + 1
         return [self.micro_batch(g) for g in range((step - 1) * self.accum, step * self.accum)]
 
     def total_steps(self, cfg: Config) -> int:
@@ -149,7 +154,7 @@ class Schedule:
                          "packs each epoch differently)", cfg.num_epochs, exact + 1, exact)
         if part:
             micro += math.ceil(part * self.epoch_count(full))
-        return max(1, math.ceil(micro / self.accum))
+        return max(1, math.ceil(micro / self.accum)) * self.repeat
 
 
 def largest_micro_step(task, schedule: Schedule, items: list) -> tuple[int, int]:
@@ -189,9 +194,11 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(run: RunDir, cfg: Config, model, optimizer, scheduler, step: int, counters: dict,
-                    rng: dict | None = None) -> Path:
+                    rng: dict | None = None, task=None) -> Path:
     """Checkpoint of the run after ``step``; ``rng``: the RNG state to store when it is not the current one (a step
-    cut short by a stop has moved the RNG on since ``step`` ended). Rank 0 alone writes it (a reader run folder)."""
+    cut short by a stop has moved the RNG on since ``step`` ended). Rank 0 alone writes it (a reader run folder).
+    ``task``: its ``state_dict(step)`` (ppo: the value adapter, the rollout buffer) goes in too, as task.safetensors
+    and task.json."""
     if not run.writes:
         return None
     tmp = run.new_checkpoint_dir(step)
@@ -200,6 +207,13 @@ def save_checkpoint(run: RunDir, cfg: Config, model, optimizer, scheduler, step:
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng or _rng_state(), tmp / "rng.pt")
+    extra = task.state_dict(step) if task is not None else None
+    if extra is not None:
+        from safetensors.torch import save_file
+
+        tensors, meta = extra
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp / "task.safetensors"))
+        (tmp / "task.json").write_text(json.dumps(meta))
     # written last: a checkpoint without state.json is incomplete and never picked up
     size = distributed.world().size  # the data position is global: micro-batches of every rank
     state = {"step": step, "micro_batches_done": step * cfg.gradient_accumulation_steps * size, "world_size": size,
@@ -219,6 +233,8 @@ def read_checkpoint(path: Path) -> dict:
                "scheduler": torch.load(path / "scheduler.pt", weights_only=True),
                "rng": torch.load(path / "rng.pt", weights_only=True),
                "state": json.loads((path / "state.json").read_text())}
+        if (path / "task.json").exists():  # the task's own state (ppo's value adapter and rollout buffer)
+            out["task"] = (load_file(str(path / "task.safetensors")), json.loads((path / "task.json").read_text()))
     except (MemoryError, torch.OutOfMemoryError, PermissionError):
         raise  # the machine's trouble, not the checkpoint's: it must not be moved aside for it
     except Exception as e:  # any reader's failure (safetensors, torch's unpickler, json) means the same: unusable
@@ -235,13 +251,15 @@ def read_checkpoint(path: Path) -> dict:
     return out
 
 
-def apply_checkpoint(checkpoint: dict, path: Path, model, optimizer, scheduler) -> dict:
-    """Restore a checkpoint read by :func:`read_checkpoint`; returns its state.json."""
+def apply_checkpoint(checkpoint: dict, path: Path, model, optimizer, scheduler, task=None) -> dict:
+    """Restore a checkpoint read by :func:`read_checkpoint` (and the task's state in it); returns its state.json."""
     from peft import set_peft_model_state_dict
 
     result = set_peft_model_state_dict(model, checkpoint["weights"], adapter_name="default")
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"checkpoint {path} does not match this model: {result.unexpected_keys[:3]}")
+    if task is not None:
+        task.load_state_dict(*checkpoint.get("task", ({}, {})))
     optimizer.load_state_dict(checkpoint["optimizer"])
     scheduler.load_state_dict(checkpoint["scheduler"])
     _set_rng_state(checkpoint["rng"])
@@ -432,7 +450,7 @@ class Shell:
         # on N processes a step is N times the micro-batches, rank r taking the r-th share (distributed.py)
         self.schedule = Schedule(len(data.train), cfg.batch_size, cfg.gradient_accumulation_steps * self.world.size,
                                  cfg.seed, sizes=[task.size(item) for item in data.train],
-                                 token_budget=cfg.token_budget)
+                                 token_budget=cfg.token_budget, repeat=task.steps_per_batch)
         tokens, answers = largest_micro_step(task, self.schedule, data.train)
         gpu = device().type == "cuda"
         refusal = memory.beyond_machine(cfg, memory.machine_memory_gb(), gpu=gpu, tokens=tokens, answer_tokens=answers)
@@ -452,7 +470,9 @@ class Shell:
                 "base": " (the base model, adapters disabled)",
                 "adapter": f" (the starting adapter {cfg.adapter}, frozen)",
                 "none": f" ({cfg.loss_type} is reference-free)"}[reference])
+        # a task's own trainable roles (ppo: the value adapter and head) join before the optimizer is built
         self.params = trainable_parameters(self.model)
+        self.params += task.attach(self.model, self.tokenizer)
         log.info("trainable parameters: %s", f"{sum(p.numel() for p in self.params):,}")
         if self.world.size > 1:  # every rank starts from rank 0's adapter, and the log says who runs where
             self.world.ranks = self.world.gather(distributed.rank_facts(device()))
@@ -502,7 +522,7 @@ class Shell:
                     f"one takes {self.schedule.accum}: resume with gradient_accumulation_steps x processes = "
                     f"{per_step}, e.g. gradient_accumulation_steps={max(1, per_step // self.world.size)} on "
                     f"{self.world.size} process(es), or --nproc-per-node {runs}")
-            state = apply_checkpoint(checkpoint, path, self.model, self.optimizer, self.scheduler)
+            state = apply_checkpoint(checkpoint, path, self.model, self.optimizer, self.scheduler, self.task)
             self.counters.update({k: v for k, v in state.items() if k in self.counters})
             self.run.truncate_metrics(step)
             log.info("resumed from %s (step %d of %d)", path.name, step, self.total)
@@ -525,6 +545,7 @@ class Shell:
             # the step's micro-batches are a pure function of (seed, step), so a resumed run sees the same data
             batches = [[self.data.train[i] for i in idx] for idx in self.schedule.step_batches(step)]
             weight = sum(task.weight(item) for batch in batches for item in batch)
+            task.begin_step(step, weight)
             lr = self.scheduler.get_last_lr()[0]
             # forward and backward each micro-batch (on N processes, this rank's share of them), its loss scaled to
             # its share of the step's mean
@@ -552,7 +573,7 @@ class Shell:
             run.write_status(step=step)
             stop = step < total and self.stopping()
             if step < total and (step % save_every == 0 or stop):
-                save_checkpoint(run, cfg, self.model, self.optimizer, self.scheduler, step, self.counters)
+                save_checkpoint(run, cfg, self.model, self.optimizer, self.scheduler, step, self.counters, task=task)
                 task.checkpoint()
                 self.saved = step
             # SIGTERM (the app's Stop): the checkpoint above is written; end here, resumable
@@ -590,7 +611,7 @@ class Shell:
         if done > self.saved:
             # cut before its update: the RNG of the step's start; after it: the RNG now (nothing since drew on it)
             save_checkpoint(self.run, self.cfg, self.model, self.optimizer, self.scheduler, done, self.counters,
-                            rng=rng if done < step else None)
+                            rng=rng if done < step else None, task=self.task)
             self.saved = done if self.run.writes else self.saved
         self.run.write_status(step=done)  # the step may have ended without its status line (lost in its logging)
         where = f"; continue with --resume (from step {self.saved})" if self.saved else ""
@@ -604,7 +625,7 @@ class Shell:
         done = step - 1
         if done > self.saved:
             save_checkpoint(self.run, self.cfg, self.model, self.optimizer, self.scheduler, done, self.counters,
-                            rng=rng)
+                            rng=rng, task=self.task)
             self.task.checkpoint()
             self.saved = done
         if done:
@@ -616,7 +637,8 @@ class Shell:
 
     def log_train(self, step: int, window: _Window, lr: float, grad_norm: float) -> dict:
         """The window's means and the run's vitals, one line of metrics.jsonl."""
-        record = {"step": step, "epoch": round(step * self.schedule.accum / self.schedule.batches_per_epoch, 4),
+        epochs = step * self.schedule.accum / (self.schedule.batches_per_epoch * self.schedule.repeat)
+        record = {"step": step, "epoch": round(epochs, 4),
                   **window.record(self.task.unit), "learning_rate": lr, "grad_norm": grad_norm,
                   "peak_memory_mb": self.world.max(peak_memory_mb()), "loaded_memory_mb": self.loaded_mb,
                   "nonfinite_steps": self.counters["nonfinite_steps"]}
@@ -694,6 +716,7 @@ class Shell:
             tmp = run.path / f".adapter.tmp-{os.getpid()}"
             save_adapter(self.model, self.tokenizer, tmp)
             run.install_dir(tmp, run.adapter)
+            self.task.save(self.model, self.tokenizer, run)  # a task's other trained roles (ppo: value/)
         summary = {k: v for k, v in last.items() if k.startswith("eval_")}
         run.write_status(state="completed", step=self.total, message="", seconds=round(time.time() - self.started, 1),
                          final=summary)

@@ -267,12 +267,16 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
 
 
 def whiten(values: Tensor, mask: Tensor | None = None, *, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
-    """``(x - mean) / std`` over the masked entries (population variance); ``shift_mean=False`` adds the mean back
-    (reward whitening keeps the rewards' level, advantage whitening centres them). Unmasked entries come back as 0."""
+    """``(x - mean) / sqrt(var + eps)`` over the masked entries, with the unbiased (Bessel-corrected, n - 1)
+    variance, as TRL's ``masked_whiten`` (its PPOTrainer's, after the published PPO-for-LMs code) and torch's
+    ``std()`` that its RLOOTrainer's ``normalize_advantages`` uses; one entry alone has variance 0.
+    ``shift_mean=False`` adds the mean back (reward whitening keeps the rewards' level, advantage whitening centres
+    them). Unmasked entries come back as 0."""
     if mask is None:
         mask = torch.ones_like(values, dtype=torch.bool)
     mean = masked_mean(values, mask)
-    var = masked_mean((values - mean) ** 2, mask)
+    n = mask.sum()
+    var = masked_mean((values - mean) ** 2, mask) * n / (n - 1).clamp(min=1)
     out = (values - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         out = out + mean

@@ -339,7 +339,7 @@ def test_train_tab_plots_come_from_the_runs_task(tmp_path, monkeypatch):
     # a task with fewer plots than there are slots: the rest are hidden; one with more: more slots
     monkeypatch.setattr(reward, "plots", reward.plots[:3])
     assert [u["visible"] for u in train_tab.plot_layout(app, "r1")[:-1]] == [True, True, True] + [False] * (slots - 3)
-    monkeypatch.setattr(dpo, "plots", dpo.plots + [("Grad norm", {"grad_norm": "norm"})])
+    monkeypatch.setattr(dpo, "plots", dpo.plots + [("Grad norm", {"grad_norm": "norm"})] * (slots + 1 - len(dpo.plots)))
     assert train_tab.plot_slots() == len(dpo.plots) and len(train_tab.refresh(app, "r1")) == len(dpo.plots) + 3
     # nothing selected, or a folder removed under the page: every slot hidden, a plain line
     assert not any(u["visible"] for u in train_tab.plot_layout(app, None)[:-1])

@@ -78,13 +78,30 @@ def test_k1_as_a_loss_term_is_refused_it_would_penalise_nothing():
     assert k3.rl.kl_estimator == "k3"
 
 
+def test_ppo_settings_are_checked_plainly():
+    from lowrank_pref.config import ConfigError, build_config
+
+    with pytest.raises(ConfigError, match=r"max_steps=41 is not a multiple of rl.ppo_epochs=4.*max_steps=40 or 44"):
+        build_config("tiny-rl", overrides={"rl.algorithm": "ppo", "max_steps": 41})
+    with pytest.raises(ConfigError, match=r"rl.cliprange"):
+        build_config("tiny-rl", overrides={"rl.algorithm": "ppo", "rl.cliprange": 0})
+    with pytest.raises(ConfigError, match=r"rl.lam"):
+        build_config("tiny-rl", overrides={"rl.algorithm": "ppo", "rl.lam": 1.5})
+    cfg = build_config("tiny-rl", overrides={"rl.algorithm": "ppo", "max_steps": 41, "rl.ppo_epochs": 1})
+    assert (cfg.rl.cliprange, cfg.rl.cliprange_value, cfg.rl.vf_coef, cfg.rl.gamma, cfg.rl.lam) == (
+        0.2, 0.2, 0.1, 1.0, 0.95)  # TRL's PPOTrainer defaults
+
+
 def test_whiten_by_hand():
     x = torch.tensor([1.0, 2.0, 3.0, 4.0, 100.0])
     mask = torch.tensor([1, 1, 1, 1, 0], dtype=torch.bool)
-    std = math.sqrt(1.25)  # population variance of 1..4 around 2.5
+    # the unbiased variance of 1..4 around 2.5, (2.25 + 0.25 + 0.25 + 2.25) / (4 - 1), as TRL's masked_whiten
+    std = math.sqrt(5 / 3)
     assert whiten(x, mask, eps=0).tolist() == pytest.approx([-1.5 / std, -0.5 / std, 0.5 / std, 1.5 / std, 0.0])
     assert whiten(x, mask, shift_mean=False, eps=0).tolist() == pytest.approx(
         [2.5 - 1.5 / std, 2.5 - 0.5 / std, 2.5 + 0.5 / std, 2.5 + 1.5 / std, 0.0])
+    assert whiten(x[:4], eps=0).tolist() == pytest.approx(((x[:4] - x[:4].mean()) / x[:4].std()).tolist())  # torch's
+    assert whiten(torch.tensor([3.0]), eps=1e-8).tolist() == [0.0]  # one entry: variance 0, not a division by zero
 
 
 def test_gae_by_hand():
@@ -237,6 +254,143 @@ def test_a_step_changes_only_the_policy_adapter(tmp_path, tiny_model_dir, reward
     assert 1 <= record["length"] <= 4 and 0 <= record["eos"] <= 1
 
 
+@pytest.fixture(scope="module")
+def ppo_shell(tiny_model_dir, reward_adapter, tmp_path_factory):
+    """Four PPO steps in process, two epochs over each of two rollouts, a checkpoint after each of steps 1-3 (1 and
+    3 between the epochs of a rollout), LoRA dropout asked for, the first layer checkpointed (recomputed in
+    backward); the parameters before training kept."""
+    from conftest import write_pairs
+    from lowrank_pref.artifacts import RunDir
+    from lowrank_pref.loop import Shell, _StopFlag
+
+    root = tmp_path_factory.mktemp("ppo")
+    cfg = _rl_config(tiny_model_dir, reward_adapter, dataset=str(write_pairs(root / "pairs.jsonl")), max_steps=4,
+                     eval_steps=100, save_steps=1, save_total_limit=3, gradient_checkpointing=True,
+                     **{"rl.algorithm": "ppo", "rl.ppo_epochs": 2, "lora.dropout": 0.1})
+    shell = Shell(cfg, RunDir(root / "run").create(), _StopFlag())
+    shell.setup(resume=False)
+    before = {n: p.detach().clone() for n, p in shell.model.named_parameters()}
+    before["value_head"] = shell.task.value_head.weight.detach().clone()
+    optimized = {id(p) for group in shell.optimizer.param_groups for p in group["params"]}
+    dropouts = [m.p for m in shell.model.modules() if isinstance(m, torch.nn.Dropout)]
+    shell.loop()
+    return shell, before, optimized, dropouts, root / "run"
+
+
+def test_ppo_trains_the_policy_and_the_value_adapter_from_the_rollouts_policy(ppo_shell):
+    shell, before, optimized, dropouts, run = ppo_shell
+    model, task = shell.model, shell.task
+    names = {id(p): n for n, p in model.named_parameters()}
+    names[id(task.value_head.weight)] = "value_head"
+    # the optimizer holds the policy's and the value's weights (adapter and head), nothing of the reward model
+    assert {names[i].split(".")[-2] if "lora_" in names[i] else names[i]
+            for i in optimized} == {"default", "value", "value_head"}
+    # the value adapter and head start as copies of the reward model's
+    for n, p in before.items():
+        if ".value." in n:
+            assert torch.equal(p, before[n.replace(".value.", ".reward.")]), n
+    assert torch.equal(before["value_head"], task.score_head.weight)
+    # lora.dropout=0.1 asked for, and every dropout of the model turned off for rl
+    assert dropouts and all(p == 0 for p in dropouts)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed and all(".default." in n or ".value." in n for n in changed), changed
+    assert any(".value." in n for n in changed) and any(".default." in n for n in changed)
+    assert not torch.equal(before["value_head"], task.value_head.weight)  # trained
+    assert torch.equal(before["value_head"], task.score_head.weight)  # the reward model's head: untouched
+    train = {m["step"]: m for m in read_metrics(run / "metrics.jsonl") if "loss" in m}
+    assert sorted(train) == [1, 2, 3, 4]
+    # the first epoch of each rollout: the policy that sampled, exactly (no dropout, the same pass): ratio 1
+    for step in (1, 3):
+        assert train[step]["val/ratio"] == 1.0 and train[step]["policy/clipfrac"] == 0.0, train[step]
+        assert train[step]["policy/approxkl"] == 0.0 and train[step]["val/clipfrac"] == 0.0
+    for step in (2, 4):  # the second epoch: the policy has moved from the one that sampled
+        assert train[step]["policy/approxkl"] > 0 and train[step]["val/ratio"] != 1.0, train[step]
+        assert train[step]["reward"] == train[step - 1]["reward"]  # the same rollout
+    for m in train.values():
+        for key in ("loss/policy", "loss/value", "kl", "entropy", "length", "eos"):
+            assert math.isfinite(m[key]), key
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    # the value adapter beside the policy's, in the reward model's format: it loads as a reward model
+    import dataclasses
+
+    from lowrank_pref.model import check_reward_model
+
+    assert check_reward_model(dataclasses.replace(shell.cfg, reward_model=str(run / "value"))) == run / "value"
+
+
+def test_ppo_rewards_and_gae_by_hand_on_a_stored_rollout(ppo_shell):
+    shell, *_, run = ppo_shell
+    cfg, (entry,) = shell.cfg, shell.task.buffer.values()  # rollout 2's (steps 3 and 4), one micro-batch
+    mask, old, ref = entry["mask"], entry["old_logps"], entry["ref"]
+    N = mask.shape[0]
+    scores = []
+    for i in range(N):
+        pos = mask[i].nonzero().flatten().tolist()
+        r = [-cfg.beta * float(old[i, t] - ref[i, t]) for t in pos]  # -beta * KL_t (k1) on every completion token
+        score = float(entry["rewards"][i, pos[-1]]) - r[-1]
+        scores.append(score)
+        assert entry["rewards"][i, pos].tolist() == pytest.approx(r[:-1] + [r[-1] + score], abs=1e-6)
+        # GAE by hand, gamma 1, lambda 0.95, the value after the last token 0; returns = advantages + values
+        v = entry["old_values"][i, pos].tolist() + [0.0]
+        a, adv = 0.0, []
+        for t in reversed(range(len(pos))):
+            a = entry["rewards"][i, pos[t]].item() + v[t + 1] - v[t] + 0.95 * a
+            adv.insert(0, a)
+        assert entry["returns"][i, pos].tolist() == pytest.approx([x + y for x, y in zip(adv, v)], abs=1e-5)
+    # the score at the last token is the reward model's: its mean is the logged reward (k samples a prompt, summed
+    # over the prompts, divided by them)
+    assert sum(scores) / cfg.rl.k == pytest.approx(entry["sums"]["reward"], abs=1e-5)
+    # advantages whitened over every completion token of the micro-batch, with the unbiased variance
+    returns_minus_values = (entry["returns"] - entry["old_values"])[mask]
+    expected = (returns_minus_values - returns_minus_values.mean()) / returns_minus_values.std()
+    torch.testing.assert_close(entry["advantages"][mask], expected, atol=1e-4, rtol=1e-4)
+    # step 3, the rollout's first epoch: ratio 1, so each row's surrogate is minus its mean advantage; the values
+    # are the rollout's own, so the value loss is 0.5 (V - R)^2, each averaged over its row's tokens, then the rows
+    step3 = [m for m in read_metrics(run / "metrics.jsonl") if m["step"] == 3 and "loss" in m][0]
+    rows = [mask[i] for i in range(N)]
+    assert step3["loss/policy"] == pytest.approx(
+        sum(-float(entry["advantages"][i, m].mean()) for i, m in enumerate(rows)) / N, abs=1e-5)
+    assert step3["loss/value"] == pytest.approx(sum(0.5 * float(((entry["old_values"] - entry["returns"])[i, m] ** 2)
+                                                                .mean()) for i, m in enumerate(rows)) / N, abs=1e-5)
+
+
+def test_ppo_resumes_exactly_between_the_epochs_of_a_rollout(ppo_shell, tmp_path):
+    """What SIGKILL after step 3's checkpoint leaves (steps 1-3 checkpointed, the run gone before step 4's end):
+    the resumed run's step 4 reads rollout 2 from the checkpoint's buffer, and logs what the uninterrupted run did.
+    It resumes without gradient checkpointing: the same numbers also show that the checkpointed run's recompute in
+    backward ran each pass's own adapter (the value loss's backward under the value adapter, not the policy)."""
+    import dataclasses
+    import shutil
+
+    from lowrank_pref.artifacts import RunDir
+    from lowrank_pref.loop import Shell, _StopFlag
+    from lowrank_pref.model import checkpointed_layers
+
+    shell, _, _, _, run = ppo_shell
+    meta = {s: json.loads((run / f"checkpoint-{s}" / "task.json").read_text()) for s in (1, 2, 3)}
+    assert list(meta[1]["entries"]) == ["0"] and meta[2]["entries"] == {} and list(meta[3]["entries"]) == ["0"]
+    killed = tmp_path / "run"
+    shutil.copytree(run, killed)
+    for done in ("adapter", "value"):  # written at the end, which the killed run never reached
+        shutil.rmtree(killed / done)
+    metrics = (killed / "metrics.jsonl").read_text().splitlines()
+    (killed / "metrics.jsonl").write_text("\n".join(metrics[:3]) + "\n")  # step 4's line was never written
+    assert shell.cfg.gradient_checkpointing and checkpointed_layers(shell.model) == 1
+    cfg = dataclasses.replace(shell.cfg, gradient_checkpointing=False)
+    resumed = Shell(cfg, RunDir(killed).create(), _StopFlag())
+    resumed.setup(resume=True)
+    assert resumed.start == 3 and resumed.task.buffer_rollout == 2
+    resumed.loop()
+    a = {m["step"]: m for m in read_metrics(run / "metrics.jsonl") if "loss" in m}
+    b = {m["step"]: m for m in read_metrics(killed / "metrics.jsonl") if "loss" in m}
+    assert sorted(b) == [1, 2, 3, 4]
+    for key in ("reward", "kl", "loss", "loss/value", "loss/policy", "policy/approxkl", "val/ratio"):
+        assert b[4][key] == pytest.approx(a[4][key], rel=1e-5, abs=1e-7), key
+    for n, p in resumed.model.named_parameters():
+        if ".value." in n or ".default." in n:
+            torch.testing.assert_close(p, dict(shell.model.named_parameters())[n], rtol=1e-5, atol=1e-6)
+
+
 def test_reward_model_of_another_base_is_refused_plainly(tmp_path, unseen_model_dir, reward_adapter, pairs_file):
     res = run_cli("--preset", "tiny-rl", "--model", str(unseen_model_dir), "--dataset", str(pairs_file),
                   f"reward_model={reward_adapter}", "--output-dir", str(tmp_path / "rl"), env=ONE_THREAD)
@@ -374,19 +528,43 @@ def test_memory_model_counts_generation_and_the_reward_adapter():
     assert bigger["generation"] > parts["generation"] and bigger["total"] > parts["total"]
     dpo = estimate(build_config("8gb-dpo"))
     assert "generation" not in dpo and "reward_adapter" not in dpo
+    assert "value_adapter" not in parts
+    ppo = estimate(build_config("8gb-rl", overrides={"rl.algorithm": "ppo"}))
+    # one more LoRA + a 1536-wide head at the policy's 10 B a parameter (paged 8-bit AdamW); the buffer: 4 x 1 x 16
+    # rows of 640 positions, 3 int64 + 1 bool + 6 fp32 each
+    assert ppo["value_adapter"] == pytest.approx((a.lora_params(16) + 1536) * 10 / 2**30, abs=1e-3)
+    assert ppo["rollout_buffer"] == pytest.approx(64 * 640 * 49 / 2**30, abs=1e-4)
+    assert ppo["total"] == pytest.approx(parts["total"] + ppo["value_adapter"] + ppo["rollout_buffer"], abs=1e-3)
 
 
-def test_online_dpo_from_the_cli_beats_the_reference(rl_world):
-    out = rl_world / "online_dpo"
-    res = run_cli(*_rl_args(rl_world, "rl.algorithm=online_dpo", "save_steps=100"), "--output-dir", str(out),
-                  env=ONE_THREAD)
+def _beats_the_reference(rl_world, algorithm: str, *extra: str) -> list[dict]:
+    """An rl run of ``algorithm`` from the CLI whose held-out mean reward beats the reference's, with its win rate
+    above one half and its KL reported and bounded; returns its train records."""
+    out = rl_world / algorithm
+    res = run_cli(*_rl_args(rl_world, f"rl.algorithm={algorithm}", "save_steps=100", *extra), "--output-dir",
+                  str(out), env=ONE_THREAD)
     assert res.returncode == 0, res.stderr
     metrics = read_metrics(out / "metrics.jsonl")
     final = [m for m in metrics if "eval_reward" in m][-1]
     assert final["eval_reward"] > final["eval_reward_reference"] + 0.2 and final["eval_win_rate"] > 0.5, final
     assert 0 < final["eval_kl"] < 40, final
-    train = [m for m in metrics if "loss" in m]
+    return [m for m in metrics if "loss" in m]
+
+
+def test_online_dpo_from_the_cli_beats_the_reference(rl_world):
+    train = _beats_the_reference(rl_world, "online_dpo")
     assert all("rewards/margins" in m and "pair/reward_gap" in m for m in train)
+
+
+def test_ppo_from_the_cli_beats_the_reference(rl_world):
+    """PPO at its defaults (4 epochs over each rollout: 40 steps are 10 rollouts of 4 prompts x 4 completions), a
+    learning rate half RLOO's: each rollout is stepped on four times."""
+    train = _beats_the_reference(rl_world, "ppo", "learning_rate=1e-3")
+    assert len(train) == 40 and all(0 <= m["policy/clipfrac"] <= 1 and m["loss/value"] >= 0 for m in train)
+    assert all(m["val/ratio"] == 1.0 for m in train[::4])  # each rollout's first epoch: the sampling policy itself
+    out = rl_world / "ppo"
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "value" / "adapter_model.safetensors").is_file()
 
 
 def test_a_dpo_run_given_a_reward_model_is_judged_against_its_reference(rl_world):

@@ -2,9 +2,11 @@
 
 The shell calls, in order: ``Task.validate(cfg)`` (with the config, before anything loads), ``load_data(tokenizer)``
 (which reads rows through ``prepare_rows``, as the app's data doctor does),
-``size``/``weight``/``micro_step_tokens`` (batching and the memory plan), ``reference(kind)`` and ``setup(model,
-data)`` once the model is loaded, then ``losses(model, items)`` for every micro-batch of training and eval,
-``checkpoint()`` beside each checkpoint, ``derived(record)`` on each logged record, and ``finish()`` at the end.
+``size``/``weight``/``micro_step_tokens`` (batching and the memory plan), ``reference(kind)`` and ``attach(model,
+tokenizer)`` once the model is loaded (before the optimizer is built), ``load_state_dict`` when resuming,
+``setup(model, data)``, then ``begin_step(step, weight)`` and ``losses(model, items)`` for every micro-batch of
+training (``losses`` also for eval), ``state_dict(step)`` into each checkpoint and ``checkpoint()`` beside it,
+``derived(record)`` on each logged record, and ``finish()`` and ``save(model, tokenizer, run)`` at the end.
 
 Reductions are the shell's: a step's loss is ``sum(losses of its items) / sum(weight of its items)`` over all its
 micro-batches, so the same effective batch gives the same update however it is split, and a logged metric is its
@@ -48,6 +50,7 @@ class Task:
     # is about 1 / vocabulary size).
     accuracy_key = ""
     reads_loss_type = False  # whether loss_type (losses.LOSSES) chooses its loss
+    steps_per_batch = 1  # consecutive steps over the same micro-batches (loop.Schedule.repeat; ppo: its epochs)
     # The config keys of this task's objective that the app's Setup form shows (only the selected task's are shown,
     # and only those override the preset); how to train (learning rate, steps, sizes) is common to every task.
     fields: tuple[str, ...] = ()
@@ -106,6 +109,11 @@ class Task:
         None when the task has no reference."""
         return loaded if self.uses_reference else None
 
+    def attach(self, model, tokenizer) -> list:
+        """Before the optimizer is built: add the task's other roles to the model (rl: the reward adapter; ppo: the
+        value adapter and head). Returns trainable parameters the optimizer must update beyond the model's own."""
+        return []
+
     def setup(self, model, tokenizer, data: TaskData) -> dict:
         """After the model loads: choose layouts, open caches. Returns facts for status.json. The base keeps the
         padding id and, for a task that reads the reference (``reference_cache`` on), opens the reference cache."""
@@ -124,7 +132,20 @@ class Task:
         """Per-item losses (B,) with grad, the metric sums over these items, and the real tokens processed."""
         raise NotImplementedError
 
+    def begin_step(self, step: int, weight: float) -> None:
+        """Before the micro-batches of training step ``step``, whose items weigh ``weight`` in all."""
+
     # -- bookkeeping -----------------------------------------------------------------------------------------------
+    def state_dict(self, step: int) -> tuple[dict, dict] | None:
+        """What a checkpoint after ``step`` keeps of the task: (tensors, json-able facts), or None for nothing."""
+        return None
+
+    def load_state_dict(self, tensors: dict, meta: dict) -> None:
+        """Restore :meth:`state_dict`'s (empty dicts when the checkpoint holds none)."""
+
+    def save(self, model, tokenizer, run) -> None:
+        """At the end, beside the adapter: the task's other trained roles (``run``: the artifacts.RunDir)."""
+
     def checkpoint(self) -> None:
         """Persist what the task keeps beside a checkpoint: the reference cache."""
         if self.ref_cache is not None:

@@ -16,8 +16,20 @@ One micro-batch of B prompts (one item = one prompt):
    transformers' sequence classifier pools; completions without eos can lose ``rl.missing_eos_penalty``;
 3. the reference's per-token log-probs of the sampled tokens (adapters off), then the policy's with grad;
 4. the loss (``rl.algorithm``): ``rloo``, REINFORCE with the leave-one-out baseline over the k completions (Ahmadian
-   et al. 2024; RLOO's KL ``beta * sum_t (log pi - log pi_ref)`` in the reward, or GRPO's k3 as a loss term); or
-   ``online_dpo``, the best and worst of the k completions by the reward model as a DPO pair (Guo et al. 2024).
+   et al. 2024; RLOO's KL ``beta * sum_t (log pi - log pi_ref)`` in the reward, or GRPO's k3 as a loss term);
+   ``online_dpo``, the best and worst of the k completions by the reward model as a DPO pair (Guo et al. 2024); or
+   ``ppo`` (Ouyang et al. 2022, as TRL's PPOTrainer had it): a value adapter and head, copied from the reward model,
+   train beside the policy; per-token rewards ``-beta * KL_t`` plus the score at the last token, GAE, whitened
+   advantages, the clipped surrogate and clipped value loss, over ``rl.ppo_epochs`` steps of the same rollout.
+
+PPO's steps: the run's steps (E - 1) * r + 1 ... E * r take rollout r's prompts (loop.Schedule.repeat, E =
+``rl.ppo_epochs``); the first of them samples each micro-batch and stores its rollout (sequences, reference and
+rollout log-probs, rewards, values, advantages, returns), the next E - 1 step on the stored one, each one PPO epoch
+as one optimizer step over the rollout batch (TRL's num_mini_batches=1). A checkpoint between them keeps the stored
+rollout and the value adapter, so a resumed run takes the uninterrupted run's steps.
+
+Every pass runs with dropout off (set to 0 at attach): the log-probs of the rollout, the REINFORCE gradient and
+PPO's ratio all assume the policy that sampled.
 
 Rollouts draw from the global torch RNG, which the run shell checkpoints, so a resumed run samples what an
 uninterrupted one does. Eval samples k completions per held-out prompt from the policy and, with the same seed, k
@@ -38,8 +50,9 @@ from .. import data as data_mod
 from ..config import ConfigError
 from ..data import DataError, DataReport, RowError
 from ..logps import _decoder_and_head, head_token_logps
-from ..losses import KL_ESTIMATORS, kl_k1, preference_loss, reinforce_loss, rloo_advantages, whiten
-from ..model import REWARD, adapter_role, attach_reward, autocast, reference_mode
+from ..losses import (KL_ESTIMATORS, gae, kl_k1, masked_mean, ppo_policy_loss, ppo_value_loss, preference_loss,
+                      reinforce_loss, rloo_advantages, whiten)
+from ..model import POLICY, REWARD, adapter_role, attach_reward, autocast, reference_mode, reward_adapter_dir
 from .base import Task, TaskData
 
 log = logging.getLogger("lowrank_pref")
@@ -159,6 +172,103 @@ def pooled_scores(model, head: torch.nn.Linear, input_ids: torch.Tensor, attenti
     return head(pooled.to(head.weight.dtype)).squeeze(-1).float()
 
 
+def kl_loss_term(logps: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor, estimator: str) -> torch.Tensor:
+    """GRPO's KL as a loss term: the estimator's per-token KL, with grad, averaged over each row's completion tokens
+    (N,)."""
+    return masked_mean(KL_ESTIMATORS[estimator](logps, ref), mask, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The value role (ppo): a trainable copy of the reward adapter and its score head on the same base
+
+VALUE = "value"
+
+
+def no_dropout(model) -> int:
+    """Set every dropout of the model to 0 (LoRA's ``lora_dropout`` modules, and attention dropout rates kept as
+    numbers). Returns how many were on."""
+    count = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p, count = 0.0, count + 1
+        if isinstance(getattr(module, "attention_dropout", None), float) and module.attention_dropout:
+            module.attention_dropout, count = 0.0, count + 1
+    return count
+
+
+def attach_value(model, score_head: torch.nn.Linear) -> torch.nn.Linear:
+    """The value model of InstructGPT's recipe, initialised from the reward model: a new adapter ``value`` on the
+    same base, with the reward adapter's configuration (no dropout) and weights, and a trainable copy of its score
+    head, returned. The policy stays the active adapter. Random draws of the new adapter's init (overwritten) come
+    from a fork of the RNG, as attach_reward's (a resumed run attaches it after restoring the RNG)."""
+    import copy
+
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    config = copy.deepcopy(model.peft_config[REWARD])
+    config.inference_mode, config.lora_dropout = False, 0.0
+    with torch.random.fork_rng(devices=devices):
+        model.add_adapter(VALUE, config)
+    model.set_adapter(POLICY)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name in params:
+            if f".{VALUE}." in name:
+                params[name].copy_(params[name.replace(f".{VALUE}.", f".{REWARD}.")])
+    head = torch.nn.Linear(score_head.in_features, 1, bias=False).to(score_head.weight.device)
+    with torch.no_grad():
+        head.weight.copy_(score_head.weight)
+    return head
+
+
+def value_parameters(model) -> list[torch.nn.Parameter]:
+    """The value adapter's weights (PEFT's set_adapter turns their requires_grad on and off with the active
+    adapter; the optimizer holds them whatever it is)."""
+    return [p for n, p in model.named_parameters() if f".{VALUE}." in n]
+
+
+@contextlib.contextmanager
+def value_role(model):
+    """The value adapter active and trainable (the policy's frozen meanwhile), in train mode; the policy after."""
+    model.set_adapter(VALUE)
+    try:
+        yield model
+    finally:
+        model.set_adapter(POLICY)
+
+
+def token_values(model, head: torch.nn.Linear, batch: dict, mask: torch.Tensor) -> torch.Tensor:
+    """The value of each completion position with whatever adapter is active: the head on the hidden state that
+    predicts completion token t + 1, (N, T - 1) fp32 as completion_token_logps lays out its log-probs (the state
+    before each token, TRL's ``values[:, context_length - 1 : -1]``), 0 outside ``mask``."""
+    decoder, _, _ = _decoder_and_head(model)
+    dev = head.weight.device
+    hidden = decoder(input_ids=batch["input_ids"].to(dev), attention_mask=batch["attention_mask"].to(dev),
+                     use_cache=False).last_hidden_state
+    picked = head(hidden[:, :-1][mask].to(head.weight.dtype)).squeeze(-1).float()
+    return torch.zeros(mask.shape, dtype=torch.float32, device=dev).masked_scatter(mask, picked)
+
+
+def save_value(model, head: torch.nn.Linear, reward_dir: Path, tokenizer, path: Path) -> None:
+    """The value adapter and head as a reward run saves its model: the reward adapter's adapter_config.json (the
+    value adapter's configuration is its copy) and its weights' names, with the value's weights."""
+    import shutil
+
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    path.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(reward_dir / "adapter_config.json", path / "adapter_config.json")
+    reward_keys = load_file(str(reward_dir / "adapter_model.safetensors")).keys()
+    (score_key,) = [k for k in reward_keys if k.split(".")[-2] == "score" or ".score." in k]
+    state = {k: v.detach().cpu().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=VALUE).items()}
+    missing = set(reward_keys) - set(state) - {score_key}
+    if missing:  # the names must be the reward run's, or the folder would not load as a reward model
+        raise RuntimeError(f"value adapter weights are named unlike the reward model's: {sorted(missing)[:3]}")
+    state[score_key] = head.weight.detach().cpu().contiguous()
+    save_file(state, str(path / "adapter_model.safetensors"))
+    tokenizer.save_pretrained(str(path))
+
+
 class Rollout:
     """k completions of each prompt of a micro-batch, flattened (B * k rows, a prompt's k consecutive)."""
 
@@ -172,6 +282,21 @@ def kv_cache_bytes(cfg, arch, act_bytes: int) -> int:
     max_new_tokens tokens, ``act_bytes`` each (2 under a GPU's 16-bit autocast, 4 in fp32)."""
     rows = cfg.rl.k * cfg.batch_size
     return 2 * arch.layers * arch.kv_dim * rows * (cfg.max_prompt_length + cfg.rl.max_new_tokens) * act_bytes
+
+
+def ppo_memory(cfg, arch, parts: dict) -> dict[str, float]:
+    """GB that ppo adds: the value adapter and head with their gradients and optimizer state (as many bytes a
+    parameter as the policy's LoRA: the memory model's ``lora_and_optimizer`` per parameter), and the rollout buffer
+    of a step, k x batch_size x gradient_accumulation_steps rows of max_prompt_length + max_new_tokens positions, each
+    three int64 (tokens, attention, completion mask), one bool and six fp32 (reference, rollout log-probs, rewards,
+    values, advantages, returns). The value pass's activations are freed (its backward runs at once) before the
+    policy pass: they add nothing to the peak."""
+    GB = 1024 ** 3
+    per_param = parts.get("lora_and_optimizer", 0) * GB / max(1, arch.lora_params(cfg.lora.r))
+    value = (arch.lora_params(cfg.lora.r) + arch.hidden) * per_param
+    rows = cfg.rl.k * cfg.batch_size * cfg.gradient_accumulation_steps
+    buffer = rows * (cfg.max_prompt_length + cfg.rl.max_new_tokens) * (3 * 8 + 1 + 6 * 4)
+    return {"value_adapter": value / GB, "rollout_buffer": buffer / GB}
 
 
 class RewardRoles:
@@ -287,7 +412,10 @@ class RlTask(RewardRoles, Task):
              ("KL to the reference", {"kl": "train", "eval_kl": "eval"}),
              ("Win rate over the reference", {"eval_win_rate": "eval"}),
              ("Completions", {"length": "tokens", "eos": "share ending in eos"}),
-             ("Entropy", {"entropy": "train"})]
+             ("Entropy", {"entropy": "train"}),
+             ("PPO: clipping and drift", {"policy/clipfrac": "policy clip fraction", "val/clipfrac": "value clip "
+                                          "fraction", "policy/approxkl": "approx KL (rollout policy -> now)"}),
+             ("PPO: losses", {"loss/policy": "policy", "loss/value": "value"})]
     fields = ("reward_model", "rl.algorithm", "beta", "rl.k", "rl.max_new_tokens")
 
     @classmethod
@@ -302,6 +430,12 @@ class RlTask(RewardRoles, Task):
             raise ConfigError("rl.kl_in_reward=false with rl.kl_estimator=k1 puts no KL penalty on the policy (k1's "
                               "gradient averages to zero under the policy's own samples); use rl.kl_estimator=k3 "
                               "(GRPO's), or rl.kl_in_reward=true")
+        E = cfg.rl.ppo_epochs
+        if cfg.rl.algorithm == "ppo" and cfg.max_steps and cfg.max_steps % E:
+            # each rollout takes ppo_epochs steps: a remainder would train the last rollout for fewer epochs
+            raise ConfigError(f"max_steps={cfg.max_steps} is not a multiple of rl.ppo_epochs={E} (each rollout batch "
+                              f"takes {E} steps, one per PPO epoch); use max_steps={cfg.max_steps // E * E or E} or "
+                              f"{(cfg.max_steps // E + 1) * E}")
 
     # -- data ------------------------------------------------------------------------------------------------------
     def prepare_rows(self, rows, tokenizer, source):
@@ -331,33 +465,93 @@ class RlTask(RewardRoles, Task):
         - ``generation``: while sampling, the KV cache of k x batch_size rows of (max_prompt_length + max_new_tokens)
           tokens (keys and values, every layer) and each step's fp32 logits (the sampler's and the entropy
           record's). Generation runs without grad before the training pass builds its graph, so only what it needs
-          beyond training's own activations and LM-head chunk adds to the peak."""
+          beyond training's own activations and LM-head chunk adds to the peak;
+        - ppo: ``value_adapter`` and ``rollout_buffer`` (:func:`ppo_memory`)."""
         GB = 1024 ** 3
         logits = 3 * cfg.rl.k * cfg.batch_size * arch.vocab * 4
         reward = arch.lora_params(cfg.lora.r) * 4 + arch.hidden * 4
         training = (parts.get("activations", 0) + parts.get("lm_head_chunk", 0)) * GB
         generation = kv_cache_bytes(cfg, arch, act_bytes) + logits
-        return {"reward_adapter": reward / GB, "generation": max(0.0, generation - training) / GB}
+        out = {"reward_adapter": reward / GB, "generation": max(0.0, generation - training) / GB}
+        if cfg.rl.algorithm == "ppo":
+            out.update(ppo_memory(cfg, arch, parts))
+        return out
 
     # -- the model -------------------------------------------------------------------------------------------------
+    @property
+    def steps_per_batch(self) -> int:
+        """ppo: ``rl.ppo_epochs`` consecutive steps over one rollout batch (loop.Schedule.repeat)."""
+        return self.cfg.rl.ppo_epochs if self.cfg.rl.algorithm == "ppo" else 1
+
+    def attach(self, model, tokenizer) -> list:
+        """The reward adapter (frozen), dropout off, and for ppo the value adapter and head (trainable, returned
+        for the optimizer)."""
+        from .. import distributed
+
+        self.model = model
+        self.attach_roles(model, tokenizer)
+        # the rollouts' log-probs, the REINFORCE gradient and PPO's ratio all assume the policy that sampled: no
+        # dropout in its passes (TRL's RL trainers turn it off too); eval mode can't, it also stops checkpointing
+        off = no_dropout(model)
+        if off:
+            log.info("rl: dropout off in %d modules (lora.dropout=%s): every pass is the policy that sampled", off,
+                     self.cfg.lora.dropout)
+        if self.cfg.rl.algorithm != "ppo":
+            return []
+        if distributed.world().size > 1:
+            raise ConfigError("rl.algorithm=ppo runs on one process (its rollout buffer is per process and is not "
+                              "checkpointed across ranks); run it without --nproc-per-node, or use rl.algorithm=rloo")
+        self.value_head = attach_value(model, self.score_head)
+        self.buffer, self.buffer_rollout = {}, 0
+        params = value_parameters(model) + [self.value_head.weight]
+        log.info("value model: adapter '%s' and a scalar head, initialised from the reward model (%s parameters)",
+                 VALUE, f"{sum(p.numel() for p in params):,}")
+        return params
+
     def setup(self, model, tokenizer, data: TaskData) -> dict:
         facts = super().setup(model, tokenizer, data)
         self.ref_cache = None  # reference log-probs of fresh samples are never asked for twice
-        self.attach_roles(model, tokenizer)
         return {**facts, "reward_model": str(self.cfg.reward_model)}
 
+    def begin_step(self, step: int, weight: float) -> None:
+        """ppo: which epoch of which rollout this step is; the first epoch starts a new buffer."""
+        E = self.steps_per_batch
+        self.step_weight, self.micro = weight, 0
+        self.epoch, rollout = (step - 1) % E, (step - 1) // E + 1
+        if self.cfg.rl.algorithm == "ppo" and (self.epoch == 0 or self.buffer_rollout != rollout):
+            self.buffer, self.buffer_rollout = {}, rollout
+
     # -- the loss --------------------------------------------------------------------------------------------------
-    def losses(self, model, prompts: list):
-        cfg, k = self.cfg, self.cfg.rl.k
-        rollout = self.generate(model, prompts, k)
+    def sample(self, model, prompts: list) -> tuple[Rollout, torch.Tensor, torch.Tensor]:
+        """k completions per prompt from the policy, their raw scores and the scores as the objective takes them
+        (clipped, the missing-eos penalty subtracted)."""
+        cfg = self.cfg
+        rollout = self.generate(model, prompts, cfg.rl.k)
         raw = self.rewards(model, rollout)
-        dev = raw.device
-        ended = torch.tensor(rollout.ended, device=dev)
-        rewards = raw.clone()
+        scores = raw.clone()
         if cfg.rl.reward_clip:
-            rewards = rewards.clamp(-cfg.rl.reward_clip, cfg.rl.reward_clip)
+            scores = scores.clamp(-cfg.rl.reward_clip, cfg.rl.reward_clip)
         if cfg.rl.missing_eos_penalty:
-            rewards = rewards - cfg.rl.missing_eos_penalty * (~ended).float()
+            ended = torch.tensor(rollout.ended, device=raw.device)
+            scores = scores - cfg.rl.missing_eos_penalty * (~ended).float()
+        return rollout, raw, scores
+
+    def rollout_sums(self, rollout: Rollout, raw: torch.Tensor, seq_kl: torch.Tensor) -> dict:
+        """The shared rl metrics of a rollout, summed over its prompts (each prompt's mean over its k)."""
+        k = self.cfg.rl.k
+        B = len(rollout.prompts) // k
+        lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float32)
+        ended = torch.tensor(rollout.ended, dtype=torch.float32)
+        return {"reward": raw.view(B, k).mean(1).sum(), "reward_std": raw.view(B, k).std(1, unbiased=False).sum(),
+                "kl": seq_kl.view(B, k).mean(1).sum(), "entropy": rollout.entropy.view(B, k).mean(1).sum(),
+                "length": lengths.view(B, k).mean(1).sum(), "eos": ended.view(B, k).mean(1).sum()}
+
+    def losses(self, model, prompts: list):
+        if self.cfg.rl.algorithm == "ppo":
+            return self.ppo_losses(model, prompts)
+        cfg, k = self.cfg, self.cfg.rl.k
+        rollout, raw, rewards = self.sample(model, prompts)
+        dev = raw.device
         if cfg.rl.whiten_rewards:
             rewards = whiten(rewards, shift_mean=False)
         batch = self.sequences(rollout)
@@ -377,8 +571,7 @@ class RlTask(RewardRoles, Task):
                 advantages = whiten(advantages)
             per = reinforce_loss(seq_logps, advantages)
             if not cfg.rl.kl_in_reward:  # GRPO's form: the KL estimate with grad, per token, as a loss term
-                kl_grad = KL_ESTIMATORS[cfg.rl.kl_estimator](logps, ref) * mask
-                per = per + cfg.beta * kl_grad.sum(1) / mask.sum(1).clamp(min=1)
+                per = per + cfg.beta * kl_loss_term(logps, ref, mask, cfg.rl.kl_estimator)
             losses = per.view(B, k).mean(1)
         else:  # online DPO: best and worst completion of each prompt by the (shaped) reward
             grouped = rewards.view(B, k)
@@ -393,13 +586,139 @@ class RlTask(RewardRoles, Task):
             losses = pair * decided
             sums.update({"rewards/margins": (cr - rr).sum(), "pair/reward_gap": (grouped.max(1).values
                                                                                 - grouped.min(1).values).sum()})
-        lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float32)
-        sums.update({"loss": losses.detach().sum(), "reward": raw.view(B, k).mean(1).sum(),
-                     "reward_std": raw.view(B, k).std(1, unbiased=False).sum(),
-                     "kl": seq_kl.view(B, k).mean(1).sum(), "entropy": rollout.entropy.view(B, k).mean(1).sum(),
-                     "length": lengths.view(B, k).mean(1).sum(), "eos": ended.float().view(B, k).mean(1).sum()})
+        sums.update({"loss": losses.detach().sum(), **self.rollout_sums(rollout, raw, seq_kl)})
         tokens = int(batch["attention_mask"].sum())
         return losses, sums, tokens
+
+    # -- PPO -------------------------------------------------------------------------------------------------------
+    def ppo_rollout(self, model, prompts: list) -> dict:
+        """One micro-batch's rollout for PPO's epochs (the first of them, or a buffer entry lost to a skipped step):
+        the samples and their scores; the reference's and the sampling policy's per-token log-probs, the latter in
+        a no-grad pass exactly like the training passes (train mode, no dropout), so the first epoch's ratio is 1;
+        the per-token rewards (InstructGPT, TRL's PPOTrainer): ``-beta * KL_t`` on every completion token plus the
+        score at the last one. Values, advantages and returns come in the first epoch's value pass."""
+        cfg = self.cfg
+        rollout, raw, scores = self.sample(model, prompts)
+        batch = self.sequences(rollout)
+        with autocast(cfg):
+            with reference_mode(model):
+                ref, mask = completion_token_logps(model, batch, cfg.logprob_chunk_size)
+            with torch.no_grad():
+                old, _ = completion_token_logps(model, batch, cfg.logprob_chunk_size)
+        seq_kl = (kl_k1(old, ref) * mask).sum(1)
+        rewards = -cfg.beta * KL_ESTIMATORS[cfg.rl.kl_estimator](old, ref) * mask if cfg.rl.kl_in_reward else \
+            torch.zeros_like(old)
+        positions = torch.arange(mask.shape[1], device=mask.device)
+        last = (positions * mask).argmax(1)  # (N,) each row's last completion token (every completion has one)
+        rewards[torch.arange(len(last), device=mask.device), last] += scores
+        if cfg.rl.whiten_rewards:
+            rewards = whiten(rewards, mask, shift_mean=False)
+        sums = {k: float(v) for k, v in self.rollout_sums(rollout, raw, seq_kl).items()}
+        return {"rows": [p.row for p in prompts], "batch": batch, "mask": mask, "ref": ref, "old_logps": old,
+                "rewards": rewards, "sums": sums, "tokens": int(batch["attention_mask"].sum())}
+
+    def ppo_losses(self, model, prompts: list):
+        """One PPO epoch's losses on one micro-batch (Schulman et al. 2017; Ouyang et al. 2022, TRL's PPOTrainer).
+
+        The value loss is backpropagated here, under the value adapter, scaled to its share of the step (as the
+        shell scales the returned losses), so gradient checkpointing's recompute runs with the adapter that made the
+        activations, and the value pass's activations are freed before the policy pass. The returned per-prompt
+        losses are the policy's: the clipped surrogate (a row's token mean, the k rows' mean), plus ``beta`` times
+        the mean per-token k3 KL when ``rl.kl_in_reward=false``."""
+        cfg, k, B = self.cfg, self.cfg.rl.k, len(prompts)
+        j, self.micro = self.micro, self.micro + 1
+        entry = self.buffer.get(j)
+        if entry is not None and entry["rows"] != [p.row for p in prompts]:
+            raise RuntimeError(f"ppo buffer entry {j} holds rows {entry['rows'][:4]}, not this micro-batch's")
+        if entry is None:
+            if self.epoch:
+                log.warning("ppo: no stored rollout for micro-batch %d in epoch %d (its first epoch was skipped): "
+                            "sampling a new one", j, self.epoch + 1)
+            entry = self.buffer[j] = self.ppo_rollout(model, prompts)
+        batch, mask = entry["batch"], entry["mask"]
+        with value_role(model):
+            with autocast(cfg):
+                values = token_values(model, self.value_head, batch, mask)
+            if "returns" not in entry:  # the rollout's own values: GAE's, the value clip's centre
+                entry["old_values"] = values.detach()
+                advantages, entry["returns"] = gae(entry["rewards"], entry["old_values"], mask, gamma=cfg.rl.gamma,
+                                                   lam=cfg.rl.lam)
+                entry["advantages"] = whiten(advantages, mask)
+            vf, vf_clip = ppo_value_loss(values, entry["old_values"], entry["returns"], mask,
+                                         cliprange_value=cfg.rl.cliprange_value)
+            vf = vf.view(B, k).mean(1)
+            (cfg.rl.vf_coef * vf.sum() / self.step_weight).backward()
+        with autocast(cfg):
+            logps, _ = completion_token_logps(model, batch, cfg.logprob_chunk_size)
+        old = entry["old_logps"]
+        pg, clipfrac = ppo_policy_loss(logps, old, entry["advantages"], mask, cliprange=cfg.rl.cliprange)
+        if not cfg.rl.kl_in_reward:
+            pg = pg + cfg.beta * kl_loss_term(logps, entry["ref"], mask, cfg.rl.kl_estimator)
+        losses = pg.view(B, k).mean(1)
+        d = logps.detach() - old
+        per_prompt = lambda x: x.view(B, k).mean(1).sum()  # noqa: E731
+        sums = {**entry["sums"], "loss": losses.detach().sum() + cfg.rl.vf_coef * vf.detach().sum(),
+                "loss/policy": losses.detach().sum(), "loss/value": vf.detach().sum(),
+                "policy/clipfrac": per_prompt(clipfrac), "val/clipfrac": per_prompt(vf_clip),
+                "policy/approxkl": per_prompt(0.5 * masked_mean(d ** 2, mask, 1)),
+                "val/ratio": per_prompt(masked_mean(d.exp(), mask, 1))}
+        return losses, sums, entry["tokens"]
+
+    # -- checkpoints: the value adapter and head, and the rollout buffer mid-rollout -----------------------------------
+    BUFFERED = ("input_ids", "attention_mask", "completion_mask", "mask", "ref", "old_logps", "rewards",
+                "old_values", "advantages", "returns")
+
+    def state_dict(self, step: int) -> tuple[dict, dict] | None:
+        """ppo: the value adapter and head; and, between the epochs of one rollout (not after its last), the buffer
+        the next epochs read, so a resumed run takes exactly the uninterrupted run's steps."""
+        if self.cfg.rl.algorithm != "ppo":
+            return None
+        tensors = {f"value/{n}": p for n, p in self.model.named_parameters() if f".{VALUE}." in n}
+        tensors["value_head.weight"] = self.value_head.weight
+        meta = {"rollout": self.buffer_rollout, "entries": {}}
+        if step % self.steps_per_batch and (step - 1) // self.steps_per_batch + 1 == self.buffer_rollout:
+            for j, e in self.buffer.items():
+                if "returns" not in e:  # a micro-batch whose first epoch did not finish
+                    continue
+                meta["entries"][str(j)] = {"rows": e["rows"], "sums": e["sums"], "tokens": e["tokens"]}
+                for name in self.BUFFERED:
+                    tensors[f"buffer/{j}/{name}"] = e["batch"][name] if name in e["batch"] else e[name]
+        return tensors, meta
+
+    def load_state_dict(self, tensors: dict, meta: dict) -> None:
+        if self.cfg.rl.algorithm != "ppo":
+            return
+        if "value_head.weight" not in tensors:
+            raise ConfigError("this checkpoint holds no value adapter: it was written by a run with another "
+                              "rl.algorithm; resume with that algorithm, or start a new run for ppo")
+        params = {f"value/{n}": p for n, p in self.model.named_parameters() if f".{VALUE}." in n}
+        params["value_head.weight"] = self.value_head.weight
+        try:
+            with torch.no_grad():
+                for key, p in params.items():
+                    p.copy_(tensors[key])
+            dev = self.value_head.weight.device
+            self.buffer_rollout, self.buffer = int(meta.get("rollout", 0)), {}
+            for j, facts in meta.get("entries", {}).items():
+                e = {name: tensors[f"buffer/{j}/{name}"].to(dev) for name in self.BUFFERED}
+                e["batch"] = {name: e.pop(name) for name in ("input_ids", "attention_mask", "completion_mask")}
+                e["mask"] = e["mask"].bool()
+                self.buffer[int(j)] = {**e, "rows": list(facts["rows"]), "sums": dict(facts["sums"]),
+                                       "tokens": int(facts["tokens"])}
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a missing name, a wrong shape
+            raise ConfigError(f"the checkpoint's ppo state does not fit this run ({type(e).__name__}: {e}); start "
+                              "a new run, or resume with the settings that wrote it") from None
+
+    def save(self, model, tokenizer, run) -> None:
+        """ppo: the trained value adapter and head in ``value/``, beside the policy's ``adapter/``, in the reward
+        model's format (so it can be read, or given as ``reward_model=``)."""
+        if self.cfg.rl.algorithm != "ppo":
+            return
+        import os
+
+        tmp = run.path / f".value.tmp-{os.getpid()}"
+        save_value(model, self.value_head, reward_adapter_dir(self.cfg.reward_model), tokenizer, tmp)
+        run.install_dir(tmp, run.path / "value")
 
     # -- eval: policy against the reference, judged by the reward model ---------------------------------------------
     def evaluate(self, model, items: list, batch_size: int, *, should_stop=None, step: int = 0,
