@@ -260,7 +260,12 @@ def apply_checkpoint(checkpoint: dict, path: Path, model, optimizer, scheduler, 
         raise RuntimeError(f"checkpoint {path} does not match this model: {result.unexpected_keys[:3]}")
     if task is not None:
         task.load_state_dict(*checkpoint.get("task", ({}, {})))
-    optimizer.load_state_dict(checkpoint["optimizer"])
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except ValueError as e:  # torch: "... a parameter group that doesn't match the size of optimizer's group"
+        raise ConfigError(f"{path.name} was written by a run that trained other weights than this one ({e}): resume "
+                          "with the run's own settings (its config.yaml), without overrides that change what trains "
+                          "(rl.algorithm, lora.*)") from None
     scheduler.load_state_dict(checkpoint["scheduler"])
     _set_rng_state(checkpoint["rng"])
     return checkpoint["state"]

@@ -391,6 +391,24 @@ def test_ppo_resumes_exactly_between_the_epochs_of_a_rollout(ppo_shell, tmp_path
             torch.testing.assert_close(p, dict(shell.model.named_parameters())[n], rtol=1e-5, atol=1e-6)
 
 
+def test_a_ppo_checkpoint_resumed_as_another_algorithm_is_refused_plainly(ppo_shell, tmp_path):
+    """Resuming with an override that changes what trains (rloo has no value adapter) is one plain message naming
+    the checkpoint, not torch's optimizer error."""
+    import dataclasses
+    import shutil
+
+    from lowrank_pref.artifacts import RunDir
+    from lowrank_pref.config import ConfigError
+    from lowrank_pref.loop import Shell, _StopFlag
+
+    shell, _, _, _, run = ppo_shell
+    other = tmp_path / "run"
+    shutil.copytree(run, other)
+    cfg = dataclasses.replace(shell.cfg, rl=dataclasses.replace(shell.cfg.rl, algorithm="rloo"))
+    with pytest.raises(ConfigError, match=r"checkpoint-\d+ was written by a run that trained other weights"):
+        Shell(cfg, RunDir(other).create(), _StopFlag()).setup(resume=True)
+
+
 def test_reward_model_of_another_base_is_refused_plainly(tmp_path, unseen_model_dir, reward_adapter, pairs_file):
     res = run_cli("--preset", "tiny-rl", "--model", str(unseen_model_dir), "--dataset", str(pairs_file),
                   f"reward_model={reward_adapter}", "--output-dir", str(tmp_path / "rl"), env=ONE_THREAD)
