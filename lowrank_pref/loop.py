@@ -251,11 +251,25 @@ def read_checkpoint(path: Path) -> dict:
     return out
 
 
+def _first_reason(e: Exception) -> str:
+    """The line of torch's load error that says what differs (its first "size mismatch", else its first line)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return next((line for line in lines if "size mismatch" in line), lines[0] if lines else type(e).__name__)[:240]
+
+
 def apply_checkpoint(checkpoint: dict, path: Path, model, optimizer, scheduler, task=None) -> dict:
     """Restore a checkpoint read by :func:`read_checkpoint` (and the task's state in it); returns its state.json."""
     from peft import set_peft_model_state_dict
 
-    result = set_peft_model_state_dict(model, checkpoint["weights"], adapter_name="default")
+    def other_weights(e: Exception) -> ConfigError:
+        return ConfigError(f"{path.name} was written by a run that trained other weights than this one "
+                           f"({_first_reason(e)}): resume with the run's own settings (its config.yaml), "
+                           "without overrides that change what trains (rl.algorithm, lora.*)")
+
+    try:
+        result = set_peft_model_state_dict(model, checkpoint["weights"], adapter_name="default")
+    except RuntimeError as e:  # torch: "Error(s) in loading state_dict ... size mismatch" (another lora.r)
+        raise other_weights(e) from None
     if getattr(result, "unexpected_keys", None):
         raise RuntimeError(f"checkpoint {path} does not match this model: {result.unexpected_keys[:3]}")
     if task is not None:
@@ -263,9 +277,7 @@ def apply_checkpoint(checkpoint: dict, path: Path, model, optimizer, scheduler, 
     try:
         optimizer.load_state_dict(checkpoint["optimizer"])
     except ValueError as e:  # torch: "... a parameter group that doesn't match the size of optimizer's group"
-        raise ConfigError(f"{path.name} was written by a run that trained other weights than this one ({e}): resume "
-                          "with the run's own settings (its config.yaml), without overrides that change what trains "
-                          "(rl.algorithm, lora.*)") from None
+        raise other_weights(e) from None
     scheduler.load_state_dict(checkpoint["scheduler"])
     _set_rng_state(checkpoint["rng"])
     return checkpoint["state"]

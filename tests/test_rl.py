@@ -392,8 +392,8 @@ def test_ppo_resumes_exactly_between_the_epochs_of_a_rollout(ppo_shell, tmp_path
 
 
 def test_a_ppo_checkpoint_resumed_as_another_algorithm_is_refused_plainly(ppo_shell, tmp_path):
-    """Resuming with an override that changes what trains (rloo has no value adapter) is one plain message naming
-    the checkpoint, not torch's optimizer error."""
+    """Resuming with an override that changes what trains (rloo has no value adapter; another LoRA rank) is one plain
+    message naming the checkpoint, not torch's load errors."""
     import dataclasses
     import shutil
 
@@ -402,11 +402,13 @@ def test_a_ppo_checkpoint_resumed_as_another_algorithm_is_refused_plainly(ppo_sh
     from lowrank_pref.loop import Shell, _StopFlag
 
     shell, _, _, _, run = ppo_shell
-    other = tmp_path / "run"
-    shutil.copytree(run, other)
-    cfg = dataclasses.replace(shell.cfg, rl=dataclasses.replace(shell.cfg.rl, algorithm="rloo"))
-    with pytest.raises(ConfigError, match=r"checkpoint-\d+ was written by a run that trained other weights"):
-        Shell(cfg, RunDir(other).create(), _StopFlag()).setup(resume=True)
+    cfg = shell.cfg
+    for name, changed in (("rloo", dataclasses.replace(cfg, rl=dataclasses.replace(cfg.rl, algorithm="rloo"))),
+                          ("rank", dataclasses.replace(cfg, lora=dataclasses.replace(cfg.lora, r=cfg.lora.r // 2)))):
+        other = tmp_path / name
+        shutil.copytree(run, other)
+        with pytest.raises(ConfigError, match=r"checkpoint-\d+ was written by a run that trained other weights"):
+            Shell(changed, RunDir(other).create(), _StopFlag()).setup(resume=True)
 
 
 def test_reward_model_of_another_base_is_refused_plainly(tmp_path, unseen_model_dir, reward_adapter, pairs_file):
