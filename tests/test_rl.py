@@ -254,6 +254,41 @@ def test_a_step_changes_only_the_policy_adapter(tmp_path, tiny_model_dir, reward
     assert 1 <= record["length"] <= 4 and 0 <= record["eos"] <= 1
 
 
+def test_online_dpo_trains_on_the_best_and_worst_of_k_by_hand(tmp_path, tiny_model_dir, reward_adapter, pairs_file):
+    """online_dpo's loss is the DPO loss of each prompt's best and worst of k completions by the reward model, from
+    log-probs of all k computed here; only those two go through the model (the tokens it reports)."""
+    import torch.nn.functional as F
+
+    from lowrank_pref.artifacts import RunDir
+    from lowrank_pref.loop import Shell, _StopFlag
+    from lowrank_pref.model import reference_mode
+    from lowrank_pref.tasks.rl import completion_token_logps
+
+    cfg = _rl_config(tiny_model_dir, reward_adapter, dataset=str(pairs_file), max_steps=1, eval_steps=100,
+                     **{"rl.algorithm": "online_dpo", "rl.k": 4, "rl.max_new_tokens": 6, "beta": 0.5})
+    shell = Shell(cfg, RunDir(tmp_path / "run").create(), _StopFlag())
+    shell.setup(resume=False)
+    task, model, prompts = shell.task, shell.model, shell.data.train[:2]
+    torch.manual_seed(7)
+    losses, sums, tokens = task.losses(model, prompts)
+    torch.manual_seed(7)  # the same samples again, every one of the k through the model this time
+    rollout, raw, rewards = task.sample(model, prompts)
+    batch = task.sequences(rollout)
+    with torch.no_grad():
+        with reference_mode(model):
+            ref, mask = completion_token_logps(model, batch)
+        logps, _ = completion_token_logps(model, batch)
+    margin = ((logps - ref) * mask).sum(1).view(2, 4)
+    grouped = rewards.view(2, 4)
+    best, worst = grouped.argmax(1), grouped.argmin(1)
+    rows = torch.arange(2)
+    want = -F.logsigmoid(cfg.beta * (margin[rows, best] - margin[rows, worst])) * (best != worst)
+    torch.testing.assert_close(losses.detach(), want, rtol=1e-4, atol=1e-6)
+    assert sums["pair/reward_gap"] == pytest.approx(float((grouped.max(1).values - grouped.min(1).values).sum()))
+    pair_rows = torch.stack([rows * 4 + best, rows * 4 + worst], 1).view(-1)
+    assert tokens == int(batch["attention_mask"][pair_rows].sum()) < int(batch["attention_mask"].sum())
+
+
 @pytest.fixture(scope="module")
 def ppo_shell(tiny_model_dir, reward_adapter, tmp_path_factory):
     """Four PPO steps in process, two epochs over each of two rollouts, a checkpoint after each of steps 1-3 (1 and

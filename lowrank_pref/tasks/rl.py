@@ -537,13 +537,14 @@ class RlTask(RewardRoles, Task):
         return rollout, raw, scores
 
     def rollout_sums(self, rollout: Rollout, raw: torch.Tensor, seq_kl: torch.Tensor) -> dict:
-        """The shared rl metrics of a rollout, summed over its prompts (each prompt's mean over its k)."""
+        """The shared rl metrics of a rollout, summed over its prompts (each prompt's mean over its k; the KL's over
+        the rows ``seq_kl`` has of each prompt, consecutive: online DPO's pair)."""
         k = self.cfg.rl.k
         B = len(rollout.prompts) // k
         lengths = torch.tensor([len(c) for c in rollout.completions], dtype=torch.float32)
         ended = torch.tensor(rollout.ended, dtype=torch.float32)
         return {"reward": raw.view(B, k).mean(1).sum(), "reward_std": raw.view(B, k).std(1, unbiased=False).sum(),
-                "kl": seq_kl.view(B, k).mean(1).sum(), "entropy": rollout.entropy.view(B, k).mean(1).sum(),
+                "kl": seq_kl.view(B, -1).mean(1).sum(), "entropy": rollout.entropy.view(B, k).mean(1).sum(),
                 "length": lengths.view(B, k).mean(1).sum(), "eos": ended.view(B, k).mean(1).sum()}
 
     def losses(self, model, prompts: list):
@@ -551,9 +552,10 @@ class RlTask(RewardRoles, Task):
             return self.ppo_losses(model, prompts)
         cfg, k = self.cfg, self.cfg.rl.k
         rollout, raw, rewards = self.sample(model, prompts)
-        dev = raw.device
         if cfg.rl.whiten_rewards:
             rewards = whiten(rewards, shift_mean=False)
+        if cfg.rl.algorithm == "online_dpo":
+            return self.online_dpo_losses(model, rollout, raw, rewards)
         batch = self.sequences(rollout)
         with autocast(cfg):
             with reference_mode(model):
@@ -563,32 +565,43 @@ class RlTask(RewardRoles, Task):
         token_kl = KL_ESTIMATORS[cfg.rl.kl_estimator](logps.detach(), ref) * mask
         seq_kl = (kl_k1(logps.detach(), ref) * mask).sum(1)  # the logged KL: the k1 sum, whatever the estimator
         B = len(prompts)
-        sums = {}
-        if cfg.rl.algorithm == "rloo":
-            shaped = rewards - cfg.beta * token_kl.sum(1) if cfg.rl.kl_in_reward else rewards
-            advantages = rloo_advantages(shaped, k)
-            if cfg.rl.normalize_advantages:
-                advantages = whiten(advantages)
-            per = reinforce_loss(seq_logps, advantages)
-            if not cfg.rl.kl_in_reward:  # GRPO's form: the KL estimate with grad, per token, as a loss term
-                per = per + cfg.beta * kl_loss_term(logps, ref, mask, cfg.rl.kl_estimator)
-            losses = per.view(B, k).mean(1)
-        else:  # online DPO: best and worst completion of each prompt by the (shaped) reward
-            grouped = rewards.view(B, k)
-            best, worst = grouped.argmax(1), grouped.argmin(1)
-            base = torch.arange(B, device=dev) * k
-            c, r = base + best, base + worst
-            ref_seq = (ref * mask).sum(1)
-            lengths = mask.sum(1).float()
-            pair, cr, rr = preference_loss("sigmoid", seq_logps[c], seq_logps[r], ref_seq[c], ref_seq[r],
-                                           chosen_lengths=lengths[c], rejected_lengths=lengths[r], beta=cfg.beta)
-            decided = (grouped.max(1).values > grouped.min(1).values).float()  # all k scored alike: nothing to learn
-            losses = pair * decided
-            sums.update({"rewards/margins": (cr - rr).sum(), "pair/reward_gap": (grouped.max(1).values
-                                                                                - grouped.min(1).values).sum()})
-        sums.update({"loss": losses.detach().sum(), **self.rollout_sums(rollout, raw, seq_kl)})
-        tokens = int(batch["attention_mask"].sum())
-        return losses, sums, tokens
+        shaped = rewards - cfg.beta * token_kl.sum(1) if cfg.rl.kl_in_reward else rewards
+        advantages = rloo_advantages(shaped, k)
+        if cfg.rl.normalize_advantages:
+            advantages = whiten(advantages)
+        per = reinforce_loss(seq_logps, advantages)
+        if not cfg.rl.kl_in_reward:  # GRPO's form: the KL estimate with grad, per token, as a loss term
+            per = per + cfg.beta * kl_loss_term(logps, ref, mask, cfg.rl.kl_estimator)
+        losses = per.view(B, k).mean(1)
+        sums = {"loss": losses.detach().sum(), **self.rollout_sums(rollout, raw, seq_kl)}
+        return losses, sums, int(batch["attention_mask"].sum())
+
+    def online_dpo_losses(self, model, rollout: Rollout, raw: torch.Tensor, rewards: torch.Tensor):
+        """Online DPO: the best and worst of each prompt's k completions by the (shaped) reward become a DPO pair.
+        Only those 2 of the k go through the reference and the policy (with grad): the other k - 2 would cost a
+        forward and backward each for no gradient. The logged KL is the pair's."""
+        cfg, k = self.cfg, self.cfg.rl.k
+        B, dev = len(rollout.prompts) // k, raw.device
+        grouped = rewards.view(B, k)
+        base = torch.arange(B, device=dev) * k
+        rows = torch.stack([base + grouped.argmax(1), base + grouped.argmin(1)], 1).view(-1).tolist()  # c0 r0 c1 ..
+        pair_rollout = Rollout([rollout.prompts[i] for i in rows], [rollout.completions[i] for i in rows],
+                               [rollout.ended[i] for i in rows], rollout.entropy[rows])
+        batch = self.sequences(pair_rollout)
+        with autocast(cfg):
+            with reference_mode(model):
+                ref, mask = completion_token_logps(model, batch, cfg.logprob_chunk_size)
+            logps, _ = completion_token_logps(model, batch, cfg.logprob_chunk_size)
+        seq_logps, ref_seq, lengths = (logps * mask).sum(1), (ref * mask).sum(1), mask.sum(1).float()
+        c, r = slice(0, None, 2), slice(1, None, 2)
+        pair, cr, rr = preference_loss("sigmoid", seq_logps[c], seq_logps[r], ref_seq[c], ref_seq[r],
+                                       chosen_lengths=lengths[c], rejected_lengths=lengths[r], beta=cfg.beta)
+        gap = grouped.max(1).values - grouped.min(1).values
+        losses = pair * (gap > 0).float()  # all k scored alike: nothing to learn
+        seq_kl = (kl_k1(logps.detach(), ref) * mask).sum(1)
+        sums = {"loss": losses.detach().sum(), "rewards/margins": (cr - rr).sum(), "pair/reward_gap": gap.sum(),
+                **self.rollout_sums(rollout, raw, seq_kl)}
+        return losses, sums, int(batch["attention_mask"].sum())
 
     # -- PPO -------------------------------------------------------------------------------------------------------
     def ppo_rollout(self, model, prompts: list) -> dict:
