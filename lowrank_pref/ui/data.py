@@ -18,7 +18,7 @@ import pandas as pd
 from ..config import Config
 from ..tasks import task_class
 from .common import DOCTOR_ROWS, AppState, event
-from .setup import DATA_EXTENSIONS, SetupTab, config_from_form
+from .setup import DATA_EXTENSIONS, SetupTab, form_config
 
 PIECE_CLASS = {"prompt": "lp-prompt", "loss": "lp-loss", "cut": "lp-cut"}
 
@@ -136,8 +136,7 @@ def length_histogram(lengths: list[int], max_length: int, bins_within: int = 8, 
 def check_data(app: AppState, preset: str, upload: str | None, *values) -> tuple[str, dict, str]:
     """The doctor on the data Start would train on: the uploaded file (read where Gradio put it: a check keeps
     nothing on the server), else the form's dataset."""
-    report, hist, examples = doctor(config_from_form(preset, upload, list(values), public=app.public),
-                                    app.doctor_rows)
+    report, hist, examples = doctor(form_config(app, preset, upload, list(values)), app.doctor_rows)
     hist["visible"] = True
     return app.message(report), hist, examples
 
