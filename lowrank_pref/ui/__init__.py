@@ -81,8 +81,8 @@ def build_app(runs_root: str | os.PathLike | None = None, hw: dict | None = None
     with gr.Blocks(title="lowrank-pref", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# lowrank-pref\nFine-tune an open model on one GPU with QLoRA: supervised fine-tuning (SFT) "
                     "on demonstrations, preference tuning (DPO on chosen/rejected pairs, KTO on thumbs-up/down "
-                    "answers) or a reward model. Pick a preset, check your data, train, watch, try it, take the "
-                    "adapter home.")
+                    "answers), a reward model, and RL against that reward model. Pick a preset, check your data, "
+                    "train, watch, try it, take the adapter home.")
         where = f"GPU: {app.hw['gpu']} ({app.hw['memory_gb']} GB)" if app.hw.get("gpu") else \
             "No GPU found: the `tiny` preset trains a toy model on the CPU in about a minute."
         gr.Markdown(f"**Hardware.** {where} Suggested preset: `{preset}`.")

@@ -683,7 +683,7 @@ def _field(key: str, label: str, cfg: Config, public: bool = False):
         about = "; ".join(f"{name}: {TASKS[name][1]}" for name in tasks)
         return gr.Radio(tasks, label=label, info=about + ".", value=value, elem_id=field_id(key))
     if key == REWARD_KEY:
-        return gr.Dropdown([], label=label, value=value, allow_custom_value=True, elem_id=field_id(key),
+        return gr.Dropdown([], label=label, value=value, allow_custom_value=True, elem_id=field_id(key), scale=2,
                            visible=takes_reward_model(cfg.task),
                            info="rl trains the policy against it; dpo, sft and kto runs given one are judged by it "
                                 "at each eval (policy against reference). A finished reward run of this app on the "

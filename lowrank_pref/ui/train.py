@@ -378,7 +378,7 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File, tabs: gr.T
     samples = gr.Dataframe(headers=SAMPLE_COLUMNS, label="Sample completions on held-out prompts, newest eval first "
                            "(samples.jsonl): the policy's and the reference's, each with the reward model's score",
                            wrap=True, interactive=False, visible=False, max_height=480, elem_classes="lp-samples",
-                           column_widths=["6%", "22%", "24%", "8%", "24%", "8%"])
+                           column_widths=["5%", "23%", "27%", "9%", "27%", "9%"])
     # the log's last lines, in a box tall enough for them: a scrolled box showed its top, not the end
     log_tail = gr.Textbox(label=f"Log (the last {LOG_LINES} lines; the whole log is train.log in the run's folder)",
                           lines=LOG_LINES, max_lines=2 * LOG_LINES, autoscroll=True)
