@@ -48,7 +48,7 @@ def task_field_keys() -> list[str]:
 
 
 # The form, row by row: (config key, label). Everything else stays as the preset has it.
-REWARD_KEY = "reward_model"  # a choice among this app's finished reward runs (rl needs one; dpo, sft, kto may be judged)
+REWARD_KEY = "reward_model"  # one of this app's finished reward runs (rl needs one; dpo, sft, kto may be judged)
 WHAT_ROW = [("model", "Model (hub id or local folder)"), ("task", "Task"), ("dataset", "Dataset (hub id or path)"),
             (REWARD_KEY, FIELD_LABELS[REWARD_KEY])]
 OBJECTIVE_ROW = [(k, FIELD_LABELS.get(k, k)) for k in task_field_keys() if k != REWARD_KEY] + [
@@ -219,7 +219,9 @@ def config_from_form(preset: str, upload: str | None, values: list, uploads_dir:
     base = build_config(preset)
     form = dict(zip(KEYS, values))
     task = form.get("task") if form.get("task") in TASKS else base.task
-    hidden = set(task_field_keys()) - set(task_class(task).fields) - ({REWARD_KEY} if takes_reward_model(task) else set())
+    hidden = set(task_field_keys()) - set(task_class(task).fields)
+    if takes_reward_model(task):
+        hidden.discard(REWARD_KEY)
     overrides, picked = {}, None
     for key, value in form.items():
         if key in hidden or key in FORM_ONLY:
