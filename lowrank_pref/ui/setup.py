@@ -334,7 +334,7 @@ def no_reward_note(app: AppState, preset: str) -> str:
     """What an rl run without any finished reward run is told: train one first, and how."""
     return (f"**No finished reward run yet.** An rl run trains the policy against a reward model you trained here: "
             f"train one first (preset `{sibling_preset(app, preset, 'reward')}`, on preference pairs), then pick it "
-            "in this list once it has completed.")
+            "under Reward model once it has completed.")
 
 
 def reward_state(app: AppState, preset: str, task: str, model: str, current: str | None) -> tuple[dict, dict, dict]:
@@ -739,7 +739,7 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File, tab_selec
             marker = gr.HTML("", elem_classes="lp-marker")
             with gr.Row():
                 no_reward = gr.Markdown("", visible=False, elem_classes="lp-no-reward")
-                reward_first = gr.Button("Set up a reward model run first", visible=False, scale=0)
+                reward_first = gr.Button("Set up a reward model run first", visible=False, scale=0, min_width=360)
     with gr.Accordion("Advanced: LoRA dropout and targets, checkpointing, dtype, eval and save steps, columns, eval "
                       "data, run name", open=False):
         for title, row in ADVANCED_ROWS.items():
