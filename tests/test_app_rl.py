@@ -80,7 +80,7 @@ def test_the_reward_model_is_one_of_the_finished_reward_runs(tmp_path):
     cfg = setup_tab.form_config(app, "tiny-rl", None, _form(reward_model="rm-old"))
     assert cfg.reward_model == str((app.manager.root / "rm-old" / "adapter").resolve())
     _run(app, "rl-x", task="rl").config.write_text(dump_yaml(cfg))
-    with pytest.raises(ConfigError, match="run 'rm-old' can't be deleted: run 'rl-x'"):
+    with pytest.raises(ConfigError, match="run 'rm-old' can't be deleted: run 'rl-x' .* or its reward model"):
         app.manager.delete("rm-old")
     # another model's reward run: refused, naming both models and the fix
     with pytest.raises(UserError, match=rf"^reward_model: the reward run 'rm-qwen' was trained on the model '{QWEN}', "
@@ -166,3 +166,21 @@ def test_rl_from_a_reward_run_in_one_click(tmp_path):
     field = setup_tab._field("reward_model", "x", build_config("tiny-rl"))
     assert isinstance(field, gr.Dropdown) and field.allow_custom_value and field.visible
     assert not setup_tab._field("reward_model", "x", build_config("tiny-reward")).visible
+
+
+def test_the_samples_table_reads_a_judged_runs_samples_newest_eval_first(tmp_path):
+    """A dpo run judged by a reward model writes samples.jsonl as an rl run does: the Train tab shows it as a table,
+    the latest eval first and each eval's prompts in their order; a line cut by a kill is left out."""
+    import json
+
+    app = AppState(tmp_path / "runs", hw=CPU)
+    run = _run(app, "dpo-judged", task="dpo")
+    assert train_tab.run_extras(app, "dpo-judged")[0]["visible"] is False  # no eval yet: no table
+    lines = [{"step": step, "row": row, "prompt": f"p{row}", "completion": f"c{step}-{row}", "reward": step + row / 10,
+              "reference_completion": f"r{row}", "reference_reward": -row} for step in (4, 8) for row in (3, 1)]
+    (run.path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines) + '{"step": 12, "pro')
+    table, button = train_tab.run_extras(app, "dpo-judged")
+    assert table["visible"] and not button["visible"]
+    assert list(table["value"].columns) == train_tab.SAMPLE_COLUMNS
+    assert table["value"].values.tolist() == [[8, "p3", "c8-3", 8.3, "r3", -3], [8, "p1", "c8-1", 8.1, "r1", -1],
+                                              [4, "p3", "c4-3", 4.3, "r3", -3], [4, "p1", "c4-1", 4.1, "r1", -1]]

@@ -34,7 +34,7 @@ FIELD_LABELS = {"loss_type": "Loss type", "beta": "beta", "rpo_alpha": "rpo_alph
                 "sft.completion_only": "Loss on the answers only",
                 "center_rewards_coefficient": "Center rewards coefficient",
                 "reward_model": "Reward model (a finished reward run of this model)",
-                "rl.algorithm": "RL algorithm (rloo or online_dpo)", "rl.k": "Completions per prompt (k)",
+                "rl.algorithm": "RL algorithm", "rl.k": "Completions per prompt (k)",
                 "rl.max_new_tokens": "Max new tokens per completion"}
 
 
