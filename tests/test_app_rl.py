@@ -56,8 +56,11 @@ def test_the_reward_model_is_one_of_the_finished_reward_runs(tmp_path):
     with pytest.raises(UserError, match=r"^reward_model: No finished reward run yet.*train one first \(preset "
                                         r"`tiny-reward`"):
         train_tab.start(app, "tiny-rl", None, False, *_form(max_steps=2))
-    preset, *values = setup_tab.reward_first_preset(app, "tiny-rl")
+    preset, *values = setup_tab.reward_first_preset(app, "tiny-rl", "builtin:tiny")
     assert preset["value"] == "tiny-reward" and values[:len(KEYS)] == form_values(build_config("tiny-reward"))
+    # on the form's own model when it is not the preset's: the reward model must be of the rl run's base
+    preset, *values = setup_tab.reward_first_preset(app, "tiny-rl", "someone/model")
+    assert values[:len(KEYS)] == form_values(build_config("tiny-reward", overrides={"model": "someone/model"}))
     assert setup_tab.sibling_preset(app, "12gb-rl", "reward") == "12gb-reward"
     assert setup_tab.sibling_preset(app, "tiny", "reward") == "tiny-reward"
     # a dpo run may go without one (it is only judged by one): no note
@@ -76,6 +79,12 @@ def test_the_reward_model_is_one_of_the_finished_reward_runs(tmp_path):
     assert labels["rm-qwen"] == f"rm-qwen · {QWEN} · no eval yet · ⚠ another model than builtin:tiny"
     assert dropdown["value"] == "rm-new" and not note["visible"] and not button["visible"]  # the newest of its model
     assert setup_tab.reward_state(app, "tiny-rl", "rl", "builtin:tiny", "rm-old")[0]["value"] == "rm-old"  # kept
+    # reward runs, but none of the form's model: none is chosen, and the note names the model
+    dropdown, note, button = setup_tab.reward_state(app, "tiny-rl", "rl", "someone/model", None)
+    assert dropdown["value"] is None and len(dropdown["choices"]) == 3 and button["visible"]
+    assert "No finished reward run of `someone/model` yet" in note["value"]
+    with pytest.raises(UserError, match=r"No finished reward run of `someone/model` yet"):
+        train_tab.start(app, "tiny-rl", None, False, *_form(model="someone/model", max_steps=2))
     # chosen by name, resolved to its adapter folder on the server (the run manager then keeps it from deletion)
     cfg = setup_tab.form_config(app, "tiny-rl", None, _form(reward_model="rm-old"))
     assert cfg.reward_model == str((app.manager.root / "rm-old" / "adapter").resolve())

@@ -330,9 +330,11 @@ def reward_label(run: RewardRun, model: str | None) -> str:
     return label if not model or _same_base(run.model, model) else f"{label} · ⚠ another model than {model}"
 
 
-def no_reward_note(app: AppState, preset: str) -> str:
-    """What an rl run without any finished reward run is told: train one first, and how."""
-    return (f"**No finished reward run yet.** An rl run trains the policy against a reward model you trained here: "
+def no_reward_note(app: AppState, preset: str, model: str | None = None) -> str:
+    """What an rl run without a finished reward run of its model is told: train one first, and how. ``model``: the
+    form's, named when there are reward runs, all of other models."""
+    what = f"No finished reward run of `{model}` yet" if model else "No finished reward run yet"
+    return (f"**{what}.** An rl run trains the policy against a reward model you trained here on the same model: "
             f"train one first (preset `{sibling_preset(app, preset, 'reward')}`, on preference pairs), then pick it "
             "under Reward model once it has completed.")
 
@@ -340,25 +342,25 @@ def no_reward_note(app: AppState, preset: str) -> str:
 def reward_state(app: AppState, preset: str, task: str, model: str, current: str | None) -> tuple[dict, dict, dict]:
     """The reward model's list for this session and the form's model (runs of another model marked); an rl run with
     none chosen gets the newest of its model. For rl without any finished reward run: the note and the button that
-    sets up a reward run first."""
+    sets up a reward run first, when it has none of its model."""
     runs = reward_runs(app)
-    value = current
-    if task == "rl" and not current:
-        same = [r.name for r in runs.values() if _same_base(r.model, model or "")]
-        value = same[0] if same else None
-    none_yet = task == "rl" and not runs
+    same = [r.name for r in runs.values() if _same_base(r.model, model or "")]
+    value = current or (same[0] if task == "rl" and same else None)
+    none_yet = task == "rl" and not same and not current
+    note = no_reward_note(app, preset, model if runs else None) if none_yet else ""
     reward_preset = sibling_preset(app, preset, "reward")
     return (gr.update(choices=[(app.message(reward_label(r, model)), r.name) for r in runs.values()], value=value),
-            gr.update(value=no_reward_note(app, preset) if none_yet else "", visible=none_yet),
+            gr.update(value=app.message(note), visible=none_yet),
             gr.update(value=f"Set up a reward model run first ({reward_preset})", visible=none_yet))
 
 
-def no_reward_model(app: AppState, preset: str) -> str:
+def no_reward_model(app: AppState, preset: str, model: str) -> str:
     """Start's refusal of an rl run without a reward model."""
-    if reward_runs(app):
+    runs = reward_runs(app)
+    if any(_same_base(r.model, model) for r in runs.values()):
         return (f"{REWARD_KEY}: an rl run trains against a reward model: pick one of your finished reward runs in "
                 f"Setup ({LABELS[REWARD_KEY]})")
-    return f"{REWARD_KEY}: {no_reward_note(app, preset).replace('**', '')}"
+    return f"{REWARD_KEY}: {no_reward_note(app, preset, model if runs else None).replace('**', '')}"
 
 
 def store_upload(path: str, uploads_dir: Path) -> Path:
@@ -515,10 +517,15 @@ def preset_changed(app: AppState, preset: str) -> list:
     return [*form_values(cfg), memory_line(cfg, app.hw), cli_command(preset, cfg), dump_yaml(cfg)]
 
 
-def reward_first_preset(app: AppState, preset: str) -> list:
-    """"Set up a reward model run first": the reward preset of this size, in the form (:func:`preset_changed`)."""
+def reward_first_preset(app: AppState, preset: str, model: str | None = None) -> list:
+    """"Set up a reward model run first": the reward preset of this size in the form, on the form's model when it is
+    not the preset's (the reward model must be trained on the base the rl run will use). Returns the preset, the
+    form's values and the summary (as :func:`preset_changed`)."""
     name = sibling_preset(app, preset, "reward")
-    return [gr.update(value=name), *preset_changed(app, name)]
+    mine = model and model != build_config(preset).model
+    cfg = build_config(name, overrides={"model": model} if mine else {})
+    return [gr.update(value=name), *form_values(cfg), memory_line(cfg, app.hw), cli_command(name, cfg),
+            dump_yaml(cfg)]
 
 
 def rl_from_reward(app: AppState, name: str | None) -> list:
@@ -776,8 +783,8 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File, tab_selec
     for trigger in (inputs["task"].change, inputs["model"].change, *([tab_select] if tab_select else [])):
         on(trigger, reward_state, app, reward_inputs, reward_outputs, **hidden)
     tab.reward = (reward_inputs, reward_outputs)
-    on(reward_first.click, reward_first_preset, app, preset, [preset, *(tab.inputs[k] for k in KEYS), *tab.summary],
-       api_name=False)
+    on(reward_first.click, reward_first_preset, app, [preset, inputs["model"]],
+       [preset, *(tab.inputs[k] for k in KEYS), *tab.summary], api_name=False)
     # a new task (chosen, or set by a preset) shows its own objective keys
     inputs["task"].change(event(task_changed, app), inputs["task"], [inputs[k] for k in task_field_keys()],
                           api_name=False, show_progress="hidden")

@@ -181,7 +181,7 @@ def start(app: AppState, preset: str, upload: str | None, sft_first: bool, *valu
     # checked where Gradio put the upload, as Check the data reads it (so its messages name the same file), then kept
     checked = form_config(app, preset, upload, values)
     if checked.task == "rl" and not checked.reward_model:
-        raise UserError(no_reward_model(app, preset))
+        raise UserError(no_reward_model(app, preset, checked.model))
     if checked.reward_model:  # a typed folder (locally): a reward model of this base, said here, not in a failed run
         from ..model import check_reward_model
 
