@@ -188,8 +188,10 @@ def test_the_samples_table_reads_a_judged_runs_samples_newest_eval_first(tmp_pat
     lines = [{"step": step, "row": row, "prompt": f"p{row}", "completion": f"c{step}-{row}", "reward": step + row / 10,
               "reference_completion": f"r{row}", "reference_reward": -row} for step in (4, 8) for row in (3, 1)]
     (run.path / "samples.jsonl").write_text("".join(json.dumps(s) + "\n" for s in lines) + '{"step": 12, "pro')
-    table, button = train_tab.run_extras(app, "dpo-judged")
+    table, button, shown = train_tab.run_extras(app, "dpo-judged")
     assert table["visible"] and not button["visible"]
+    # the page's next refresh: the same file is not sent again (a reader of the table keeps their place)
+    assert train_tab.run_extras(app, "dpo-judged", shown)[0] == gr.update()
     assert list(table["value"].columns) == train_tab.SAMPLE_COLUMNS
     assert table["value"].values.tolist() == [[8, "p3", "c8-3", 8.3, "r3", -3], [8, "p1", "c8-1", 8.1, "r1", -1],
                                               [4, "p3", "c4-3", 4.3, "r3", -3], [4, "p1", "c4-1", 4.1, "r1", -1]]

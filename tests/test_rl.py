@@ -439,7 +439,7 @@ def test_the_app_lists_the_reward_run_shows_the_samples_and_scores_answers(rl_wo
     assert dropdown["choices"] == [(f"rm · {model} · eval accuracy {accuracy[-1]:.2f}", "rm")]  # not sft, not rl runs
     assert dropdown["value"] == "rm" and not note["visible"]
 
-    table, button = train_tab.run_extras(app, "rloo")
+    table, button, _ = train_tab.run_extras(app, "rloo")
     samples = [json.loads(line) for line in (rloo_run / "samples.jsonl").read_text().splitlines()]
     newest_first = sorted(samples, key=lambda s: -s["step"])
     assert table["visible"] and not button["visible"] and list(table["value"]["step"]) == [40] * 4 + [20] * 4

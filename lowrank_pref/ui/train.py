@@ -291,19 +291,27 @@ def samples_frame(run: RunDir) -> pd.DataFrame | None:
     return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
 
 
-def run_extras(app: AppState, name: str | None) -> tuple[dict, dict]:
+def run_extras(app: AppState, name: str | None, shown: str | None = None) -> tuple[dict, dict, str | None]:
     """What the selected run offers beside its curves: the table of sample completions with their rewards (a run
     with a reward model, once it has evaluated), and, for a finished reward run, the button that sets up RL
-    against it."""
+    against it. ``shown``: the run and samples.jsonl version the page's table shows (returned updated); the table
+    is sent again only when they change, so a person reading it is not scrolled back on every refresh."""
     try:
         run = app.run_dir(name) if name else None
     except ConfigError:
         run = None
     if run is None:
-        return gr.update(value=None, visible=False), gr.update(visible=False)
+        return gr.update(value=None, visible=False), gr.update(visible=False), None
+    button = gr.update(visible=name in reward_runs(app) if task_of(run) == "reward" else False)
+    try:
+        stat = (run.path / SAMPLES).stat()
+        now = f"{name}:{stat.st_mtime_ns}:{stat.st_size}"
+    except FileNotFoundError:
+        now = f"{name}:none"
+    if now == shown:
+        return gr.update(), button, shown
     frame = samples_frame(run)
-    return (gr.update(value=frame, visible=frame is not None),
-            gr.update(visible=name in reward_runs(app) if task_of(run) == "reward" else False))
+    return gr.update(value=frame, visible=frame is not None), button, now
 
 
 def follow(app: AppState, name: str | None, followed: list) -> tuple[dict, list]:
@@ -385,6 +393,7 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File, tabs: gr.T
     timer = gr.Timer(2.0)
     followed = gr.State([])
     listed = gr.State(None)  # the selected run's state as the run list last showed it
+    samples_shown = gr.State(None)  # the run and samples.jsonl version the table shows (run_extras)
 
     # every event that touches a run carries the session's key (common.on): each visitor acts on their own runs
     on(start_btn.click, start, app, [setup.preset, upload, setup.sft_first, *setup.form], [message, run],
@@ -401,9 +410,10 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File, tabs: gr.T
     changed = on(run.change, run_selected, app, [run, message], [*plots, message, progress, diagnostics, log_tail],
                  **hidden)
     on(changed.then, refresh, app, run, shown, **hidden)
-    on(changed.then, run_extras, app, run, [samples, rl_btn], **hidden)
+    on(changed.then, run_extras, app, run, [samples, rl_btn, samples_shown], **hidden)
     ticked = on(timer.tick, refresh, app, run, shown, api_name="refresh", show_progress="hidden")
-    on(ticked.then, run_extras, app, run, [samples, rl_btn], api_name="samples", show_progress="hidden")
+    on(ticked.then, run_extras, app, [run, samples_shown], [samples, rl_btn, samples_shown], api_name="samples",
+       show_progress="hidden")
     switched = on(rl_btn.click, rl_from_reward, app, run, [setup.preset, *(setup.inputs[k] for k in KEYS),
                                                            *setup.summary, message], api_name="rl_from_reward")
     if tabs is not None:
