@@ -4,7 +4,8 @@ The form is three named rows of config keys; each value goes into the config exa
 would (:func:`config_from_form`), so the command shown repeats the run. The objective row holds every task's own
 keys (``Task.fields``), made once; only the selected task's are shown, and only those are read. "SFT first" turns
 one run into two: an SFT run on the chosen answers, then the run asked for, started from the SFT adapter
-(:func:`sft_first_config`).
+(:func:`sft_first_config`). The reward model is chosen among this app's finished reward runs (:func:`reward_runs`:
+a visitor's own in public), named in the form and resolved to its folder here, on the server.
 """
 
 from __future__ import annotations
@@ -272,6 +273,16 @@ def takes_reward_model(task: str | None) -> bool:
     return task in TASKS and task_class(task).head == "lm"
 
 
+def needs_reward_model(task: str | None) -> bool:
+    """Whether the task can't run without one: it lists the reward model among its own keys (rl)."""
+    return task in TASKS and REWARD_KEY in task_class(task).fields
+
+
+def makes_reward_model(task: str | None) -> bool:
+    """Whether the task's runs are reward models: a score head (the reward task)."""
+    return task in TASKS and task_class(task).head == "score"
+
+
 @dataclass
 class RewardRun:
     """A finished reward run as the reward model's list offers it: its folder, its base model, its last eval
@@ -288,7 +299,7 @@ def reward_runs(app: AppState) -> dict[str, RewardRun]:
     out = {}
     for r in app.runs():
         run = app.manager.run_dir(r["name"])
-        if r["state"] != "completed" or (r["task"] or task_of(run)) != "reward" or \
+        if r["state"] != "completed" or not makes_reward_model(r["task"] or task_of(run)) or \
                 not (run.adapter / "adapter_config.json").is_file():
             continue
         try:
@@ -345,8 +356,8 @@ def reward_state(app: AppState, preset: str, task: str, model: str, current: str
     sets up a reward run first, when it has none of its model."""
     runs = reward_runs(app)
     same = [r.name for r in runs.values() if _same_base(r.model, model or "")]
-    value = current or (same[0] if task == "rl" and same else None)
-    none_yet = task == "rl" and not same and not current
+    value = current or (same[0] if needs_reward_model(task) and same else None)
+    none_yet = needs_reward_model(task) and not same and not current
     note = no_reward_note(app, preset, model if runs else None) if none_yet else ""
     reward_preset = sibling_preset(app, preset, "reward")
     return (gr.update(choices=[(app.message(reward_label(r, model)), r.name) for r in runs.values()], value=value),

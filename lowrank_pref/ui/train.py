@@ -1,5 +1,6 @@
 """The Train tab: start, stop, resume; the run list; the progress line with its ETA, the curves, the diagnostics and
-the log of the selected run.
+the log of the selected run; for a run with a reward model its sample completions, and for a finished reward run
+the way to RL against it.
 
 The curves are the run's task's (``Task.plots``): the tab has as many plot slots as the task with the most plots,
 and a run's task decides which are shown and what they are called. Nothing here knows a task by name.
@@ -23,8 +24,8 @@ from ..diagnostics import diagnose, eval_summary
 from ..runs import tail
 from ..tasks import TASKS, task_class
 from .common import NO_SESSION, AppState, UserError, on, run_list, task_of
-from .setup import (KEYS, SetupTab, form_config, memory_verdict, no_reward_model, processes_of,
-                    reward_runs, rl_from_reward, run_name, sft_first_config)
+from .setup import (KEYS, SetupTab, form_config, makes_reward_model, memory_verdict, needs_reward_model,
+                    no_reward_model, processes_of, reward_runs, rl_from_reward, run_name, sft_first_config)
 
 PLOTS_PER_ROW = 2
 LOG_LINES = 12  # log lines the Train tab shows
@@ -180,7 +181,7 @@ def start(app: AppState, preset: str, upload: str | None, sft_first: bool, *valu
     name = run_name(values)
     # checked where Gradio put the upload, as Check the data reads it (so its messages name the same file), then kept
     checked = form_config(app, preset, upload, values)
-    if checked.task == "rl" and not checked.reward_model:
+    if needs_reward_model(checked.task) and not checked.reward_model:
         raise UserError(no_reward_model(app, preset, checked.model))
     if checked.reward_model:  # a typed folder (locally): a reward model of this base, said here, not in a failed run
         from ..model import check_reward_model
@@ -302,7 +303,7 @@ def run_extras(app: AppState, name: str | None, shown: str | None = None) -> tup
         run = None
     if run is None:
         return gr.update(value=None, visible=False), gr.update(visible=False), None
-    button = gr.update(visible=name in reward_runs(app) if task_of(run) == "reward" else False)
+    button = gr.update(visible=makes_reward_model(task_of(run)) and name in reward_runs(app))
     try:
         stat = (run.path / SAMPLES).stat()
         now = f"{name}:{stat.st_mtime_ns}:{stat.st_size}"

@@ -1,5 +1,6 @@
 """The Try it tab: a run that trains a language model answers a prompt beside its reference (the base with adapters
-off, or the starting adapter); a reward model scores two answers. Which one a run offers is its task's ``head``.
+off, or the starting adapter), each answer scored by the run's reward model when it has one (rl, or a judged run);
+a reward model scores two answers. Which one a run offers is its task's ``head``.
 """
 
 from __future__ import annotations
