@@ -17,7 +17,7 @@ import pandas as pd
 
 from ..config import Config
 from ..tasks import task_class
-from .common import DOCTOR_ROWS, AppState, event
+from .common import DOCTOR_ROWS, AppState, on
 from .setup import DATA_EXTENSIONS, SetupTab, form_config
 
 PIECE_CLASS = {"prompt": "lp-prompt", "loss": "lp-loss", "cut": "lp-cut"}
@@ -176,5 +176,6 @@ def create_data_tab(app: AppState, setup: SetupTab, upload: gr.File) -> DataTab:
     outputs = [report, hist, examples]
     upload.change(clear_check, None, outputs, api_name=False, show_progress="hidden")
     cleared = check.click(clear_check, None, outputs, api_name=False, show_progress="hidden")
-    cleared.then(event(check_data, app), [setup.preset, upload, *setup.form], outputs, api_name="doctor")
+    # with the session (common.on): the form's reward model is one of this visitor's runs
+    on(cleared.then, check_data, app, [setup.preset, upload, *setup.form], outputs, api_name="doctor")
     return DataTab(upload)

@@ -800,9 +800,10 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File, tab_selec
     inputs["task"].change(event(task_changed, app), inputs["task"], [inputs[k] for k in task_field_keys()],
                           api_name=False, show_progress="hidden")
     for comp in [*tab.form, sft_first, upload]:
-        comp.change(event(settings_changed, app), [preset, upload, sft_first, *tab.form], [*tab.summary, marker],
-                    api_name=False, show_progress="hidden")
-    save_btn.click(event(save_settings, app), [preset, upload, *tab.form], saved, api_name="save_settings")
+        # with the session (common.on): the reward model names one of this visitor's runs, in public their own
+        on(comp.change, settings_changed, app, [preset, upload, sft_first, *tab.form], [*tab.summary, marker],
+           api_name=False, show_progress="hidden")
+    on(save_btn.click, save_settings, app, [preset, upload, *tab.form], saved, api_name="save_settings")
     load.upload(event(load_settings, app), [preset, load], [*(tab.inputs[k] for k in KEYS), loaded],
                 api_name="load_settings")
     return tab
