@@ -785,13 +785,15 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File, tab_selec
 
     # .input, not .change: the buttons that set up another run (reward model first, RL from a reward run) set the
     # preset and fill the form themselves; a change event would fill it again, from the bare preset, after them
-    preset.input(event(preset_changed, app), preset, [*(tab.inputs[k] for k in KEYS), *tab.summary],
-                 api_name="preset")
-    # the reward model: this session's finished reward runs, listed again whenever they may have changed
+    chosen = preset.input(event(preset_changed, app), preset, [*(tab.inputs[k] for k in KEYS), *tab.summary],
+                          api_name="preset")
+    # the reward model: this session's finished reward runs, listed again whenever they may have changed (a preset
+    # empties the choice: the newest of its model is chosen again for rl)
     reward_inputs = [preset, inputs["task"], inputs["model"], inputs[REWARD_KEY]]
     reward_outputs = [inputs[REWARD_KEY], no_reward, reward_first]
     hidden = {"api_name": False, "show_progress": "hidden"}
-    for trigger in (inputs["task"].change, inputs["model"].change, *([tab_select] if tab_select else [])):
+    for trigger in (chosen.then, inputs["task"].change, inputs["model"].change,
+                    *([tab_select] if tab_select else [])):
         on(trigger, reward_state, app, reward_inputs, reward_outputs, **hidden)
     tab.reward = (reward_inputs, reward_outputs)
     on(reward_first.click, reward_first_preset, app, [preset, inputs["model"]],
