@@ -51,6 +51,7 @@ class Trained:
             self.model.set_adapter(POLICY)
         self.model.eval()
         self.task = self.cfg.task
+        self._reward = None  # the run's reward model (tasks/rl.py's RewardRoles), attached when first asked
 
     def _prompt_ids(self, prompt: str | list[dict], raw: bool) -> torch.Tensor:
         """Token ids of a prompt: a user message, a conversation (a list of chat messages, the user's last), or with
@@ -89,6 +90,32 @@ class Trained:
         ``sampling`` says ``sample=True`` (with ``temperature``, ``top_p``)."""
         return (self.reply(prompt, raw=raw, max_new_tokens=max_new_tokens, **sampling),
                 self.reply(prompt, reference=True, raw=raw, max_new_tokens=max_new_tokens, **sampling))
+
+    @torch.no_grad()
+    def reward(self, prompt: str | list[dict], answer: str, raw: bool = False) -> float:
+        """The score the run's reward model (``reward_model=``: an rl run's, or a judged run's) gives one answer to a
+        prompt (a user message, a conversation, or with ``raw`` the text as written), as the rl task scores a
+        completion: the reward adapter and its score head join this same base as a second adapter
+        (``RewardRoles.attach_roles``), and the answer is rendered as the reward model was trained."""
+        import copy
+
+        from .tasks.rl import RewardRoles, Rollout, prepare_prompts
+
+        if not self.cfg.reward_model:
+            raise ConfigError(f"run '{self.run.path.name}' has no reward model (reward_model=)")
+        if self._reward is None:
+            roles = RewardRoles()
+            roles.cfg = self.cfg
+            roles.attach_roles(self.model, self.tokenizer)
+            self._reward = roles
+        if not raw and isinstance(prompt, str):
+            prompt = [{"role": "user", "content": prompt}]
+        cfg = copy.deepcopy(self.cfg)
+        cfg.data.columns = None  # the row below is in the task's own columns, whatever the run's data used
+        prompts, _, _ = prepare_prompts([{"prompt": prompt}], self.tokenizer, source="Try it", cfg=cfg)
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        rollout = Rollout(prompts, [answer_ids], [True], torch.zeros(1))
+        return float(self._reward.rewards(self.model, rollout)[0])
 
     @torch.no_grad()
     def score(self, prompt: str, answer_a: str, answer_b: str) -> tuple[float, float]:

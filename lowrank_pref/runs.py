@@ -190,7 +190,7 @@ class RunManager:
             users = self._users_of(run)
             if users:
                 raise ConfigError(f"run '{name}' can't be deleted: run '{users[0]}' starts from its adapter (it is "
-                                  f"that run's reference); delete '{users[0]}' first")
+                                  f"that run's reference, or its reward model); delete '{users[0]}' first")
             trash = self.root / f".deleting-{name}-{os.getpid()}"
             os.rename(run.path, trash)  # at once: the run is gone from the list even if removing its files is slow
             shutil.rmtree(trash, ignore_errors=True)

@@ -254,9 +254,10 @@ def test_the_form_shows_and_reads_only_the_tasks_own_fields(tmp_path):
     assert set(keys) == {k for t in TASKS for k in task_class(t).fields} <= set(KEYS)
     assert len(set(keys)) == len(keys)
     shown = lambda task: [k for k, u in zip(keys, setup_tab.task_changed(app, task)) if u["visible"]]  # noqa: E731
-    assert shown("dpo") == ["loss_type", "beta", "rpo_alpha"]
-    assert shown("kto") == ["beta", "kto.desirable_weight", "kto.undesirable_weight"]
-    assert shown("sft") == ["sft.completion_only"] and shown("reward") == ["center_rewards_coefficient"]
+    # the reward model too, for every task that generates (rl trains against it, the others are judged by it)
+    assert shown("dpo") == ["loss_type", "beta", "rpo_alpha", "reward_model"]
+    assert shown("kto") == ["beta", "kto.desirable_weight", "kto.undesirable_weight", "reward_model"]
+    assert shown("sft") == ["sft.completion_only", "reward_model"] and shown("reward") == ["center_rewards_coefficient"]
 
     # dpo values left in the hidden boxes: not read for kto (rpo_alpha and loss_type would refuse the run)
     cfg = config_from_form("tiny", None, _form(task="kto", rpo_alpha=0.2, loss_type="ipo", beta=0.3,

@@ -351,3 +351,94 @@ def test_the_page_tells_the_truth_about_the_run(tmp_path):
         page.get_by_role("tab", name="2 · Data").click()
         page.wait_for_timeout(300)  # the tab's own layout settles (no server call to wait on)
         page.screenshot(path=str(shots / "tab-data-reward.png"), full_page=True)
+
+
+def make_reward_run(root: Path, name: str, accuracy: float = 0.88) -> Path:
+    """A finished reward run's folder on the tiny preset's model, as a reward run leaves it (its adapter from
+    benchmarks/rl.py's make_reward_adapter, as test_rl's), without training one."""
+    import sys
+
+    from conftest import ROOT
+    from lowrank_pref.artifacts import RunDir
+    from lowrank_pref.config import dump_yaml
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from rl import make_reward_adapter
+
+    run = RunDir(root / name).create()
+    make_reward_adapter("builtin:tiny", run.adapter, scale=0.3)
+    run.config.write_text(f"reference: base\n{dump_yaml(build_config('tiny-reward'))}")
+    run.write_status(task="reward", state="completed", step=60, total_steps=60)
+    run.append_metrics({"step": 60, "eval_accuracy": accuracy})
+    return run.path
+
+
+def test_rl_against_a_reward_run_in_a_browser(tmp_path, monkeypatch):
+    """Issue 14's path in the page: without a reward run, rl says to train one first and its button sets up the
+    reward preset; a finished reward run's "Train a policy against this reward model (RL)" sets
+    Setup to tiny-rl with that run as the reward model (listed with its model and eval accuracy, picked again
+    here); a short rl run draws its reward and KL curves and the table of sample completions with their rewards;
+    Try it puts the reward model's score under the policy's and the reference's answers. Screenshots rl-*.png."""
+    from playwright.sync_api import expect
+
+    # the run's one process on one thread: two threads thrash beside the browser on a 2-core machine (test_rl's)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    with browser_page(tmp_path, hw={"gpu": None, "memory_gb": 16.0}) as (page, demo, shots):
+        # no reward run yet: an rl run is told to train one first, and the button sets up the reward preset
+        choose_preset(page, "tiny-rl", 4)
+        expect(page.locator(".prose.lp-no-reward")).to_contain_text("No finished reward run yet", timeout=30_000)
+        page.screenshot(path=str(shots / "rl-no-reward-run.png"), full_page=True)
+        page.get_by_role("button", name="Set up a reward model run first (tiny-reward)").click()
+        expect(page.locator("#lp-field-task").get_by_role("radio", name="reward", exact=True)).to_be_checked(
+            timeout=30_000)
+        expect(page.get_by_label("Preset")).to_have_value(re.compile(r"^tiny-reward"), timeout=30_000)
+        expect(page.locator(".block.lp-no-reward")).to_be_hidden(timeout=30_000)
+
+        make_reward_run(tmp_path / "runs", "reward-mine")  # as if it had trained meanwhile
+        page.get_by_role("tab", name="3 · Train").click()
+        page.get_by_role("button", name="Refresh list").click()
+        page.get_by_label("Run", exact=True).click()
+        page.get_by_role("option", name=re.compile(r"^reward-mine · completed")).click()
+        page.get_by_role("button", name="Train a policy against this reward model (RL)").click()
+        expect(page.locator("#lp-field-task").get_by_role("radio", name="rl", exact=True)).to_be_checked(
+            timeout=30_000)  # Setup, switched to by the click, on the rl preset
+        expect(page.get_by_label("Preset")).to_have_value(re.compile(r"^tiny-rl"), timeout=30_000)
+        reward = page.get_by_label("Reward model (a finished reward run of this model)")
+        expect(reward).to_have_value(re.compile(r"^reward-mine · builtin:tiny · eval accuracy 0.88"),
+                                    timeout=30_000)
+        reward.click()
+        page.get_by_role("option", name="reward-mine · builtin:tiny · eval accuracy 0.88").click()
+        for label, value in (("Max steps (0: use epochs)", "4"), ("Max new tokens per completion", "8"),
+                             ("Completions per prompt (k)", "2")):
+            box = page.get_by_label(label)
+            box.fill(value)
+            box.press("Tab")
+        expect(page.get_by_text(re.compile(r"^Estimated peak memory"))).to_be_visible(timeout=30_000)  # valid
+        page.screenshot(path=str(shots / "rl-setup.png"), full_page=True)
+
+        page.get_by_role("tab", name="3 · Train").click()
+        page.get_by_role("button", name="Start training").click()
+        expect(page.locator(".lp-status")).to_contain_text(re.compile(r"^rl-\S+ · completed"), timeout=300_000)
+        plots = page.locator(".vega-embed:visible")
+        expect(plots.nth(0)).to_contain_text("Reward", timeout=30_000)
+        expect(plots.nth(0)).to_contain_text("train (policy samples)", timeout=30_000)
+        expect(plots.nth(1)).to_contain_text("KL to the reference", timeout=30_000)
+        table = page.locator(".lp-samples")
+        expect(table).to_be_visible(timeout=30_000)
+        expect(table).to_contain_text("policy completion")
+        expect(table).to_contain_text("reference reward")
+        run = next(p for p in (tmp_path / "runs").iterdir() if p.name.startswith("rl-"))
+        cfg = build_config(config_file=str(run / "config.yaml"))
+        assert (cfg.task, cfg.max_steps, cfg.rl.max_new_tokens, cfg.rl.k) == ("rl", 4, 8, 2)
+        assert cfg.reward_model == str((tmp_path / "runs" / "reward-mine" / "adapter").resolve())
+        first = json.loads((run / "samples.jsonl").read_text().splitlines()[0])
+        expect(table).to_contain_text(first["prompt"][:30], timeout=30_000)
+        page.screenshot(path=str(shots / "rl-train.png"), full_page=True)
+
+        page.get_by_role("tab", name="4 · Try it").click()
+        expect(page.get_by_text(re.compile(r"Using run rl-.*its final adapter"))).to_be_visible(timeout=30_000)
+        page.get_by_role("button", name="Send to both").click()
+        for side in ("policy", "reference"):
+            expect(page.locator(f".prose.lp-reward-{side}")).to_contain_text(
+                re.compile(r"Reward model reward-mine: -?\d+\.\d{3}"), timeout=60_000)
+        page.screenshot(path=str(shots / "rl-try-it.png"), full_page=True)

@@ -647,3 +647,48 @@ def test_rl_diagnostics_read_the_kl_and_the_win_rate():
                                                                    {"step": 5, "eval_win_rate": 0.3}]
     messages = " ".join(m for _, m in RlTask.diagnose(drifting))
     assert "25.0 nats" in messages and "Raise beta" in messages and "win rate below one half" in messages
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The app on these runs (their folder as its runs folder): no run of its own, the CLI's runs read as the app reads
+
+def test_the_app_lists_the_reward_run_shows_the_samples_and_scores_answers(rl_world, rloo_run):
+    """Setup offers the reward run trained above (its model and eval accuracy), and nothing else; the Train tab's
+    table is the rl run's samples.jsonl, newest eval first; Try it's score under each answer is the reward run's
+    own scoring of it (the reward adapter loaded on the rl run's base, as RewardRoles does in training)."""
+    import re
+
+    from lowrank_pref.infer import Trained
+    from lowrank_pref.model import POLICY, REWARD
+    from lowrank_pref.ui import AppState
+    from lowrank_pref.ui import setup as setup_tab
+    from lowrank_pref.ui import train as train_tab
+    from lowrank_pref.ui import tryit as try_tab
+
+    app = AppState(rl_world, hw={"gpu": None, "memory_gb": 16.0})
+    model = str(rl_world / "model")
+    accuracy = [m["eval_accuracy"] for m in read_metrics(rl_world / "rm" / "metrics.jsonl") if "eval_accuracy" in m]
+    dropdown, note, _ = setup_tab.reward_state(app, "tiny-rl", "rl", model, None)
+    assert dropdown["choices"] == [(f"rm · {model} · eval accuracy {accuracy[-1]:.2f}", "rm")]  # not sft, not rl runs
+    assert dropdown["value"] == "rm" and not note["visible"]
+
+    table, button, _ = train_tab.run_extras(app, "rloo")
+    samples = [json.loads(line) for line in (rloo_run / "samples.jsonl").read_text().splitlines()]
+    newest_first = sorted(samples, key=lambda s: -s["step"])
+    assert table["visible"] and not button["visible"] and list(table["value"]["step"]) == [40] * 4 + [20] * 4
+    assert table["value"].values.tolist() == [[s["step"], s["prompt"], s["completion"], s["reward"],
+                                               s["reference_completion"], s["reference_reward"]] for s in newest_first]
+    assert train_tab.run_extras(app, "rm")[1]["visible"] and not train_tab.run_extras(app, "sft")[0]["visible"]
+
+    prompt = "Tell me about the river and the garden."
+    policy, reference, _ = try_tab.chat(app, "rloo", prompt, False, 16, False, 0.7, 0.9, [], [])
+    shown = try_tab.reward_scores(app, "rloo", False, policy, reference)
+    own = Trained(rl_world / "rm").score(prompt, policy[-1]["content"], reference[-1]["content"])
+    trained = app.trained("rloo")
+    ours = (trained.reward(prompt, policy[-1]["content"]), trained.reward(prompt, reference[-1]["content"]))
+    assert ours == pytest.approx(own, abs=1e-4)
+    for text, score in zip(shown, ours):
+        assert re.search(rf"Reward model \*\*rm\*\*: \*\*{score:.3f}\*\*", text), text
+    assert ("the higher" in shown[0]) == (ours[0] > ours[1]) and ("the higher" in shown[1]) == (ours[1] > ours[0])
+    # the reward adapter joined the run's own base: one set of 4-bit layers, the policy still the active adapter
+    assert trained.model.active_adapter == POLICY and REWARD in trained.model.peft_config

@@ -426,3 +426,26 @@ def test_public_app_refuses_paths_large_uploads_and_renders_no_html_from_data(sp
     report, _, _ = client.predict("tiny", handle_file(str(write_pairs(tmp_path / "ok.jsonl", n=10))), *_form(),
                                   api_name="/doctor")
     assert "usable pairs:** 10" in report and not list(demo.manager.root.glob(".uploads/*"))
+
+
+def test_public_app_reward_model_is_the_visitors_own_run_through_the_api(space):
+    """Issue 14 in public, through the launched app's API: the data check, the saved settings and RL-from-a-reward-
+    run read the form's reward model as a run of the calling session (their own), never another visitor's."""
+    from gradio_client.exceptions import AppError
+
+    demo, _, client, _ = space
+    for name, owner in (("rm-alice", ALICE), ("rm-bob", BOB)):
+        _fake_run(demo.app_state, name, owner).write_status(task="reward")
+    form = _form("tiny-rl", reward_model="rm-alice")
+    report, _, _ = client.predict("tiny-rl", None, *form, owner=ALICE, api_name="/doctor")
+    assert "usable prompts:** 240" in report  # her own reward run: the check reads the rl task's prompts
+    assert "reward_model: " in open(client.predict("tiny-rl", None, *form, owner=ALICE, api_name="/save_settings")
+                                    ).read()
+    for owner in (BOB, None):  # another visitor, or no session: refused as a path would be
+        with pytest.raises(AppError, match="reward_model: this public app reads no files on its server; pick one"):
+            client.predict("tiny-rl", None, *form, owner=owner, api_name="/doctor")
+    client.predict(None, owner=ALICE, api_name="/runs")  # her run list, as her page shows it
+    out = client.predict("rm-alice", owner=ALICE, api_name="/rl_from_reward")
+    assert out[0]["value"] == "tiny-rl" and "against the reward model **rm-alice**" in out[-1]
+    with pytest.raises(AppError, match="not a finished reward run"):
+        client.predict("rm-alice", owner=BOB, api_name="/rl_from_reward")

@@ -25,8 +25,8 @@ from .common import (DOCTOR_ROWS, PUBLIC_UPLOAD_MB, AppState, UserError, detect_
                      run_list)
 from .data import create_data_tab, doctor, upload_box
 from .export import create_export_tab
-from .setup import (KEYS, cli_command, config_from_form, create_setup_tab, form_values, memory_line, store_upload,
-                    suggest_preset)
+from .setup import (KEYS, cli_command, config_from_form, create_setup_tab, form_values, memory_line, reward_state,
+                    store_upload, suggest_preset)
 from .train import create_train_tab
 from .tryit import create_try_tab
 
@@ -81,8 +81,8 @@ def build_app(runs_root: str | os.PathLike | None = None, hw: dict | None = None
     with gr.Blocks(title="lowrank-pref", delete_cache=(3600, 86400)) as demo:
         gr.Markdown("# lowrank-pref\nFine-tune an open model on one GPU with QLoRA: supervised fine-tuning (SFT) "
                     "on demonstrations, preference tuning (DPO on chosen/rejected pairs, KTO on thumbs-up/down "
-                    "answers) or a reward model. Pick a preset, check your data, train, watch, try it, take the "
-                    "adapter home.")
+                    "answers), a reward model, and RL against that reward model. Pick a preset, check your data, "
+                    "train, watch, try it, take the adapter home.")
         where = f"GPU: {app.hw['gpu']} ({app.hw['memory_gb']} GB)" if app.hw.get("gpu") else \
             "No GPU found: the `tiny` preset trains a toy model on the CPU in about a minute."
         gr.Markdown(f"**Hardware.** {where} Suggested preset: `{preset}`.")
@@ -91,18 +91,20 @@ def build_app(runs_root: str | os.PathLike | None = None, hw: dict | None = None
         # still reads it; the value is a capability the browser holds, not something the secret protects
         app.owner_box = gr.BrowserState(None, storage_key="lowrank_pref_owner", secret="lowrank-pref")
         upload = upload_box()  # shown in the Data tab; Setup's command and Train's Start read it too
-        with gr.Tab("1 · Setup"):
-            setup = create_setup_tab(app, preset, upload)
-        with gr.Tab("2 · Data"):
-            create_data_tab(app, setup, upload)
-        with gr.Tab("3 · Train"):
-            train = create_train_tab(app, setup, upload)
-        with gr.Tab("4 · Try it") as try_it:
-            create_try_tab(app, train.run, try_it)
-        with gr.Tab("5 · Export") as export_tab:
-            create_export_tab(app, train.run, export_tab)
+        with gr.Tabs() as tabs:
+            with gr.Tab("1 · Setup", id="setup") as setup_tab:
+                setup = create_setup_tab(app, preset, upload, setup_tab.select)
+            with gr.Tab("2 · Data", id="data"):
+                create_data_tab(app, setup, upload)
+            with gr.Tab("3 · Train", id="train"):
+                train = create_train_tab(app, setup, upload, tabs)
+            with gr.Tab("4 · Try it", id="try") as try_it:
+                create_try_tab(app, train.run, try_it)
+            with gr.Tab("5 · Export", id="export") as export_tab:
+                create_export_tab(app, train.run, export_tab)
         loaded = demo.load(issue_owner, app.owner_box, app.owner_box, api_name=False)
         on(loaded.then, run_list, app, None, train.run, api_name=False)
+        on(loaded.then, reward_state, app, *setup.reward, api_name=False)  # the session's own reward runs
     demo.manager = app.manager  # for scripts and tests
     demo.app_state = app
     max_file_size = int(max_upload_mb * 2**20) if max_upload_mb else None

@@ -17,8 +17,8 @@ import pandas as pd
 
 from ..config import Config
 from ..tasks import task_class
-from .common import DOCTOR_ROWS, AppState, event
-from .setup import DATA_EXTENSIONS, SetupTab, config_from_form
+from .common import DOCTOR_ROWS, AppState, on
+from .setup import DATA_EXTENSIONS, SetupTab, form_config
 
 PIECE_CLASS = {"prompt": "lp-prompt", "loss": "lp-loss", "cut": "lp-cut"}
 
@@ -136,8 +136,7 @@ def length_histogram(lengths: list[int], max_length: int, bins_within: int = 8, 
 def check_data(app: AppState, preset: str, upload: str | None, *values) -> tuple[str, dict, str]:
     """The doctor on the data Start would train on: the uploaded file (read where Gradio put it: a check keeps
     nothing on the server), else the form's dataset."""
-    report, hist, examples = doctor(config_from_form(preset, upload, list(values), public=app.public),
-                                    app.doctor_rows)
+    report, hist, examples = doctor(form_config(app, preset, upload, list(values)), app.doctor_rows)
     hist["visible"] = True
     return app.message(report), hist, examples
 
@@ -177,5 +176,6 @@ def create_data_tab(app: AppState, setup: SetupTab, upload: gr.File) -> DataTab:
     outputs = [report, hist, examples]
     upload.change(clear_check, None, outputs, api_name=False, show_progress="hidden")
     cleared = check.click(clear_check, None, outputs, api_name=False, show_progress="hidden")
-    cleared.then(event(check_data, app), [setup.preset, upload, *setup.form], outputs, api_name="doctor")
+    # with the session (common.on): the form's reward model is one of this visitor's runs
+    on(cleared.then, check_data, app, [setup.preset, upload, *setup.form], outputs, api_name="doctor")
     return DataTab(upload)

@@ -4,7 +4,8 @@ The form is three named rows of config keys; each value goes into the config exa
 would (:func:`config_from_form`), so the command shown repeats the run. The objective row holds every task's own
 keys (``Task.fields``), made once; only the selected task's are shown, and only those are read. "SFT first" turns
 one run into two: an SFT run on the chosen answers, then the run asked for, started from the SFT adapter
-(:func:`sft_first_config`).
+(:func:`sft_first_config`). The reward model is chosen among this app's finished reward runs (:func:`reward_runs`:
+a visitor's own in public), named in the form and resolved to its folder here, on the server.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import gradio as gr
+import yaml
 
 from ..config import (COLUMN_ROLES, Config, ConfigError, apply_mapping, build_config, dump_yaml,
                       field_help, list_presets, to_dict, validate)
+from ..model import _same_base
 from ..runs import RUN_NAME
 from ..tasks import TASKS, task_class
-from .common import AppState, UserError, clean_exports, clean_uploads, event
+from .common import AppState, UserError, clean_exports, clean_uploads, event, on, task_of
 
 # Labels of the keys tasks declare in Task.fields; a key without one is labelled by its name.
 FIELD_LABELS = {"loss_type": "Loss type", "beta": "beta", "rpo_alpha": "rpo_alpha (SFT term on chosen)",
@@ -31,8 +34,8 @@ FIELD_LABELS = {"loss_type": "Loss type", "beta": "beta", "rpo_alpha": "rpo_alph
                 "kto.undesirable_weight": "Undesirable (thumbs-down) weight",
                 "sft.completion_only": "Loss on the answers only",
                 "center_rewards_coefficient": "Center rewards coefficient",
-                "reward_model": "Reward model (a finished reward run's folder, same model)",
-                "rl.algorithm": "RL algorithm (rloo, online_dpo or ppo)", "rl.k": "Completions per prompt (k)",
+                "reward_model": "Reward model (a finished reward run of this model)",
+                "rl.algorithm": "RL algorithm", "rl.k": "Completions per prompt (k)",
                 "rl.max_new_tokens": "Max new tokens per completion"}
 
 
@@ -46,8 +49,10 @@ def task_field_keys() -> list[str]:
 
 
 # The form, row by row: (config key, label). Everything else stays as the preset has it.
-WHAT_ROW = [("model", "Model (hub id or local folder)"), ("task", "Task"), ("dataset", "Dataset (hub id or path)")]
-OBJECTIVE_ROW = [(k, FIELD_LABELS.get(k, k)) for k in task_field_keys()] + [
+REWARD_KEY = "reward_model"  # one of this app's finished reward runs (rl needs one; dpo, sft, kto may be judged)
+WHAT_ROW = [("model", "Model (hub id or local folder)"), ("task", "Task"), ("dataset", "Dataset (hub id or path)"),
+            (REWARD_KEY, FIELD_LABELS[REWARD_KEY])]
+OBJECTIVE_ROW = [(k, FIELD_LABELS.get(k, k)) for k in task_field_keys() if k != REWARD_KEY] + [
     ("learning_rate", "Learning rate"), ("max_steps", "Max steps (0: use epochs)"), ("num_epochs", "Epochs")]
 SIZE_ROW = [("lora.r", "LoRA rank"), ("lora.alpha", "LoRA alpha"), ("max_length", "Max length (tokens)"),
             ("max_prompt_length", "Max prompt length (tokens)"),
@@ -179,6 +184,10 @@ def is_remote(value) -> bool:
     return bool(HUB_ID.match(value)) and ".." not in value and not os.path.lexists(value)
 
 
+REWARD_PUBLIC = (f"{REWARD_KEY}: this public app reads no files on its server; pick one of your finished reward "
+                 "runs in the list")
+
+
 def refuse_server_paths(values: dict, preset: Config) -> None:
     """A public app reads no files on its server: each source key in ``values`` must be a hub id or builtin: name, or
     the preset's own value (presets are the app's files). The value is not echoed: it may be a probe."""
@@ -186,6 +195,8 @@ def refuse_server_paths(values: dict, preset: Config) -> None:
         value = values.get(key)
         if value is None or value == getattr(preset, key) or is_remote(value):
             continue
+        if key == REWARD_KEY:
+            raise UserError(REWARD_PUBLIC)
         where = "upload the data file in the Data tab, or give" if "dataset" in key else "give"
         raise UserError(f"{key}: this public app reads no files on its server; {where} a hub id (user/name)")
 
@@ -197,20 +208,32 @@ def public_preset(preset: str) -> None:
 
 
 def config_from_form(preset: str, upload: str | None, values: list, uploads_dir: Path | None = None,
-                     public: bool = False) -> Config:
+                     public: bool = False, reward_runs: dict | None = None) -> Config:
     """The preset with the form's values on top; an uploaded file becomes the dataset. Another task's objective keys
     (hidden in the form) are not read: the preset's values stay, so a value typed for dpo never reaches a kto run.
-    ``public``: the preset must be a listed one and the sources hub ids (:func:`refuse_server_paths`)."""
+    ``public``: the preset must be a listed one and the sources hub ids (:func:`refuse_server_paths`).
+    ``reward_runs``: the reward runs the form's reward model may name (:func:`reward_runs`), each resolved to its
+    folder here, on the server; in public nothing else is taken, locally a typed folder is too. A run trained on
+    another model than the form's is refused, naming both."""
     if public:
         public_preset(preset)
     base = build_config(preset)
     form = dict(zip(KEYS, values))
     task = form.get("task") if form.get("task") in TASKS else base.task
     hidden = set(task_field_keys()) - set(task_class(task).fields)
-    overrides = {}
+    if takes_reward_model(task):
+        hidden.discard(REWARD_KEY)
+    overrides, picked = {}, None
     for key, value in form.items():
         if key in hidden or key in FORM_ONLY:
             continue
+        if key == REWARD_KEY:
+            value = (value.strip() if isinstance(value, str) else value) or None
+            picked = (reward_runs or {}).get(value)
+            if picked:  # its adapter folder: the run manager then keeps the reward run from being deleted under it
+                value = str(picked.path / "adapter")
+            elif value and public:
+                raise UserError(REWARD_PUBLIC)
         if key == "data.columns":
             columns = parse_columns(value)
             if columns != (base.data.columns or {}):
@@ -229,10 +252,126 @@ def config_from_form(preset: str, upload: str | None, values: list, uploads_dir:
         if value != _get(base, key):
             overrides[key] = "null" if value is None else value
     if public:  # before anything is stored, read or built; an upload replaces the dataset box, which is not read
-        refuse_server_paths({k: v for k, v in overrides.items() if not (upload and k == "dataset")}, base)
+        refuse_server_paths({k: v for k, v in overrides.items() if not (upload and k == "dataset")
+                             and k != REWARD_KEY}, base)
     if upload:
         overrides["dataset"] = str(store_upload(upload, uploads_dir) if uploads_dir else upload)
-    return build_config(preset, overrides=overrides)
+    cfg = build_config(preset, overrides=overrides)
+    if picked and not _same_base(picked.model, cfg.model):
+        raise UserError(f"{REWARD_KEY}: the reward run '{picked.name}' was trained on the model '{picked.model}', but "
+                        f"this run's model is '{cfg.model}': a reward model only scores on the base it was trained "
+                        f"on. Pick a reward run of '{cfg.model}', or set Model to '{picked.model}'")
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The reward model: one of this app's finished reward runs
+
+def takes_reward_model(task: str | None) -> bool:
+    """Whether the form's reward model applies: the rl task trains against it; the tasks that generate (dpo, sft,
+    kto) are judged by it at each eval when one is given."""
+    return task in TASKS and task_class(task).head == "lm"
+
+
+def needs_reward_model(task: str | None) -> bool:
+    """Whether the task can't run without one: it lists the reward model among its own keys (rl)."""
+    return task in TASKS and REWARD_KEY in task_class(task).fields
+
+
+def makes_reward_model(task: str | None) -> bool:
+    """Whether the task's runs are reward models: a score head (the reward task)."""
+    return task in TASKS and task_class(task).head == "score"
+
+
+@dataclass
+class RewardRun:
+    """A finished reward run as the reward model's list offers it: its folder, its base model, its last eval
+    accuracy (None without an eval)."""
+    name: str
+    path: Path
+    model: str
+    accuracy: float | None
+
+
+def reward_runs(app: AppState) -> dict[str, RewardRun]:
+    """This session's finished reward runs (completed, with their adapter), newest first, by name: every run locally,
+    a visitor's own in public (``AppState.runs`` keeps visitors' runs apart by their owner)."""
+    out = {}
+    for r in app.runs():
+        run = app.manager.run_dir(r["name"])
+        if r["state"] != "completed" or not makes_reward_model(r["task"] or task_of(run)) or \
+                not (run.adapter / "adapter_config.json").is_file():
+            continue
+        try:
+            model = (yaml.safe_load(run.config.read_text()) or {}).get("model")
+        except (OSError, yaml.YAMLError):
+            continue
+        evals = [m["eval_accuracy"] for m in run.read_metrics() if isinstance(m.get("eval_accuracy"), (int, float))]
+        out[r["name"]] = RewardRun(r["name"], run.path.resolve(), str(model), evals[-1] if evals else None)
+    return out
+
+
+def reward_run_name(value: str) -> str:
+    """The reward run a ``reward_model`` value names: its folder, or the folder its adapter/ is in."""
+    path = Path(value)
+    return path.parent.name if path.name == "adapter" else path.name
+
+
+def form_config(app: AppState, preset: str, upload: str | None, values: list, uploads_dir: Path | None = None
+                ) -> Config:
+    """:func:`config_from_form` for this session: public as the app is, the reward model one of its reward runs."""
+    return config_from_form(preset, upload, values, uploads_dir, public=app.public, reward_runs=reward_runs(app))
+
+
+def sibling_preset(app: AppState, preset: str, task: str) -> str:
+    """The preset of the same size for another task (12gb-rl -> 12gb-reward, tiny -> tiny-reward), else the one this
+    machine is suggested, else the tiny one."""
+    size = preset.rsplit("-", 1)[0] if preset.rsplit("-", 1)[-1] in TASKS else preset
+    presets = list_presets()
+    for name in (f"{size}-{task}", suggest_preset(app.hw, task), f"tiny-{task}"):
+        if name in presets and build_config(name).task == task:
+            return name
+    return preset
+
+
+def reward_label(run: RewardRun, model: str | None) -> str:
+    """A reward run as the list shows it: name, base model, eval accuracy; marked when its model is not the form's."""
+    accuracy = f"eval accuracy {run.accuracy:.2f}" if run.accuracy is not None else "no eval yet"
+    label = f"{run.name} · {run.model} · {accuracy}"
+    return label if not model or _same_base(run.model, model) else f"{label} · ⚠ another model than {model}"
+
+
+def no_reward_note(app: AppState, preset: str, model: str | None = None) -> str:
+    """What an rl run without a finished reward run of its model is told: train one first, and how. ``model``: the
+    form's, named when there are reward runs, all of other models."""
+    what = f"No finished reward run of `{model}` yet" if model else "No finished reward run yet"
+    return (f"**{what}.** An rl run trains the policy against a reward model you trained here on the same model: "
+            f"train one first (preset `{sibling_preset(app, preset, 'reward')}`, on preference pairs), then pick it "
+            "under Reward model once it has completed.")
+
+
+def reward_state(app: AppState, preset: str, task: str, model: str, current: str | None) -> tuple[dict, dict, dict]:
+    """The reward model's list for this session and the form's model (runs of another model marked); an rl run with
+    none chosen gets the newest of its model. For rl without any finished reward run: the note and the button that
+    sets up a reward run first, when it has none of its model."""
+    runs = reward_runs(app)
+    same = [r.name for r in runs.values() if _same_base(r.model, model or "")]
+    value = current or (same[0] if needs_reward_model(task) and same else None)
+    none_yet = needs_reward_model(task) and not same and not current
+    note = no_reward_note(app, preset, model if runs else None) if none_yet else ""
+    reward_preset = sibling_preset(app, preset, "reward")
+    return (gr.update(choices=[(app.message(reward_label(r, model)), r.name) for r in runs.values()], value=value),
+            gr.update(value=app.message(note), visible=none_yet),
+            gr.update(value=f"Set up a reward model run first ({reward_preset})", visible=none_yet))
+
+
+def no_reward_model(app: AppState, preset: str, model: str) -> str:
+    """Start's refusal of an rl run without a reward model."""
+    runs = reward_runs(app)
+    if any(_same_base(r.model, model) for r in runs.values()):
+        return (f"{REWARD_KEY}: an rl run trains against a reward model: pick one of your finished reward runs in "
+                f"Setup ({LABELS[REWARD_KEY]})")
+    return f"{REWARD_KEY}: {no_reward_note(app, preset, model if runs else None).replace('**', '')}"
 
 
 def store_upload(path: str, uploads_dir: Path) -> Path:
@@ -389,9 +528,43 @@ def preset_changed(app: AppState, preset: str) -> list:
     return [*form_values(cfg), memory_line(cfg, app.hw), cli_command(preset, cfg), dump_yaml(cfg)]
 
 
+def reward_first_preset(app: AppState, preset: str, model: str | None = None) -> list:
+    """"Set up a reward model run first": the reward preset of this size in the form, on the form's model when it is
+    not the preset's (the reward model must be trained on the base the rl run will use). Returns the preset, the
+    form's values and the summary (as :func:`preset_changed`)."""
+    name = sibling_preset(app, preset, "reward")
+    mine = model and model != build_config(preset).model
+    cfg = build_config(name, overrides={"model": model} if mine else {})
+    return [gr.update(value=name), *form_values(cfg), memory_line(cfg, app.hw), cli_command(name, cfg),
+            dump_yaml(cfg)]
+
+
+def rl_from_reward(app: AppState, name: str | None) -> list:
+    """"Train a policy against this reward model (RL)": the rl preset of the reward run's size (the one whose model
+    is the run's; else this machine's, on the run's model) in the form, with this run as its reward model. Returns
+    the preset, the form's values (:data:`KEYS` order), the summary and a message."""
+    runs = reward_runs(app)
+    if name not in runs:
+        raise UserError(f"run '{name}' is not a finished reward run: RL needs a reward model that has completed")
+    run = runs[name]
+    rl = [p for p in list_presets() if p.endswith("-rl") and _same_base(build_config(p).model, run.model)]
+    preset = rl[0] if rl else sibling_preset(app, suggest_preset(app.hw), "rl")
+    cfg = build_config(preset, overrides={} if rl else {"model": run.model})
+    values = form_values(cfg)
+    values[KEYS.index(REWARD_KEY)] = gr.update(choices=[(app.message(reward_label(r, cfg.model)), r.name)
+                                                        for r in runs.values()], value=name)
+    cfg.reward_model = name if app.public else str(run.path / "adapter")
+    return [gr.update(value=preset), *values, memory_line(cfg, app.hw), cli_command(preset, cfg), dump_yaml(cfg),
+            f"Setup now holds an rl run (preset **{preset}**) against the reward model **{name}**: check its "
+            "settings in the Setup tab, then press Start training."]
+
+
 def task_changed(app: AppState, task: str) -> list[dict]:
-    """Show the selected task's objective keys, hide the others' (in :func:`task_field_keys` order)."""
+    """Show the selected task's objective keys, hide the others' (in :func:`task_field_keys` order); the reward model
+    for every task that takes one (:func:`takes_reward_model`)."""
     shown = set(task_class(task).fields) if task in TASKS else set()
+    if takes_reward_model(task):
+        shown.add(REWARD_KEY)
     return [gr.update(visible=key in shown) for key in task_field_keys()]
 
 
@@ -431,7 +604,7 @@ def settings_changed(app: AppState, preset: str, upload: str | None, sft_first: 
     the field is marked."""
     values, processes = processes_of(app, values)
     try:
-        cfg = config_from_form(preset, upload, values, public=app.public)
+        cfg = form_config(app, preset, upload, values)
         run_name(values)
     except (ConfigError, UserError) as e:
         key = bad_key(str(e)) or ("run_name" if str(e).startswith(LABELS["run_name"]) else None)
@@ -439,6 +612,8 @@ def settings_changed(app: AppState, preset: str, upload: str | None, sft_first: 
         return [f"⛔ **Not a valid setting**: {text}", gr.update(), gr.update(), marker_html(key, upload)]
     if upload:
         cfg.dataset = f"<uploaded: {Path(upload).name}>"
+    if app.public and cfg.reward_model:  # the run's name, not its folder on the server
+        cfg.reward_model = reward_run_name(cfg.reward_model)
     command = chain_command(preset, cfg, processes) if sft_first else cli_command(preset, cfg, processes)
     return [memory_line(cfg, app.hw), command, dump_yaml(cfg), marker_html(None, upload)]
 
@@ -451,9 +626,11 @@ def save_settings(app: AppState, preset: str, upload: str | None, *values) -> st
     ``python -m lowrank_pref.run --config``, repeats them). An uploaded dataset is named by its file name."""
     import tempfile
 
-    cfg = config_from_form(preset, None, processes_of(app, values)[0], public=app.public)
+    cfg = form_config(app, preset, None, processes_of(app, values)[0])
     if upload:
         cfg.dataset = Path(upload).name
+    if app.public and cfg.reward_model:  # loaded back, the name is one of the visitor's runs again
+        cfg.reward_model = reward_run_name(cfg.reward_model)
     cfg.output_dir = None
     app.exports.mkdir(parents=True, exist_ok=True)
     clean_exports(app.exports)
@@ -508,6 +685,7 @@ class SetupTab:
     sft_first: gr.Checkbox
     summary: list  # estimate, command, resolved YAML: what a settings change updates
     all_gpus: gr.Checkbox | None = None  # "use all N GPUs", on a machine with several
+    reward: tuple | None = None  # (inputs, outputs) of reward_state: the page's load lists the session's runs too
 
     @property
     def form(self) -> list:
@@ -515,13 +693,21 @@ class SetupTab:
         return [self.inputs[k] for k in KEYS] + ([self.all_gpus] if self.all_gpus is not None else [])
 
 
-def _field(key: str, label: str, cfg: Config):
-    """The input for one form key: a choice where the config has choices, a number or a text box otherwise."""
+def _field(key: str, label: str, cfg: Config, public: bool = False):
+    """The input for one form key: a choice where the config has choices, a number or a text box otherwise. The
+    reward model is a list of this app's finished reward runs (filled per session, :func:`reward_state`); locally a
+    folder may be typed in it too."""
     value = form_values(cfg)[KEYS.index(key)]
     if key == "task":
         tasks = TASKS
         about = "; ".join(f"{name}: {TASKS[name][1]}" for name in tasks)
         return gr.Radio(tasks, label=label, info=about + ".", value=value, elem_id=field_id(key))
+    if key == REWARD_KEY:
+        return gr.Dropdown([], label=label, value=value, allow_custom_value=True, elem_id=field_id(key), scale=2,
+                           visible=takes_reward_model(cfg.task),
+                           info="rl trains the policy against it; dpo, sft and kto runs given one are judged by it "
+                                "at each eval (policy against reference). A finished reward run of this app on the "
+                                "same model" + ("." if public else "; or type a reward run's folder."))
     if key == "run_name":
         return gr.Textbox(label=label, value=value, elem_id=field_id(key),
                           info="The run's folder and its name in the run list; you can rename a run later in the "
@@ -551,9 +737,10 @@ def choices_of(key: str) -> tuple | None:
     return {f.name: f for f in dataclasses.fields(cls)}[name].metadata.get("choices")
 
 
-def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupTab:
+def create_setup_tab(app: AppState, preset_name: str, upload: gr.File, tab_select=None) -> SetupTab:
     """Build the Setup tab inside the current ``gr.Tab``. ``upload`` is the Data tab's file box: an uploaded file
-    replaces the dataset in the command shown here."""
+    replaces the dataset in the command shown here. ``tab_select``: the tab's select listener (the reward runs are
+    listed again when the tab is opened)."""
     cfg0 = build_config(preset_name)
     with gr.Row():
         preset = gr.Dropdown(preset_choices(), value=preset_name, label="Preset",
@@ -565,9 +752,12 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupT
             gr.Markdown(f"**{title}**", elem_classes="lp-group")
             with gr.Row():
                 for key, label in row:
-                    inputs[key] = _field(key, label, cfg0)
+                    inputs[key] = _field(key, label, cfg0, app.public)
         if row is WHAT_ROW:
             marker = gr.HTML("", elem_classes="lp-marker")
+            with gr.Row():
+                no_reward = gr.Markdown("", visible=False, elem_classes="lp-no-reward")
+                reward_first = gr.Button("Set up a reward model run first", visible=False, scale=0, min_width=360)
     with gr.Accordion("Advanced: LoRA dropout and targets, checkpointing, dtype, eval and save steps, columns, eval "
                       "data, run name", open=False):
         for title, row in ADVANCED_ROWS.items():
@@ -575,7 +765,7 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupT
                 gr.Markdown(f"**{title}**", elem_classes="lp-group")
                 with gr.Row():
                     for key, label in row:
-                        inputs[key] = _field(key, label, cfg0)
+                        inputs[key] = _field(key, label, cfg0, app.public)
     sft_first = gr.Checkbox(label="SFT first", value=False,
                             info="Train an SFT adapter on the chosen answers first, then this run from it (the SFT "
                                  "adapter is then also the frozen reference). Two runs, one after the other.")
@@ -593,15 +783,29 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File) -> SetupT
         yaml_box = gr.Code(dump_yaml(cfg0), language="yaml", label="Resolved config")
     tab = SetupTab(preset, inputs, sft_first, [estimate, command, yaml_box], all_gpus)
 
-    preset.change(event(preset_changed, app), preset, [*(tab.inputs[k] for k in KEYS), *tab.summary],
-                  api_name="preset")
+    # .input, not .change: the buttons that set up another run (reward model first, RL from a reward run) set the
+    # preset and fill the form themselves; a change event would fill it again, from the bare preset, after them
+    chosen = preset.input(event(preset_changed, app), preset, [*(tab.inputs[k] for k in KEYS), *tab.summary],
+                          api_name="preset")
+    # the reward model: this session's finished reward runs, listed again whenever they may have changed (a preset
+    # empties the choice: the newest of its model is chosen again for rl)
+    reward_inputs = [preset, inputs["task"], inputs["model"], inputs[REWARD_KEY]]
+    reward_outputs = [inputs[REWARD_KEY], no_reward, reward_first]
+    hidden = {"api_name": False, "show_progress": "hidden"}
+    for trigger in (chosen.then, inputs["task"].change, inputs["model"].change,
+                    *([tab_select] if tab_select else [])):
+        on(trigger, reward_state, app, reward_inputs, reward_outputs, **hidden)
+    tab.reward = (reward_inputs, reward_outputs)
+    on(reward_first.click, reward_first_preset, app, [preset, inputs["model"]],
+       [preset, *(tab.inputs[k] for k in KEYS), *tab.summary], api_name=False)
     # a new task (chosen, or set by a preset) shows its own objective keys
     inputs["task"].change(event(task_changed, app), inputs["task"], [inputs[k] for k in task_field_keys()],
                           api_name=False, show_progress="hidden")
     for comp in [*tab.form, sft_first, upload]:
-        comp.change(event(settings_changed, app), [preset, upload, sft_first, *tab.form], [*tab.summary, marker],
-                    api_name=False, show_progress="hidden")
-    save_btn.click(event(save_settings, app), [preset, upload, *tab.form], saved, api_name="save_settings")
+        # with the session (common.on): the reward model names one of this visitor's runs, in public their own
+        on(comp.change, settings_changed, app, [preset, upload, sft_first, *tab.form], [*tab.summary, marker],
+           api_name=False, show_progress="hidden")
+    on(save_btn.click, save_settings, app, [preset, upload, *tab.form], saved, api_name="save_settings")
     load.upload(event(load_settings, app), [preset, load], [*(tab.inputs[k] for k in KEYS), loaded],
                 api_name="load_settings")
     return tab

@@ -1,5 +1,6 @@
 """The Train tab: start, stop, resume; the run list; the progress line with its ETA, the curves, the diagnostics and
-the log of the selected run.
+the log of the selected run; for a run with a reward model its sample completions, and for a finished reward run
+the way to RL against it.
 
 The curves are the run's task's (``Task.plots``): the tab has as many plot slots as the task with the most plots,
 and a run's task decides which are shown and what they are called. Nothing here knows a task by name.
@@ -8,6 +9,7 @@ and a run's task decides which are shown and what they are called. Nothing here 
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
 import statistics
@@ -22,11 +24,14 @@ from ..diagnostics import diagnose, eval_summary
 from ..runs import tail
 from ..tasks import TASKS, task_class
 from .common import NO_SESSION, AppState, UserError, on, run_list, task_of
-from .setup import SetupTab, config_from_form, memory_verdict, processes_of, run_name, sft_first_config
+from .setup import (KEYS, SetupTab, form_config, makes_reward_model, memory_verdict, needs_reward_model,
+                    no_reward_model, processes_of, reward_runs, rl_from_reward, run_name, sft_first_config)
 
 PLOTS_PER_ROW = 2
 LOG_LINES = 12  # log lines the Train tab shows
 ETA_WINDOW = 10  # logged steps the ETA's speed is the median of
+SAMPLES = "samples.jsonl"  # what a run with a reward model writes at each eval (tasks/rl.py: write_samples)
+SAMPLE_COLUMNS = ["step", "prompt", "policy completion", "policy reward", "reference completion", "reference reward"]
 
 
 def app_words(text: str) -> str:
@@ -175,14 +180,20 @@ def start(app: AppState, preset: str, upload: str | None, sft_first: bool, *valu
     values, processes = processes_of(app, values)
     name = run_name(values)
     # checked where Gradio put the upload, as Check the data reads it (so its messages name the same file), then kept
-    checked = config_from_form(preset, upload, values, public=app.public)
+    checked = form_config(app, preset, upload, values)
+    if needs_reward_model(checked.task) and not checked.reward_model:
+        raise UserError(no_reward_model(app, preset, checked.model))
+    if checked.reward_model:  # a typed folder (locally): a reward model of this base, said here, not in a failed run
+        from ..model import check_reward_model
+
+        check_reward_model(checked)
     refusal = data_refusal(checked, START_CHECK_ROWS)
     if refusal:
         raise UserError(refusal)
     fits, line = memory_verdict(checked, app.hw)
     if fits is False:
         raise UserError(f"not started: {line.replace('**', '')}")
-    cfg = config_from_form(preset, upload, values, app.uploads, public=app.public)
+    cfg = form_config(app, preset, upload, values, app.uploads)
     if sft_first:
         sft = sft_first_config(preset, cfg)
         run = app.start(sft, then=cfg, name=name, processes=processes)
@@ -259,6 +270,51 @@ def refresh(app: AppState, name: str | None) -> list:
             app.message(tail(run.log, LOG_LINES) or tail(run.path / "console.log", LOG_LINES))]
 
 
+def samples_frame(run: RunDir) -> pd.DataFrame | None:
+    """The run's samples.jsonl (an rl run, or a dpo/sft/kto run judged by a reward model) as the table shows it: one
+    row per held-out prompt per eval, the policy's completion and the reference's, each with the reward model's
+    score; newest eval first, each eval's prompts in its own order. None while there are none."""
+    try:
+        lines = (run.path / SAMPLES).read_text().splitlines()
+    except FileNotFoundError:
+        return None
+    rows = []
+    for line in lines:
+        try:
+            s = json.loads(line)
+        except json.JSONDecodeError:  # a line cut by a kill (the file is rewritten whole, not appended to)
+            continue
+        rows.append([s.get("step"), s.get("prompt"), s.get("completion"), s.get("reward"),
+                     s.get("reference_completion"), s.get("reference_reward")])
+    if not rows:
+        return None
+    rows.sort(key=lambda r: -(r[0] or 0))  # stable: an eval's prompts keep their order
+    return pd.DataFrame(rows, columns=SAMPLE_COLUMNS)
+
+
+def run_extras(app: AppState, name: str | None, shown: str | None = None) -> tuple[dict, dict, str | None]:
+    """What the selected run offers beside its curves: the table of sample completions with their rewards (a run
+    with a reward model, once it has evaluated), and, for a finished reward run, the button that sets up RL
+    against it. ``shown``: the run and samples.jsonl version the page's table shows (returned updated); the table
+    is sent again only when they change, so a person reading it is not scrolled back on every refresh."""
+    try:
+        run = app.run_dir(name) if name else None
+    except ConfigError:
+        run = None
+    if run is None:
+        return gr.update(value=None, visible=False), gr.update(visible=False), None
+    button = gr.update(visible=makes_reward_model(task_of(run)) and name in reward_runs(app))
+    try:
+        stat = (run.path / SAMPLES).stat()
+        now = f"{name}:{stat.st_mtime_ns}:{stat.st_size}"
+    except FileNotFoundError:
+        now = f"{name}:none"
+    if now == shown:
+        return gr.update(), button, shown
+    frame = samples_frame(run)
+    return gr.update(value=frame, visible=frame is not None), button, now
+
+
 def follow(app: AppState, name: str | None, followed: list) -> tuple[dict, list]:
     """Select a follow-up run (SFT first, then DPO) in the list once, when it has started; a run the user goes back
     to afterwards stays selected. ``followed``: the follow-ups this page has switched to."""
@@ -299,8 +355,9 @@ class TrainTab:
     plots: list
 
 
-def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTab:
-    """Build the Train tab inside the current ``gr.Tab``; Start reads Setup's form and the Data tab's upload."""
+def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File, tabs: gr.Tabs | None = None) -> TrainTab:
+    """Build the Train tab inside the current ``gr.Tab``; Start reads Setup's form and the Data tab's upload.
+    ``tabs``: the page's tabs, which "Train a policy against this reward model" switches to Setup."""
     with gr.Row():
         start_btn = gr.Button("Start training", variant="primary")
         stop_btn = gr.Button("Stop (writes a checkpoint)", variant="stop")
@@ -318,6 +375,7 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTa
             cancel_btn = gr.Button("Cancel")
     message = gr.Markdown()
     progress = gr.HTML()
+    rl_btn = gr.Button("Train a policy against this reward model (RL)", variant="primary", visible=False)
     plots = []
     slots = plot_slots()
     for row in range(math.ceil(slots / PLOTS_PER_ROW)):
@@ -326,12 +384,17 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTa
                 # hidden until a run is selected (plot_layout titles and shows the run's task's plots)
                 plots.append(gr.LinePlot(x="step", y="value", color="series", height=240, visible=False))
     diagnostics = gr.Markdown(elem_classes="lp-diagnostics")
+    samples = gr.Dataframe(headers=SAMPLE_COLUMNS, label="Sample completions on held-out prompts, newest eval first "
+                           "(samples.jsonl): the policy's and the reference's, each with the reward model's score",
+                           wrap=True, interactive=False, visible=False, max_height=480, elem_classes="lp-samples",
+                           column_widths=["5%", "23%", "27%", "9%", "27%", "9%"])
     # the log's last lines, in a box tall enough for them: a scrolled box showed its top, not the end
     log_tail = gr.Textbox(label=f"Log (the last {LOG_LINES} lines; the whole log is train.log in the run's folder)",
                           lines=LOG_LINES, max_lines=2 * LOG_LINES, autoscroll=True)
     timer = gr.Timer(2.0)
     followed = gr.State([])
     listed = gr.State(None)  # the selected run's state as the run list last showed it
+    samples_shown = gr.State(None)  # the run and samples.jsonl version the table shows (run_extras)
 
     # every event that touches a run carries the session's key (common.on): each visitor acts on their own runs
     on(start_btn.click, start, app, [setup.preset, upload, setup.sft_first, *setup.form], [message, run],
@@ -348,7 +411,14 @@ def create_train_tab(app: AppState, setup: SetupTab, upload: gr.File) -> TrainTa
     changed = on(run.change, run_selected, app, [run, message], [*plots, message, progress, diagnostics, log_tail],
                  **hidden)
     on(changed.then, refresh, app, run, shown, **hidden)
+    on(changed.then, run_extras, app, run, [samples, rl_btn, samples_shown], **hidden)
     ticked = on(timer.tick, refresh, app, run, shown, api_name="refresh", show_progress="hidden")
+    on(ticked.then, run_extras, app, [run, samples_shown], [samples, rl_btn, samples_shown], api_name="samples",
+       show_progress="hidden")
+    switched = on(rl_btn.click, rl_from_reward, app, run, [setup.preset, *(setup.inputs[k] for k in KEYS),
+                                                           *setup.summary, message], api_name="rl_from_reward")
+    if tabs is not None:
+        switched.then(lambda: gr.Tabs(selected="setup"), None, tabs, api_name=False, show_progress="hidden")
     followed_up = on(ticked.then, follow, app, [run, followed], [run, followed], **hidden)
     on(followed_up.then, relist, app, [run, listed], [run, listed, message], **hidden)
     return TrainTab(run, plots)

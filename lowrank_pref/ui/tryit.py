@@ -1,5 +1,6 @@
 """The Try it tab: a run that trains a language model answers a prompt beside its reference (the base with adapters
-off, or the starting adapter); a reward model scores two answers. Which one a run offers is its task's ``head``.
+off, or the starting adapter), each answer scored by the run's reward model when it has one (rl, or a judged run);
+a reward model scores two answers. Which one a run offers is its task's ``head``.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import gradio as gr
 from ..config import ConfigError, build_config
 from ..tasks import task_class
 from .common import AppState, UserError, on, task_of
+from .setup import reward_run_name
 
 
 def head_of(app: AppState, name: str | None) -> str | None:
@@ -79,12 +81,46 @@ def chat(app: AppState, name: str | None, prompt: str, raw: bool, max_new_tokens
     model = app.trained(name)
     chats = []
     for history, reference in ((policy_chat or [], False), (reference_chat or [], True)):
-        turns = [{"role": m["role"], "content": text_of(m.get("content"))} for m in history
-                 if m.get("role") in ("user", "assistant")]
+        turns = turns_of(history)
         turns.append({"role": "user", "content": prompt})
         answer = model.reply(prompt if raw else turns, reference=reference, raw=raw, **settings)
         chats.append([*turns, {"role": "assistant", "content": answer}])
     return chats[0], chats[1], ""
+
+
+def turns_of(history: list | None) -> list[dict]:
+    """A Chatbot's messages as chat turns: role and text."""
+    return [{"role": m["role"], "content": text_of(m.get("content"))} for m in history or []
+            if m.get("role") in ("user", "assistant")]
+
+
+def reward_scores(app: AppState, name: str | None, raw: bool, policy_chat: list | None, reference_chat: list | None
+                  ) -> tuple[str, str]:
+    """Under each conversation, the run's reward model's score of its last answer (to the conversation before it),
+    for a run that has a reward model (an rl run, or a run judged by one); nothing for a run without."""
+    if not name or not policy_chat:
+        return "", ""
+    _selected(app, name, "lm")
+    model = app.trained(name)
+    if not model.cfg.reward_model:
+        return "", ""
+    scores = []
+    for history in (policy_chat, reference_chat):
+        turns = turns_of(history)
+        if len(turns) < 2 or turns[-1]["role"] != "assistant":
+            scores.append(None)
+            continue
+        prompt = turns[-2]["content"] if raw else turns[:-1]
+        scores.append(model.reward(prompt, turns[-1]["content"], raw=raw))
+    rm = html.escape(reward_run_name(model.cfg.reward_model))
+    out = []
+    for mine, theirs in (scores, scores[::-1]):
+        if mine is None:
+            out.append("")
+            continue
+        higher = " · the higher" if theirs is not None and mine > theirs else ""
+        out.append(f"Reward model **{rm}**: **{mine:.3f}**{higher}")
+    return out[0], out[1]
 
 
 def text_of(content) -> str:
@@ -157,6 +193,9 @@ def create_try_tab(app: AppState, run: gr.Dropdown, tab: gr.Tab | None = None) -
         with gr.Row():
             policy_chat = gr.Chatbot(label="Policy (trained adapter)", height=320)
             reference_chat = gr.Chatbot(label="Reference", height=320)
+        with gr.Row():  # a run with a reward model (rl, or judged by one): its score of each last answer
+            policy_reward = gr.Markdown(elem_classes="lp-reward-policy")
+            reference_reward = gr.Markdown(elem_classes="lp-reward-reference")
         prompt = gr.Textbox(label="Message", value="What is the best way to sleep better?")
         with gr.Row():
             send = gr.Button("Send to both", variant="primary")
@@ -176,14 +215,17 @@ def create_try_tab(app: AppState, run: gr.Dropdown, tab: gr.Tab | None = None) -
         score_btn = gr.Button("Score A and B (reward model)")
         scores = gr.Markdown()
     settings = [max_new, sample, temperature, top_p]
-    on(send.click, chat, app, [run, prompt, raw, *settings, policy_chat, reference_chat],
-       [policy_chat, reference_chat, prompt], api_name="chat")
-    on(prompt.submit, chat, app, [run, prompt, raw, *settings, policy_chat, reference_chat],
-       [policy_chat, reference_chat, prompt], api_name=False)
-    clear.click(lambda: ([], []), None, [policy_chat, reference_chat], api_name=False)
+    rewards = [policy_reward, reference_reward]
+    for trigger, api in ((send.click, "chat"), (prompt.submit, False)):
+        sent = on(trigger, chat, app, [run, prompt, raw, *settings, policy_chat, reference_chat],
+                  [policy_chat, reference_chat, prompt], api_name=api)
+        on(sent.success, reward_scores, app, [run, raw, policy_chat, reference_chat], rewards,
+           api_name="reward_scores" if api else False)
+    clear.click(lambda: ([], [], "", ""), None, [policy_chat, reference_chat, *rewards], api_name=False)
     on(score_btn.click, score, app, [run, score_prompt, answer_a, answer_b], scores, api_name="score")
     on(run.change, try_layout, app, run, [generate_box, score_box, note, policy_chat, reference_chat],
        api_name=False, show_progress="hidden")
+    run.change(lambda: ("", ""), None, rewards, api_name=False, show_progress="hidden")
     if tab is not None:
         on(tab.select, run_note, app, run, note, api_name=False, show_progress="hidden")
     return TryTab(generate_box, score_box)
