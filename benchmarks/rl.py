@@ -79,6 +79,14 @@ def prompts(n: int) -> list[str]:
 
 
 def run_ours(a) -> dict:
+    # the libraries TRL's side has imported when it takes its baseline, imported before ours too: "over the process
+    # before its models loaded" is then the models' and training's memory on both sides, not the imports'
+    import importlib
+
+    for name in ("bitsandbytes", "datasets", "peft", "transformers"):
+        importlib.import_module(name)
+    importlib.import_module("transformers").AutoModelForSequenceClassification  # its lazy modules too
+
     from lowrank_pref.artifacts import read_metrics
     from lowrank_pref.config import build_config
     from lowrank_pref.loop import train
@@ -92,7 +100,8 @@ def run_ours(a) -> dict:
         "gradient_accumulation_steps": 1, "rl.max_new_tokens": a.new, "max_length": 64 + a.new,
         "max_prompt_length": 64, "max_steps": a.steps, "eval_steps": 10_000, "save_steps": 10_000,
         "learning_rate": 1e-5, "beta": 0.05, "lora.r": 16, "lora.alpha": 32, "lora.dropout": 0.0,
-        "data.eval_fraction": 0.0, "gradient_checkpointing": False, "output_dir": str(Path(a.work) / a.side),
+        "data.eval_fraction": 0.0, "gradient_checkpointing": a.checkpointing == "on",
+        "output_dir": str(Path(a.work) / a.side),
         **({"rl.algorithm": "ppo", "rl.ppo_epochs": a.ppo_epochs, "max_steps": a.steps * a.ppo_epochs}
            if a.side == "ppo" else {})})
     train(cfg, cfg.output_dir)
@@ -139,7 +148,8 @@ def run_trl(a) -> dict:
     args = RLOOConfig(output_dir=str(Path(a.work) / "trl"), per_device_train_batch_size=a.prompts * a.k,
                       num_generations=a.k, max_completion_length=a.new, max_steps=a.steps, learning_rate=1e-5,
                       beta=0.05, temperature=1.0, top_p=1.0, logging_steps=1, save_strategy="no", report_to=[],
-                      use_cpu=not gpu, bf16=gpu, gradient_accumulation_steps=1, seed=0, top_k=0)
+                      use_cpu=not gpu, bf16=gpu, gradient_accumulation_steps=1, seed=0, top_k=0,
+                      gradient_checkpointing=a.checkpointing == "on")  # the same on both sides
     peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = RLOOTrainer(model=policy, reward_funcs=reward, args=args, train_dataset=ds, processing_class=tok,
                           reward_processing_classes=tok, peft_config=peft, callbacks=[Clock()])
@@ -155,6 +165,8 @@ def main() -> int:
     p.add_argument("--k", type=int, default=4, help="completions per prompt")
     p.add_argument("--new", type=int, default=32, help="max new tokens")
     p.add_argument("--ppo-epochs", type=int, default=0, help="also time our PPO, this many epochs a rollout")
+    p.add_argument("--checkpointing", choices=("off", "on"), default="off",
+                   help="gradient checkpointing on both sides (on: RLOOConfig's default)")
     p.add_argument("--side", choices=("ours", "trl", "ppo"), help=argparse.SUPPRESS)
     p.add_argument("--work", help=argparse.SUPPRESS)
     p.add_argument("--reward", help=argparse.SUPPRESS)
@@ -174,7 +186,7 @@ def main() -> int:
         for side in ("ours", "trl", "ppo") if a.ppo_epochs else ("ours", "trl"):
             cmd = [sys.executable, __file__, "--side", side, "--work", work, "--reward", str(reward), "--model",
                    a.model, "--steps", str(a.steps), "--prompts", str(a.prompts), "--k", str(a.k), "--new",
-                   str(a.new), "--ppo-epochs", str(a.ppo_epochs)]
+                   str(a.new), "--ppo-epochs", str(a.ppo_epochs), "--checkpointing", a.checkpointing]
             res = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
             if res.returncode:
                 print(res.stderr[-3000:], file=sys.stderr)
@@ -182,7 +194,7 @@ def main() -> int:
             out[side] = json.loads(res.stdout.strip().splitlines()[-1])
     o, t = out["ours"], out["trl"]
     print(f"model {a.model}, {a.prompts} prompts x k={a.k}, {a.new} new tokens, {a.steps} steps (median of the last "
-          f"{a.steps - 1})")
+          f"{a.steps - 1}), gradient checkpointing {a.checkpointing}")
     for name, r in out.items():
         print(f"  {name:5s} {r['seconds_per_step']:.2f} s/{'rollout' if name == 'ppo' else 'step'}   peak {r['peak_mb']:.0f} MB   "
               f"(+{r['peak_mb'] - r['before_models_mb']:.0f} MB over the process before its models loaded)")
