@@ -152,10 +152,7 @@ def test_memory_command_plans_for_a_card_and_refuses_bad_input(capsys):
 # benchmarks/memory_check.py, runs them deeper and with their own vocabularies, and SmolLM2 itself on real pairs):
 # grouped-query heads (9/3, 14/2), Gemma 3's 256-wide heads on a 1152 width with one key/value head, q/k norms and
 # four norms a layer.
-# SmolLM2's own shape runs only with LOWRANK_PREF_SLOW=1: the benchmark measures the real SmolLM2, and Qwen's shape
-# covers grouped-query heads here, in the suite's budget.
-SLOW = pytest.mark.skipif(not os.environ.get("LOWRANK_PREF_SLOW"), reason="slow: set LOWRANK_PREF_SLOW=1")
-REAL_SHAPES = [pytest.param("smollm2", "false", 4, (192, 96), marks=[pytest.mark.slow, SLOW], id="smollm2"),
+REAL_SHAPES = [pytest.param("smollm2", "false", 4, (192, 96), id="smollm2"),
                pytest.param("qwen2.5-0.5b", "true", 4, (192, 96), id="qwen2.5-0.5b"),
                pytest.param("gemma3-1b", "false", 2, (160, 64), id="gemma3-1b")]
 

@@ -18,7 +18,7 @@ TASKS: dict[str, tuple[str, str]] = {
     "dpo": ("dpo", "preference-tune the policy on chosen/rejected pairs (DPO and its variants)"),
     "kto": ("kto", "preference-tune on unpaired thumbs-up / thumbs-down answers (KTO)"),
     "reward": ("reward", "train a scalar reward model on chosen/rejected pairs (Bradley-Terry)"),
-    "rl": ("rl", "reinforcement learning against your reward model (reward_model=<reward run>): RLOO, online DPO"),
+    "rl": ("rl", "reinforcement learning against your reward model (reward_model=<reward run>): RLOO, online DPO, PPO"),
 }
 
 
