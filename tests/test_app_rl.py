@@ -140,6 +140,12 @@ def test_a_public_visitor_picks_only_their_own_reward_runs(tmp_path):
     # the one-click from a reward run: only from one's own
     with pytest.raises(UserError, match="not a finished reward run"):
         setup_tab.rl_from_reward(alice, "rm-b")
+    # "Set up a reward model run first" on the form's model: a server folder there is refused, never read
+    for folder in ("/etc", str(public.manager.root)):
+        with pytest.raises(UserError, match="^model: this public app reads no files on its server") as e:
+            setup_tab.reward_first_preset(alice, "tiny-rl", folder)
+        assert folder not in str(e.value)
+    assert setup_tab.reward_first_preset(alice, "tiny-rl", "someone/model")[0]["value"] == "tiny-reward"
     assert train_tab.run_extras(bob, "rm-a")[1]["visible"] is False
 
 

@@ -532,6 +532,9 @@ def reward_first_preset(app: AppState, preset: str, model: str | None = None) ->
     """"Set up a reward model run first": the reward preset of this size in the form, on the form's model when it is
     not the preset's (the reward model must be trained on the base the rl run will use). Returns the preset, the
     form's values and the summary (as :func:`preset_changed`)."""
+    if app.public:  # a preset path or a server folder as the model would be read here (its config, for the estimate)
+        public_preset(preset)
+        refuse_server_paths({"model": model}, build_config(preset))
     name = sibling_preset(app, preset, "reward")
     mine = model and model != build_config(preset).model
     cfg = build_config(name, overrides={"model": model} if mine else {})
