@@ -426,6 +426,27 @@ def test_ppo_resumes_exactly_between_the_epochs_of_a_rollout(ppo_shell, tmp_path
             torch.testing.assert_close(p, dict(shell.model.named_parameters())[n], rtol=1e-5, atol=1e-6)
 
 
+def test_a_non_finite_ppo_rollout_is_dropped_not_replayed(ppo_shell):
+    """A rollout whose value loss is not finite skips its step (NaN losses for the loop, no value backward) and leaves
+    the buffer, so the rollout's next epoch samples that micro-batch anew instead of skipping every epoch in a row
+    (max_nonfinite_steps would end the run). After the fixture's run: no optimizer step here, gradients cleared."""
+    shell, *_ = ppo_shell
+    task, model, prompts = shell.task, shell.model, shell.data.train[:2]
+    try:
+        task.begin_step(5, 2.0)  # a third rollout's first epoch
+        first, _, _ = task.losses(model, prompts)
+        assert torch.isfinite(first).all() and 0 in task.buffer
+        task.buffer[0]["returns"] = torch.full_like(task.buffer[0]["returns"], float("nan"))
+        task.begin_step(6, 2.0)  # its second epoch, on the stored rollout
+        losses, sums, _ = task.losses(model, prompts)
+        assert torch.isnan(losses).all() and sums == {} and 0 not in task.buffer
+        task.begin_step(6, 2.0)
+        again, sums, _ = task.losses(model, prompts)  # sampled anew (the warning in the log says so)
+        assert torch.isfinite(again).all() and torch.isfinite(task.buffer[0]["returns"]).all() and sums
+    finally:
+        shell.optimizer.zero_grad(set_to_none=True)
+
+
 def test_a_ppo_checkpoint_resumed_as_another_algorithm_is_refused_plainly(ppo_shell, tmp_path):
     """Resuming with an override that changes what trains (rloo has no value adapter; another LoRA rank) is one plain
     message naming the checkpoint, not torch's load errors."""

@@ -660,6 +660,9 @@ class RlTask(RewardRoles, Task):
             vf, vf_clip = ppo_value_loss(values, entry["old_values"], entry["returns"], mask,
                                          cliprange_value=cfg.rl.cliprange_value)
             vf = vf.view(B, k).mean(1)
+            if not torch.isfinite(vf).all():  # the loop skips the step; the next epoch samples this micro-batch anew
+                self.buffer.pop(j, None)      # (replayed, a bad rollout would skip every epoch of it in a row)
+                return torch.full((B,), float("nan"), device=vf.device), {}, entry["tokens"]
             (cfg.rl.vf_coef * vf.sum() / self.step_weight).backward()
         with autocast(cfg):
             logps, _ = completion_token_logps(model, batch, cfg.logprob_chunk_size)
@@ -668,6 +671,8 @@ class RlTask(RewardRoles, Task):
         if not cfg.rl.kl_in_reward:
             pg = pg + cfg.beta * kl_loss_term(logps, entry["ref"], mask, cfg.rl.kl_estimator)
         losses = pg.view(B, k).mean(1)
+        if not torch.isfinite(losses).all():  # as a non-finite value loss: skipped, and sampled anew next epoch
+            self.buffer.pop(j, None)
         d = logps.detach() - old
         per_prompt = lambda x: x.view(B, k).mean(1).sum()  # noqa: E731
         sums = {**entry["sums"], "loss": losses.detach().sum() + cfg.rl.vf_coef * vf.detach().sum(),
