@@ -7,6 +7,8 @@ starting adapter.
 
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 
 import torch
@@ -26,6 +28,16 @@ def adapter_of(run: RunDir) -> Path:
         return latest[1] / "adapter"
     raise ConfigError(f"run '{run.path.name}' has no adapter yet: it is written at the first checkpoint and at the "
                       "end of training")
+
+
+def _one_at_a_time(method):
+    """One call at a time on a loaded run: its roles switch the one model's active adapter (the app answers up to four
+    requests at once, and two tabs may ask the same run)."""
+    @functools.wraps(method)
+    def locked(self, *args, **kwargs):
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked
 
 
 class Trained:
@@ -52,6 +64,7 @@ class Trained:
         self.model.eval()
         self.task = self.cfg.task
         self._reward = None  # the run's reward model (tasks/rl.py's RewardRoles), attached when first asked
+        self._lock = threading.RLock()
 
     def _prompt_ids(self, prompt: str | list[dict], raw: bool) -> torch.Tensor:
         """Token ids of a prompt: a user message, a conversation (a list of chat messages, the user's last), or with
@@ -65,6 +78,7 @@ class Trained:
             ids = self.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
         return ids[:, -self.cfg.max_prompt_length:].to(device())
 
+    @_one_at_a_time
     @torch.no_grad()
     def reply(self, prompt: str | list[dict], *, reference: bool = False, raw: bool = False, max_new_tokens: int = 64,
               sample: bool = False, temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> str:
@@ -91,6 +105,7 @@ class Trained:
         return (self.reply(prompt, raw=raw, max_new_tokens=max_new_tokens, **sampling),
                 self.reply(prompt, reference=True, raw=raw, max_new_tokens=max_new_tokens, **sampling))
 
+    @_one_at_a_time
     @torch.no_grad()
     def reward(self, prompt: str | list[dict], answer: str, raw: bool = False) -> float:
         """The score the run's reward model (``reward_model=``: an rl run's, or a judged run's) gives one answer to a
@@ -112,11 +127,15 @@ class Trained:
             prompt = [{"role": "user", "content": prompt}]
         cfg = copy.deepcopy(self.cfg)
         cfg.data.columns = None  # the row below is in the task's own columns, whatever the run's data used
+        cfg.data.on_bad_rows = "error"  # an empty prompt is refused in words, not dropped
         prompts, _, _ = prepare_prompts([{"prompt": prompt}], self.tokenizer, source="Try it", cfg=cfg)
-        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"]
+        # cut to max_length with the prompt, as training cut answers: no longer than the reward model was trained on
+        room = max(1, self.cfg.max_length - prompts[0].num_tokens)
+        answer_ids = self.tokenizer(answer, add_special_tokens=False)["input_ids"][:room]
         rollout = Rollout(prompts, [answer_ids], [True], torch.zeros(1))
         return float(self._reward.rewards(self.model, rollout)[0])
 
+    @_one_at_a_time
     @torch.no_grad()
     def score(self, prompt: str, answer_a: str, answer_b: str) -> tuple[float, float]:
         """Reward-model scores of two answers to one prompt, rendered exactly as training rendered pairs."""

@@ -711,5 +711,10 @@ def test_the_app_lists_the_reward_run_shows_the_samples_and_scores_answers(rl_wo
     for text, score in zip(shown, ours):
         assert re.search(rf"Reward model \*\*rm\*\*: \*\*{score:.3f}\*\*", text), text
     assert ("the higher" in shown[0]) == (ours[0] > ours[1]) and ("the higher" in shown[1]) == (ours[1] > ours[0])
+    # an answer longer than the run's max_length is scored as its first tokens, as training cut answers
+    long = " ".join(["the river is near the garden"] * 400)
+    room = trained.cfg.max_length - trained._prompt_ids(prompt, False).shape[1]
+    cut = trained.tokenizer.decode(trained.tokenizer(long, add_special_tokens=False)["input_ids"][:room])
+    assert trained.reward(prompt, long) == pytest.approx(trained.reward(prompt, cut), abs=1e-5)
     # the reward adapter joined the run's own base: one set of 4-bit layers, the policy still the active adapter
     assert trained.model.active_adapter == POLICY and REWARD in trained.model.peft_config
