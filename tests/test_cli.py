@@ -161,14 +161,19 @@ def test_bad_input_is_one_plain_message_and_exit_2(tmp_path, capsys, args, needl
     """In this process (run.main, as ``python -m lowrank_pref.run`` calls it): a fresh interpreter for each of these
     cost the suite 35 s of imports; the tests below and test_bad_rows_... check the same path as a process."""
     import logging
+    import warnings
 
-    handlers, level = logging.root.handlers[:], logging.root.level
+    loggers = [logging.root, *(x for x in logging.root.manager.loggerDict.values() if isinstance(x, logging.Logger))]
+    levels, handlers = [x.level for x in loggers], logging.root.handlers[:]
     try:
-        code = main([*args, "--output-dir", str(tmp_path / "o")])
+        with warnings.catch_warnings():  # quiet_libraries' filters
+            code = main([*args, "--output-dir", str(tmp_path / "o")])
     except SystemExit as e:  # argparse's own refusals
         code = e.code
-    finally:  # main's logging setup stays with this test
-        logging.root.handlers[:], logging.root.level = handlers, level
+    finally:  # main's logging setup (basicConfig, quiet_libraries' levels) stays with this test
+        logging.root.handlers[:] = handlers
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
     _assert_one_plain_error(subprocess.CompletedProcess(args, code, "", capsys.readouterr().err), needle)
 
 
