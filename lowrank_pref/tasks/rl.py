@@ -502,7 +502,7 @@ class RlTask(RewardRoles, Task):
             raise ConfigError("rl.algorithm=ppo runs on one process (its rollout buffer is per process and is not "
                               "checkpointed across ranks); run it without --nproc-per-node, or use rl.algorithm=rloo")
         self.value_head = attach_value(model, self.score_head)
-        self.buffer, self.buffer_rollout = {}, 0
+        self.buffer, self.buffer_rollout, self.step = {}, 0, 0
         params = value_parameters(model) + [self.value_head.weight]
         log.info("value model: adapter '%s' and a scalar head, initialised from the reward model (%s parameters)",
                  VALUE, f"{sum(p.numel() for p in params):,}")
@@ -516,7 +516,7 @@ class RlTask(RewardRoles, Task):
     def begin_step(self, step: int, weight: float) -> None:
         """ppo: which epoch of which rollout this step is; the first epoch starts a new buffer."""
         E = self.steps_per_batch
-        self.step_weight, self.micro = weight, 0
+        self.step_weight, self.micro, self.step = weight, 0, step
         self.epoch, rollout = (step - 1) % E, (step - 1) // E + 1
         if self.cfg.rl.algorithm == "ppo" and (self.epoch == 0 or self.buffer_rollout != rollout):
             self.buffer, self.buffer_rollout = {}, rollout
@@ -647,7 +647,7 @@ class RlTask(RewardRoles, Task):
             if self.epoch:
                 log.warning("ppo: no stored rollout for micro-batch %d in epoch %d (its first epoch was skipped): "
                             "sampling a new one", j, self.epoch + 1)
-            entry = self.buffer[j] = self.ppo_rollout(model, prompts)
+            entry = self.buffer[j] = {**self.ppo_rollout(model, prompts), "made_in_step": self.step}
         batch, mask = entry["batch"], entry["mask"]
         with value_role(model):
             with autocast(cfg):
@@ -696,7 +696,8 @@ class RlTask(RewardRoles, Task):
         meta = {"rollout": self.buffer_rollout, "entries": {}}
         if step % self.steps_per_batch and (step - 1) // self.steps_per_batch + 1 == self.buffer_rollout:
             for j, e in self.buffer.items():
-                if "returns" not in e:  # a micro-batch whose first epoch did not finish
+                # a micro-batch whose first epoch did not finish, or one sampled anew in the step a stop cut short
+                if "returns" not in e or e.get("made_in_step", 0) > step:
                     continue
                 meta["entries"][str(j)] = {"rows": e["rows"], "sums": e["sums"], "tokens": e["tokens"]}
                 for name in self.BUFFERED:
