@@ -71,6 +71,14 @@ def browser_page(tmp_path: Path, **app_kwargs):
         yield open_page(browser, url), demo, shots
 
 
+def file_row(page, name: str):
+    """The upload box's row of an uploaded file. Gradio writes the name as two spans, stem and extension, so the text
+    may read "empty .jsonl": matching the exact name missed a file that was there (CI, 2026-11-29)."""
+    stem, dot, ext = name.rpartition(".")
+    return page.get_by_role("row").filter(has_text=re.compile(rf"{re.escape(stem)}\s*{re.escape(dot + ext)}")
+                                          ).filter(visible=True).first
+
+
 def choose_preset(page, name: str, steps: int) -> None:
     """Pick a preset in Setup and set its max_steps. The fill waits until the preset's own values are in the form
     (its task, which each preset used here changes): the previous preset may have the same max_steps, and a fill
@@ -101,7 +109,7 @@ def test_upload_train_watch_stop_in_a_browser(tmp_path):
         # Data: upload a file and read the doctor's report
         page.get_by_role("tab", name="2 · Data").click()
         page.locator("input[type=file]").first.set_input_files(str(data))
-        expect(page.get_by_text("my_pairs.jsonl").filter(visible=True).first).to_be_visible(timeout=30_000)
+        expect(file_row(page, "my_pairs.jsonl")).to_be_visible(timeout=60_000)
         page.get_by_role("button", name="Check the data").click()
         expect(page.get_by_text(re.compile(r"usable pairs:\s*48"))).to_be_visible(timeout=60_000)
         expect(page.locator(".lp-loss").first).to_be_visible()
@@ -211,7 +219,7 @@ def test_two_visitors_of_a_public_app(tmp_path):
 
         b.get_by_role("tab", name="2 · Data").click()
         b.locator("input[type=file]").first.set_input_files(str(evil))
-        expect(b.get_by_text("evil.csv").filter(visible=True).first).to_be_visible(timeout=30_000)
+        expect(file_row(b, "evil.csv")).to_be_visible(timeout=60_000)
         b.get_by_role("button", name="Check the data").click()
         toast = b.locator(".toast-body").last
         expect(toast).to_contain_text("Columns are <img src=x onerror=window.__xss=1>, other", timeout=60_000)
@@ -281,7 +289,7 @@ def test_the_page_tells_the_truth_about_the_run(tmp_path):
             had_report = report.count() and report.first.inner_text().strip()
             clear_upload()
             page.locator("input[type=file]").first.set_input_files(str(path))
-            expect(page.get_by_text(path.name).filter(visible=True).first).to_be_visible(timeout=30_000)
+            expect(file_row(page, path.name)).to_be_visible(timeout=60_000)
             if had_report:  # the upload reached the app (its change event cleared the report): a check now reads it
                 expect(report).to_have_text(re.compile(r"^\s*$"), timeout=60_000)
 
