@@ -786,9 +786,10 @@ def create_setup_tab(app: AppState, preset_name: str, upload: gr.File, tab_selec
         yaml_box = gr.Code(dump_yaml(cfg0), language="yaml", label="Resolved config")
     tab = SetupTab(preset, inputs, sft_first, [estimate, command, yaml_box], all_gpus)
 
-    # .input, not .change: the buttons that set up another run (reward model first, RL from a reward run) set the
-    # preset and fill the form themselves; a change event would fill it again, from the bare preset, after them
-    chosen = preset.input(event(preset_changed, app), preset, [*(tab.inputs[k] for k in KEYS), *tab.summary],
+    # .select, not .change: the buttons that set up another run (reward model first, RL from a reward run) set the
+    # preset and fill the form themselves; a change event would fill it again, from the bare preset, after them.
+    # Nor .input, which Gradio's dropdown fires twice a choice: the second fill could land after the user's first edit
+    chosen = preset.select(event(preset_changed, app), preset, [*(tab.inputs[k] for k in KEYS), *tab.summary],
                           api_name="preset")
     # the reward model: this session's finished reward runs, listed again whenever they may have changed (a preset
     # empties the choice: the newest of its model is chosen again for rl)
