@@ -158,6 +158,17 @@ def completion_token_logps(model, batch: dict, chunk_size: int | None = None) ->
     return torch.zeros(mask.shape, dtype=torch.float32, device=dev).masked_scatter(mask, tokens), mask
 
 
+def reference_and_policy_logps(model, batch: dict, cfg, grad: bool = True):
+    """The reference's per-token log-probs of ``batch``'s completions (adapters off, no grad), the mask, and the
+    policy's, with grad or (``grad=False``, a rollout's own log-probs) without, in the same train-mode pass."""
+    with autocast(cfg):
+        with reference_mode(model):
+            ref, mask = completion_token_logps(model, batch, cfg.logprob_chunk_size)
+        with contextlib.nullcontext() if grad else torch.no_grad():
+            logps, _ = completion_token_logps(model, batch, cfg.logprob_chunk_size)
+    return ref, mask, logps
+
+
 def pooled_scores(model, head: torch.nn.Linear, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                   pad_id: int) -> torch.Tensor:
     """The score head on the hidden state of each row's last non-padding token, exactly as transformers' sequence
@@ -557,10 +568,7 @@ class RlTask(RewardRoles, Task):
         if cfg.rl.algorithm == "online_dpo":
             return self.online_dpo_losses(model, rollout, raw, rewards)
         batch = self.sequences(rollout)
-        with autocast(cfg):
-            with reference_mode(model):
-                ref, mask = completion_token_logps(model, batch, cfg.logprob_chunk_size)
-            logps, _ = completion_token_logps(model, batch, cfg.logprob_chunk_size)
+        ref, mask, logps = reference_and_policy_logps(model, batch, cfg)
         seq_logps = (logps * mask).sum(1)
         token_kl = KL_ESTIMATORS[cfg.rl.kl_estimator](logps.detach(), ref) * mask
         seq_kl = (kl_k1(logps.detach(), ref) * mask).sum(1)  # the logged KL: the k1 sum, whatever the estimator
@@ -588,10 +596,7 @@ class RlTask(RewardRoles, Task):
         pair_rollout = Rollout([rollout.prompts[i] for i in rows], [rollout.completions[i] for i in rows],
                                [rollout.ended[i] for i in rows], rollout.entropy[rows])
         batch = self.sequences(pair_rollout)
-        with autocast(cfg):
-            with reference_mode(model):
-                ref, mask = completion_token_logps(model, batch, cfg.logprob_chunk_size)
-            logps, _ = completion_token_logps(model, batch, cfg.logprob_chunk_size)
+        ref, mask, logps = reference_and_policy_logps(model, batch, cfg)
         seq_logps, ref_seq, lengths = (logps * mask).sum(1), (ref * mask).sum(1), mask.sum(1).float()
         c, r = slice(0, None, 2), slice(1, None, 2)
         pair, cr, rr = preference_loss("sigmoid", seq_logps[c], seq_logps[r], ref_seq[c], ref_seq[r],
@@ -613,11 +618,7 @@ class RlTask(RewardRoles, Task):
         cfg = self.cfg
         rollout, raw, scores = self.sample(model, prompts)
         batch = self.sequences(rollout)
-        with autocast(cfg):
-            with reference_mode(model):
-                ref, mask = completion_token_logps(model, batch, cfg.logprob_chunk_size)
-            with torch.no_grad():
-                old, _ = completion_token_logps(model, batch, cfg.logprob_chunk_size)
+        ref, mask, old = reference_and_policy_logps(model, batch, cfg, grad=False)
         seq_kl = (kl_k1(old, ref) * mask).sum(1)
         rewards = -cfg.beta * KL_ESTIMATORS[cfg.rl.kl_estimator](old, ref) * mask if cfg.rl.kl_in_reward else \
             torch.zeros_like(old)
