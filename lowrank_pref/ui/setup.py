@@ -10,6 +10,7 @@ a visitor's own in public), named in the form and resolved to its folder here, o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import html
 import os
@@ -21,6 +22,7 @@ from pathlib import Path
 import gradio as gr
 import yaml
 
+from ..artifacts import read_metrics
 from ..config import (COLUMN_ROLES, Config, ConfigError, apply_mapping, build_config, dump_yaml,
                       field_help, list_presets, to_dict, validate)
 from ..model import _same_base
@@ -303,12 +305,29 @@ def reward_runs(app: AppState) -> dict[str, RewardRun]:
                 not (run.adapter / "adapter_config.json").is_file():
             continue
         try:
-            model = (yaml.safe_load(run.config.read_text()) or {}).get("model")
+            model, accuracy = _reward_facts(str(run.config), str(run.metrics), _stamp(run.config), _stamp(run.metrics))
         except (OSError, yaml.YAMLError):
             continue
-        evals = [m["eval_accuracy"] for m in run.read_metrics() if isinstance(m.get("eval_accuracy"), (int, float))]
-        out[r["name"]] = RewardRun(r["name"], run.path.resolve(), str(model), evals[-1] if evals else None)
+        out[r["name"]] = RewardRun(r["name"], run.path.resolve(), str(model), accuracy)
     return out
+
+
+def _stamp(path: Path) -> tuple[int, int] | None:
+    """(mtime, size) of a file, None when it is missing: what :func:`_reward_facts` is cached by."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size
+
+
+@functools.lru_cache(maxsize=256)
+def _reward_facts(config: str, metrics: str, *stamps) -> tuple[str | None, float | None]:
+    """A reward run's base model (its config.yaml) and last eval accuracy (its metrics.jsonl), read again only when
+    either file changes (``stamps``): the list is built on every refresh tick and form change."""
+    model = (yaml.safe_load(Path(config).read_text()) or {}).get("model")
+    evals = [m["eval_accuracy"] for m in read_metrics(metrics) if isinstance(m.get("eval_accuracy"), (int, float))]
+    return model, evals[-1] if evals else None
 
 
 def reward_run_name(value: str) -> str:
